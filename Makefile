@@ -1,0 +1,43 @@
+# fastsel developer entry points. `make test` and `make bench` work on a fresh machine:
+# they create .venv, install the pinned dependencies and build the C++ extension first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP_DEPS  := $(VENV)/.deps-installed
+STAMP_BUILD := $(VENV)/.ext-built
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+
+.PHONY: all setup build test test-fast test-triton bench clean
+
+all: test
+
+$(STAMP_DEPS): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements.txt
+	touch $@
+
+$(STAMP_BUILD): $(STAMP_DEPS) setup.py pyproject.toml $(CSRC)
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -c "import fastsel, sys; info = fastsel.build_info(); print('fastsel extension:', info); sys.exit(0 if info['available'] else 1)"
+	touch $@
+
+setup: $(STAMP_DEPS)
+build: $(STAMP_BUILD)
+
+# The whole suite: the main process, then the Triton interpreter tests in their own
+# process (TRITON_INTERPRET must be set before triton is imported).
+test: build
+	$(PY) -m pytest -q tests --ignore=tests/triton
+	@if ls tests/triton/test_*.py >/dev/null 2>&1; then \
+		TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests/triton; fi
+
+test-fast: build
+	$(PY) -m pytest -q -x -m "not slow" tests --ignore=tests/triton
+
+bench: build
+	$(PY) bench/bench_score.py
+
+clean:
+	rm -rf build fastsel/_C*.so *.egg-info $(STAMP_BUILD)

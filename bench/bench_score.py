@@ -1,0 +1,644 @@
+#!/usr/bin/env python
+"""CPU microbenchmark of ``fastsel.score`` against the PyTorch code it replaces.
+
+Compares, in one process, fastsel's backends with the eager composite a user writes
+today, ``torch.compile`` of that composite, ``F.cross_entropy`` alone and
+``logits.sum(dim=1)`` (the memory-bandwidth yardstick), forward and forward+backward.
+Writes a table to stdout and ``score_bench.{csv,png,md}`` to ``--out``.
+Run ``python bench/bench_score.py --help`` for the options; bench/README.md explains
+how to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import matplotlib
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from tqdm import tqdm
+
+BENCH_DIR = Path(__file__).resolve().parent
+try:
+    import fastsel
+except ImportError:  # a checkout that was not pip-installed: benchmark its sources
+    sys.path.insert(0, str(BENCH_DIR.parent))
+    import fastsel
+
+FORWARD = "forward"
+FORWARD_BACKWARD = "forward+backward"
+MODES = (FORWARD, FORWARD_BACKWARD)
+
+FASTSEL_PREFIX = "fastsel-"
+EAGER = "eager composite"
+COMPILED = "compiled composite"
+CROSS_ENTROPY = "cross_entropy"
+YARDSTICK = "sum (yardstick)"
+BASELINES = (EAGER, COMPILED, CROSS_ENTROPY)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_SHAPES = [(n, c) for n in (4096, 65536) for c in (10, 100, 1000, 32000)]
+QUICK_SHAPES = [(1024, 100)]
+QUICK_DTYPES = ["float32"]
+WEIGHT_CLASSES = (10, 100, 1000)  # C values that also get the mms (weight) rows
+WEIGHT_DIM = 512
+LOGITS_CAP_BYTES = 1 << 30  # N is reduced so that no logits tensor exceeds 1 GiB
+TORCH_BACKEND_MAX_ELEMENTS = 1 << 23  # fastsel's torch backend is too slow beyond N*C
+TIME_BUDGET_S = 0.5  # per case, after warm-up
+QUICK_TIME_BUDGET_S = 0.05
+SAMPLES_PER_BUDGET = 10  # fast calls are batched so that one sample takes budget / 10
+GIANT_CALL_S = 1.0  # calls slower than this get GIANT_REPEATS samples
+GIANT_REPEATS = 3
+BUSY_LOAD_AVERAGE = 0.5  # warn above this 1-min load average: other work skews timings
+TARGET_SHAPE = (65536, 1000)  # targets are checked here, in float32
+
+
+# ----------------------------------------------------------------------------------
+# What is timed
+# ----------------------------------------------------------------------------------
+
+
+class CompositeScores(NamedTuple):
+    loss: torch.Tensor
+    entropy: torch.Tensor
+    margin: torch.Tensor
+    true_margin: torch.Tensor
+    grad_norm: torch.Tensor
+    confidence: torch.Tensor
+    pred: torch.Tensor
+
+
+def composite_scores(logits: torch.Tensor, target: torch.Tensor) -> CompositeScores:
+    """The scores fastsel fuses, computed the way a user writes them today."""
+    loss = F.cross_entropy(logits, target, reduction="none")
+    z = logits.detach()  # only the loss needs a gradient
+    logp = F.log_softmax(z, dim=1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(dim=1)
+    top2 = z.topk(2, dim=1).values
+    pred = z.argmax(dim=1)
+    z_target = z.gather(1, target[:, None]).squeeze(1)
+    best_other = torch.where(pred == target, top2[:, 1], top2[:, 0])
+    grad_norm = (p - F.one_hot(target, z.shape[1]).to(p.dtype)).norm(dim=1)
+    return CompositeScores(
+        loss, entropy, top2[:, 0] - top2[:, 1], z_target - best_other, grad_norm,
+        p.amax(dim=1), pred,
+    )
+
+
+def cross_entropy_only(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, target, reduction="none")
+
+
+def row_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return logits.sum(dim=1)
+
+
+def compile_composite() -> Callable:
+    torch._dynamo.reset()  # a fresh compile, specialised to this case's shape and dtype
+    return torch.compile(composite_scores, dynamic=False)
+
+
+BASELINE_FACTORIES = {
+    EAGER: lambda: composite_scores,
+    COMPILED: compile_composite,
+    CROSS_ENTROPY: lambda: cross_entropy_only,
+    YARDSTICK: lambda: row_sum,
+}
+
+
+def fastsel_scores(backend: str, weight: Optional[torch.Tensor], mms: str) -> Callable:
+    def run(logits, target):
+        return fastsel.score(logits, target, weight=weight, mms=mms, backend=backend)
+
+    return run
+
+
+# ----------------------------------------------------------------------------------
+# Cases
+# ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    dtype: str
+    n: int
+    c: int
+    mode: str
+    method: str
+    mms: str = ""  # "exact" or "top2": fastsel with a classifier weight [C, WEIGHT_DIM]
+
+    @property
+    def logits_bytes(self) -> int:
+        return self.n * self.c * DTYPES[self.dtype].itemsize
+
+    @property
+    def is_fastsel(self) -> bool:
+        return self.method.startswith(FASTSEL_PREFIX)
+
+    def but(self, **changes) -> "Case":
+        return dataclasses.replace(self, **changes)
+
+
+class Inputs(NamedTuple):
+    logits: torch.Tensor
+    target: torch.Tensor
+    weight: Optional[torch.Tensor]
+
+
+def capped_rows(n: int, c: int, itemsize: int) -> int:
+    """N, or the largest power of two that keeps the logits within LOGITS_CAP_BYTES."""
+    max_rows = LOGITS_CAP_BYTES // (c * itemsize)
+    return n if n <= max_rows else 1 << (max_rows.bit_length() - 1)
+
+
+def timed_fastsel_methods(n: int, c: int, backends: list[str]) -> list[str]:
+    return [
+        FASTSEL_PREFIX + backend
+        for backend in backends
+        if backend != "torch" or n * c <= TORCH_BACKEND_MAX_ELEMENTS
+    ]
+
+
+def plan_cases(shapes, dtypes, backends) -> list[Case]:
+    """Every case, grouped by (dtype, N, C) so that each input is generated once."""
+    cases = []
+    for dtype in dtypes:
+        for n, c in shapes:
+            n = capped_rows(n, c, DTYPES[dtype].itemsize)
+            fastsel_methods = timed_fastsel_methods(n, c, backends)
+            for mode in MODES:
+                methods = fastsel_methods + list(BASELINES)
+                if mode == FORWARD:
+                    methods.append(YARDSTICK)
+                cases += [Case(dtype, n, c, mode, method) for method in methods]
+            if c in WEIGHT_CLASSES:
+                cases += [
+                    Case(dtype, n, c, FORWARD, method, mms)
+                    for method in fastsel_methods
+                    for mms in fastsel.MMS_MODES
+                ]
+    return list(dict.fromkeys(cases))  # two requested shapes may cap to the same one
+
+
+def print_capped_shapes(shapes, dtypes) -> None:
+    for dtype in dtypes:
+        itemsize = DTYPES[dtype].itemsize
+        for n, c in shapes:
+            used = capped_rows(n, c, itemsize)
+            if used != n:
+                print(
+                    f"{dtype} C={c}: N={n} would be {n * c * itemsize / 2**30:.1f} GiB of "
+                    f"logits; using N={used} ({used * c * itemsize / 2**30:.2f} GiB)"
+                )
+
+
+def make_inputs(dtype: str, n: int, c: int) -> Inputs:
+    generator = torch.Generator().manual_seed(n * 100_003 + c)
+    logits = torch.randn(n, c, generator=generator).mul_(3.0).to(DTYPES[dtype])
+    target = torch.randint(0, c, (n,), generator=generator)
+    weight = None
+    if c in WEIGHT_CLASSES:
+        weight = torch.randn(c, WEIGHT_DIM, generator=generator).to(DTYPES[dtype])
+    return Inputs(logits, target, weight)
+
+
+def build_step(case: Case, inputs: Inputs) -> Callable[[], object]:
+    """One call of the case's method: forward only, or forward then backward of the loss."""
+    if case.is_fastsel:
+        weight = inputs.weight if case.mms else None
+        run = fastsel_scores(case.method[len(FASTSEL_PREFIX):], weight, case.mms or "exact")
+    else:
+        run = BASELINE_FACTORIES[case.method]()
+    if case.mode == FORWARD:
+        return lambda: run(inputs.logits, inputs.target)
+
+    logits = inputs.logits.detach().requires_grad_()
+
+    def forward_backward():
+        out = run(logits, inputs.target)
+        loss = out if isinstance(out, torch.Tensor) else out.loss
+        loss.sum().backward()
+        logits.grad = None
+
+    return forward_backward
+
+
+# ----------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    median_s: float
+    repeats: int
+    calls_per_repeat: int
+    first_call_s: float  # includes torch.compile for the compiled composite
+
+
+def elapsed_s(step: Callable, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    return time.perf_counter() - start
+
+
+def measure(step: Callable, min_repeats: int, budget_s: float) -> Timing:
+    """Median per-call time over adaptive repeats, after a warm-up call and calibration.
+
+    Calibration doubles the number of calls until they take budget / SAMPLES_PER_BUDGET;
+    each timed sample then makes that many calls, so fast calls are not timed one by one.
+    """
+    first_call_s = elapsed_s(step, 1)
+    calls, calibration_s = 1, elapsed_s(step, 1)
+    while calibration_s < budget_s / SAMPLES_PER_BUDGET:
+        calls *= 2
+        calibration_s = elapsed_s(step, calls)
+    if calibration_s / calls > GIANT_CALL_S:
+        repeats = min(min_repeats, GIANT_REPEATS)
+    else:
+        repeats = max(min_repeats, round(budget_s / calibration_s))
+    samples = [elapsed_s(step, calls) / calls for _ in range(repeats)]
+    return Timing(statistics.median(samples), repeats, calls, first_call_s)
+
+
+def run_cases(cases: list[Case], min_repeats: int, budget_s: float) -> dict[Case, Timing]:
+    timings = {}
+    inputs_key, inputs = None, None
+    with tqdm(cases, unit="case", dynamic_ncols=True) as progress:
+        for case in progress:
+            mms = f" +mms {case.mms}" if case.mms else ""
+            progress.set_description(
+                f"{case.dtype} {case.n}x{case.c} {case.mode} {case.method}{mms}"
+            )
+            if inputs_key != (case.dtype, case.n, case.c):
+                inputs = None
+                gc.collect()
+                inputs_key = (case.dtype, case.n, case.c)
+                inputs = make_inputs(*inputs_key)
+            timings[case] = measure(build_step(case, inputs), min_repeats, budget_s)
+    torch._dynamo.reset()
+    return timings
+
+
+# ----------------------------------------------------------------------------------
+# Derived metrics and targets
+# ----------------------------------------------------------------------------------
+
+
+def speedup_key(baseline: str) -> str:
+    return "speedup_vs_" + baseline.replace(" ", "_")
+
+
+def summarize(timings: dict[Case, Timing]) -> list[dict]:
+    """One row per case: time, GB/s of logits read, % of yardstick, speedups, overheads."""
+    ms = {case: timing.median_s * 1e3 for case, timing in timings.items()}
+    rows = []
+    for case, timing in timings.items():
+        own_ms = ms[case]
+        yardstick_ms = ms.get(case.but(mode=FORWARD, method=YARDSTICK, mms=""))
+        row = {
+            "dtype": case.dtype,
+            "mode": case.mode,
+            "n": case.n,
+            "c": case.c,
+            "method": case.method,
+            "mms": case.mms,
+            "weight_dim": WEIGHT_DIM if case.mms else None,
+            "median_ms": own_ms,
+            "gb_per_s": case.logits_bytes / timing.median_s / 1e9,
+            "pct_of_yardstick": 100 * yardstick_ms / own_ms if yardstick_ms else None,
+        }
+        for baseline in BASELINES:
+            baseline_ms = ms.get(case.but(method=baseline))
+            compared = case.is_fastsel and not case.mms and baseline_ms is not None
+            row[speedup_key(baseline)] = baseline_ms / own_ms if compared else None
+        row["weight_overhead_pct"] = (
+            100 * (own_ms / ms[case.but(mms="")] - 1) if case.mms else None
+        )
+        row["compile_s"] = timing.first_call_s if case.method == COMPILED else None
+        row["repeats"] = timing.repeats
+        row["calls_per_repeat"] = timing.calls_per_repeat
+        rows.append(row)
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    description: str
+    numerator: Case
+    denominator: Case
+    bound: float
+    at_most: bool  # pass when ratio <= bound, else when ratio >= bound
+
+    def check(self, ms: dict[Case, float]) -> tuple[Optional[float], str]:
+        if self.numerator not in ms or self.denominator not in ms:
+            return None, "NOT MEASURED"
+        ratio = ms[self.numerator] / ms[self.denominator]
+        passed = ratio <= self.bound if self.at_most else ratio >= self.bound
+        return ratio, "PASS" if passed else "FAIL"
+
+
+def targets(fastsel_method: str) -> list[Target]:
+    n, c = TARGET_SHAPE
+
+    def case(method, mode=FORWARD, mms=""):
+        return Case("float32", n, c, mode, method, mms)
+
+    forward = case(fastsel_method)
+    return [
+        Target("forward time <= 0.25x F.cross_entropy", forward, case(CROSS_ENTROPY), 0.25, True),
+        Target("forward time <= 0.3x torch.compile(composite)", forward, case(COMPILED), 0.3, True),
+        # ratio of GB/s = yardstick time / fastsel time (same bytes read)
+        Target("forward GB/s >= 50% of the yardstick's", case(YARDSTICK), forward, 0.5, False),
+        Target(
+            "forward+backward time <= 0.3x F.cross_entropy forward+backward",
+            case(fastsel_method, FORWARD_BACKWARD), case(CROSS_ENTROPY, FORWARD_BACKWARD),
+            0.3, True,
+        ),
+        Target(
+            f"exact mms (D={WEIGHT_DIM}) time <= 1.5x the call without weight",
+            case(fastsel_method, mms="exact"), forward, 1.5, True,
+        ),
+    ]
+
+
+def check_targets(timings: dict[Case, Timing], fastsel_method: str) -> list[tuple]:
+    ms = {case: timing.median_s * 1e3 for case, timing in timings.items()}
+    return [(target, *target.check(ms)) for target in targets(fastsel_method)]
+
+
+def check_composite_matches_fastsel(backends: list[str]) -> None:
+    """Fail fast if the composite and fastsel disagree: the timings would compare different work."""
+    generator = torch.Generator().manual_seed(0)
+    logits = 3.0 * torch.randn(257, 37, generator=generator)
+    target = torch.randint(0, 37, (257,), generator=generator)
+    expected = composite_scores(logits, target)
+    for backend in backends:
+        got = fastsel.score(logits, target, backend=backend)
+        for field in CompositeScores._fields:
+            torch.testing.assert_close(
+                getattr(got, field), getattr(expected, field), rtol=1e-4, atol=1e-5,
+                msg=lambda detail: f"fastsel[{backend}].{field} != composite: {detail}",
+            )
+
+
+# ----------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------
+
+
+def fmt_ms(v):
+    return f"{v:.4f}" if v < 1 else f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+
+COLUMNS = [  # (row key, table header, cell format, alignment)
+    ("dtype", "dtype", str, "<"),
+    ("mode", "mode", str, "<"),
+    ("n", "N", str, ">"),
+    ("c", "C", str, ">"),
+    ("method", "method", str, "<"),
+    ("mms", f"mms (D={WEIGHT_DIM})", str, "<"),
+    ("median_ms", "ms", fmt_ms, ">"),
+    ("gb_per_s", "GB/s", lambda v: f"{v:.1f}", ">"),
+    ("pct_of_yardstick", "% yardstick", lambda v: f"{v:.0f}%", ">"),
+    (speedup_key(CROSS_ENTROPY), "x vs CE", lambda v: f"{v:.2f}x", ">"),
+    (speedup_key(EAGER), "x vs eager", lambda v: f"{v:.2f}x", ">"),
+    (speedup_key(COMPILED), "x vs compiled", lambda v: f"{v:.2f}x", ">"),
+    ("weight_overhead_pct", "+% vs no weight", lambda v: f"{v:+.0f}%", ">"),
+    ("compile_s", "compile s", lambda v: f"{v:.1f}", ">"),
+    ("repeats", "repeats", str, ">"),
+]
+
+
+def table_cells(rows: list[dict]) -> list[list[str]]:
+    """Header then one line of formatted cells per row; "-" where a metric does not apply."""
+    header = [title for _, title, _, _ in COLUMNS]
+    body = [
+        [fmt(row[key]) if row[key] not in (None, "") else "-" for key, _, fmt, _ in COLUMNS]
+        for row in rows
+    ]
+    return [header, *body]
+
+
+def text_table(rows: list[dict]) -> str:
+    cells = table_cells(rows)
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    aligns = [align for *_, align in COLUMNS]
+    lines = [
+        "  ".join(f"{cell:{align}{width}}" for cell, align, width in zip(line, aligns, widths))
+        for line in cells
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cells = table_cells(rows)
+    lines = ["| " + " | ".join(line) + " |" for line in cells]
+    rule = {"<": "---", ">": "---:"}
+    lines.insert(1, "|" + "|".join(rule[align] for *_, align in COLUMNS) + "|")
+    return "\n".join(lines)
+
+
+def target_lines(checks, fastsel_method: str) -> list[str]:
+    n, c = TARGET_SHAPE
+    lines = [f"Targets at N={n}, C={c}, float32, for {fastsel_method}:"]
+    for target, ratio, verdict in checks:
+        measured = f"ratio {ratio:.3f}" if ratio is not None else "ratio -"
+        lines.append(f"  {verdict:<12} {measured:<12} {target.description}")
+    return lines
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+
+
+def plot_times(rows: list[dict], dtypes: list[str], path: Path) -> None:
+    """Per dtype and mode, grouped bars of median time per method for each shape (log y)."""
+    rows = [row for row in rows if not row["mms"]]
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    colors = {m: matplotlib.colormaps["tab10"](i) for i, m in enumerate(methods)}
+    fig = Figure(figsize=(14, 4.5 * len(dtypes)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(dtypes), len(MODES), squeeze=False)
+    for i, dtype in enumerate(dtypes):
+        for j, mode in enumerate(MODES):
+            panel = {(r["n"], r["c"], r["method"]): r["median_ms"] for r in rows
+                     if r["dtype"] == dtype and r["mode"] == mode}
+            shapes = list(dict.fromkeys((n, c) for n, c, _ in panel))
+            width = 0.8 / len(methods)
+            ax = axes[i][j]
+            for k, method in enumerate(methods):
+                offsets = [x + (k - (len(methods) - 1) / 2) * width for x in range(len(shapes))]
+                times = [panel.get((n, c, method), math.nan) for n, c in shapes]
+                ax.bar(offsets, times, width, label=method, color=colors[method])
+            ax.set_yscale("log")
+            ax.set_xticks(range(len(shapes)), [f"{n}x{c}" for n, c in shapes], rotation=20)
+            ax.set_xlabel("N x C")
+            ax.set_ylabel("median time per call [ms], log scale")
+            ax.set_title(f"{dtype}, {mode}")
+            ax.grid(axis="y", which="both", alpha=0.3)
+    handles = [Patch(color=colors[m], label=m) for m in methods]
+    fig.legend(handles=handles, loc="outside upper center", ncol=len(methods))
+    fig.savefig(path, dpi=110)
+
+
+def write_markdown(rows, checks, env: dict, fastsel_method: str, path: Path) -> None:
+    fastsel_rows = [row for row in rows if row["method"].startswith(FASTSEL_PREFIX)]
+    lines = [
+        "# fastsel.score CPU benchmark",
+        "",
+        *[f"- {key}: {value}" for key, value in env.items()],
+        "",
+        "## Targets",
+        "",
+        "```",
+        *target_lines(checks, fastsel_method),
+        "```",
+        "",
+        "## fastsel rows",
+        "",
+        "Speedup = baseline median / fastsel median (same shape, dtype and mode).",
+        "",
+        markdown_table(fastsel_rows),
+        "",
+        "All rows: `score_bench.csv`; plot: `score_bench.png`.",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------
+# Environment and entry point
+# ----------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def environment(backends: list[str]) -> dict:
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "CPU": cpu_model(),
+        "cores": f"{usable_cores()} usable of {os.cpu_count()}",
+        "torch threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "fastsel": fastsel.__version__,
+        "fastsel build_info": fastsel.build_info(),
+        "fastsel backends": ", ".join(backends),
+        "python": platform.python_version(),
+        "load average (1 min) at start": f"{os.getloadavg()[0]:.2f}",
+    }
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in text.split(","):
+        n, c = (int(part) for part in item.lower().split("x"))
+        if n < 1 or c < 2:
+            raise argparse.ArgumentTypeError(f"shape {item!r}: need N >= 1 and C >= 2")
+        shapes.append((n, c))
+    return shapes
+
+
+def parse_dtypes(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [name for name in names if name not in DTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown dtypes {unknown}; choose from {list(DTYPES)}")
+    return names
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: shapes {QUICK_SHAPES}, {QUICK_TIME_BUDGET_S} s per case, "
+                             "unless --shapes / --dtypes say otherwise")
+    parser.add_argument("--shapes", type=parse_shapes,
+                        help="comma-separated NxC, e.g. 4096x1000,65536x100 (default: the full grid)")
+    parser.add_argument("--dtypes", type=parse_dtypes,
+                        help="comma-separated subset of float32,bfloat16 (default: both; "
+                             f"--quick: {','.join(QUICK_DTYPES)})")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help=f"minimum timed repeats per case (default 5; calls over "
+                             f"{GIANT_CALL_S:g} s get at most {GIANT_REPEATS})")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results",
+                        help="output directory (default bench/results)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    if args.shapes is None:
+        args.shapes = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
+    if args.dtypes is None:
+        args.dtypes = QUICK_DTYPES if args.quick else list(DTYPES)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(usable_cores())
+    backends = fastsel.available_backends()
+    fastsel_method = FASTSEL_PREFIX + ("cpu" if "cpu" in backends else "torch")
+    env = environment(backends)
+    for key, value in env.items():
+        print(f"{key}: {value}")
+    if not torch.cuda.is_available():
+        print("GPU backends are not timed (no CUDA device).")
+    if os.getloadavg()[0] > BUSY_LOAD_AVERAGE:
+        print("warning: other processes are using the CPU; timings will be noisy")
+    print_capped_shapes(args.shapes, args.dtypes)
+    check_composite_matches_fastsel(backends)
+
+    cases = plan_cases(args.shapes, args.dtypes, backends)
+    budget_s = QUICK_TIME_BUDGET_S if args.quick else TIME_BUDGET_S
+    timings = run_cases(cases, args.repeats, budget_s)
+
+    rows = summarize(timings)
+    checks = check_targets(timings, fastsel_method)
+    print()
+    print(text_table(rows))
+    print()
+    print("\n".join(target_lines(checks, fastsel_method)))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    outputs = [args.out / f"score_bench.{ext}" for ext in ("csv", "png", "md")]
+    write_csv(rows, outputs[0])
+    plot_times(rows, args.dtypes, outputs[1])
+    write_markdown(rows, checks, env, fastsel_method, outputs[2])
+    print("\nwrote " + ", ".join(str(path) for path in outputs))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+// CPU kernel entry points of fastsel (registered in csrc/ops.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastsel::cpu {
+
+using ScoreOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Modes of the Minimal Margin Score (schema argument mms_mode).
+enum MmsMode : int64_t { kMmsNone = 0, kMmsExact = 1, kMmsTop2 = 2 };
+
+// Largest C for which the exact MMS precomputes the [C, C] inverse-distance matrix and
+// fuses the MMS into the scoring pass; above it rows are grouped by predicted class.
+constexpr int64_t kMmsDenseMaxClasses = 2048;
+
+ScoreOutputs score_forward(const at::Tensor& logits, const at::Tensor& target,
+                           int64_t ignore_index, const std::optional<at::Tensor>& weight,
+                           int64_t mms_mode);
+
+at::Tensor score_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
+                          const at::Tensor& target, const at::Tensor& lse,
+                          int64_t ignore_index);
+
+// ---- Minimal Margin Score helpers (mms_kernel.cpp) --------------------------------
+
+// inv_dist[a, j] = 1 / ||w_a - w_j|| for rows `classes` of w against every row of w,
+// via squared norms and one matrix product. w: [C, D] contiguous float or double.
+at::Tensor inverse_distances(const at::Tensor& w, const at::Tensor& sq_norms,
+                             const at::Tensor& classes);
+
+// min_{j != a} mms_term(z[a] - z[j], inv_dist_row[j]) over one row of C logits.
+float mms_exact_row(const float* z, const float* inv_dist_row, int64_t C, int64_t a);
+double mms_exact_row(const double* z, const double* inv_dist_row, int64_t C, int64_t a);
+
+// ||w_a - w_b|| from the difference, w row-major [*, D].
+float pair_distance(const float* w, int64_t D, int64_t a, int64_t b);
+double pair_distance(const double* w, int64_t D, int64_t a, int64_t b);
+
+// Exact MMS of the rows with valid[i] for large C: rows are grouped by pred so that each
+// class's inverse distances are computed once. Writes mms[i] for those rows.
+void mms_exact_grouped(const at::Tensor& logits, const at::Tensor& pred,
+                       const at::Tensor& valid, const at::Tensor& w, at::Tensor& mms);
+
+}  // namespace fastsel::cpu

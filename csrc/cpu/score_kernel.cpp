@@ -1,0 +1,723 @@
+// Fused one-pass scoring of logits [N, C] on the CPU.
+//
+// Each row is read from memory once. It is processed in column blocks of kBlock floats
+// (16 KiB, L1/L2-resident); each block is swept twice while it is in cache:
+//   1. lane-parallel top-2 (values and indices) and NaN detection; the running row
+//      maximum m is the largest lane top-1;
+//   2. exp(z - m) with the SoftmaxState sums of row_scores.h, one exp per element.
+// When a later block raises m the lane sums are rebased once per block (a scalar exp),
+// not per element as a strictly online softmax would. Rows that turn out invalid
+// (NaN, +inf, only -inf) are recomputed by the scalar path, which also gives their
+// torch.argmax-compatible pred. Rows are distributed over threads with at::parallel_for.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/irange.h>
+
+#include <atomic>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "fastsel/row_scores.h"
+#include "kernels.h"
+#include "vec_utils.h"
+
+namespace fastsel::cpu {
+namespace {
+
+constexpr int64_t kBlock = 4096;
+// Lane indices are carried as float, exact below 2^24; wider rows take the scalar path.
+constexpr int64_t kMaxVectorClasses = int64_t(1) << 24;
+
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// ---- vectorized passes --------------------------------------------------------------
+
+// exp(t) for t in [kExpFloor, 0]. Cody-Waite reduction t = n ln2 + r, |r| <= ln2 / 2,
+// a degree-5 polynomial for exp(r) and 2^n built in the exponent bits. Callers clamp t
+// to kExpFloor, so n >= -126 and no range checks are needed: ~12 instructions where a
+// general exp spends ~20. Relative error ~2e-7 (a few float ulps).
+constexpr float kExpFloor = -87.0f;  // exp(-87) = 1.6e-38: negligible next to d >= 1
+
+inline Vec exp_nonpositive(const Vec& t) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 x = t;
+  const __m256 n = _mm256_round_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), _mm256_set1_ps(0.5f)),
+                                   _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);   // ln2 high part (exact)
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);        // ln2 low part
+  __m256 p = _mm256_set1_ps(1.0f / 120);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+#else
+  return t.exp_u20();
+#endif
+}
+
+// max/min without NaN propagation (NaN is detected separately by LaneMax::check).
+inline Vec max_fast(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(a, b);
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+inline Vec min_fast(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return _mm256_min_ps(a, b);
+#else
+  return at::vec::minimum(a, b);
+#endif
+}
+
+// Pass 1 over a block: per-lane top-2 values (as a multiset, so ties count twice) and a
+// running sum that turns NaN or +inf into a non-finite value (flagging the row).
+struct LaneMax {
+  Vec v1{-std::numeric_limits<float>::infinity()};
+  Vec v2{-std::numeric_limits<float>::infinity()};
+  Vec check{0.f};
+
+  inline void update(const Vec& x) {
+    v2 = max_fast(v2, min_fast(v1, x));
+    v1 = max_fast(v1, x);
+    check = check + x;
+  }
+
+  void sweep(const float* x, int64_t n) {
+    int64_t k = 0;
+    for (; k + kLanes <= n; k += kLanes) update(Vec::loadu(x + k));
+    if (k < n) update(load_partial(x + k, n - k, -std::numeric_limits<float>::infinity()));
+  }
+
+  // Top-2 of the union of the lanes' top-2 multisets.
+  void reduce(float& top1, float& top2) const {
+    alignas(64) float a[2 * kLanes];
+    v1.store(a);
+    v2.store(a + kLanes);
+    int64_t best = 0;
+    for (int64_t l = 1; l < 2 * kLanes; ++l) if (a[l] > a[best]) best = l;
+    top1 = a[best];
+    top2 = -std::numeric_limits<float>::infinity();
+    for (int64_t l = 0; l < 2 * kLanes; ++l) if (l != best && a[l] > top2) top2 = a[l];
+  }
+};
+
+// Pass 2 over a block: SoftmaxState sums per lane, relative to one shared maximum m.
+// Elements equal to m are counted (as the complement of `below`) instead of summed, so
+// that d - 1 stays exact (see row_scores.h).
+struct LaneSums {
+  Vec d_sub{0.f}, s1{0.f}, s2{0.f};
+  at::vec::Vectorized<int32_t> minus_below{0};  // -(number of elements below m) per lane
+  int64_t swept = 0;                            // lanes swept, padding included
+
+  void rebase(float old_m, float new_m) {
+    const float delta = old_m - new_m;
+    const float n_eq = static_cast<float>(n_eq_now());
+    const Vec scale(std::exp(delta));
+    // Fold the old maxima into lane 0; all lanes scale together.
+    alignas(64) float extra[kLanes] = {};
+    extra[0] = n_eq;
+    const Vec d_old = d_sub + Vec::loadu(extra);
+    s1 = (s1 + Vec(delta) * d_old) * scale;
+    d_sub = d_old * scale;
+    s2 = (s2 + Vec::loadu(extra)) * scale * scale;
+    // Everything swept so far now lies below the new maximum.
+    minus_below = at::vec::Vectorized<int32_t>(0);
+    swept = 0;
+  }
+
+  int64_t n_eq_now() const {
+    alignas(64) int32_t a[kLanes];
+    minus_below.store(a);
+    int64_t below = 0;
+    for (int64_t l = 0; l < kLanes; ++l) below -= a[l];
+    return swept - below;
+  }
+
+  inline void accumulate(const Vec& x, const Vec& m) {
+    const Vec t = at::vec::clamp_min(x - m, Vec(kExpFloor));  // also maps -inf to the floor
+    const Vec e = exp_nonpositive(t);
+    const Vec below = t < Vec(0.f);
+    const Vec e_below = e & below;
+    d_sub = d_sub + e_below;
+    s1 = at::vec::fmadd(e_below, t, s1);
+    s2 = at::vec::fmadd(e_below, e_below, s2);
+    minus_below = minus_below + at::vec::cast<int32_t>(below);  // all-ones lanes are -1
+    swept += kLanes;
+  }
+
+  void sweep(const float* x, int64_t n, float m) {
+    const Vec mv(m);
+    int64_t k = 0;
+    for (; k + kLanes <= n; k += kLanes) accumulate(Vec::loadu(x + k), mv);
+    if (k < n) accumulate(load_partial(x + k, n - k, -std::numeric_limits<float>::infinity()), mv);
+  }
+
+  SoftmaxState<float> reduce(float m) const {
+    SoftmaxState<float> s;
+    s.m = m;
+    s.n_eq = static_cast<float>(n_eq_now());
+    s.d_sub = hsum(d_sub);
+    s.s1 = hsum(s1);
+    s.s2 = hsum(s2);
+    return s;
+  }
+};
+
+// Index of the first x[j] == value with j != skip in x[0, n), or -1.
+inline int64_t find_first(const float* x, int64_t n, float value, int64_t skip) {
+  int64_t k = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 v = _mm256_set1_ps(value);
+  for (; k + kLanes <= n; k += kLanes) {
+    int bits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + k), v, _CMP_EQ_OQ));
+    while (bits) {
+      const int64_t j = k + __builtin_ctz(bits);
+      if (j != skip) return j;
+      bits &= bits - 1;
+    }
+  }
+#endif
+  for (; k < n; ++k) if (x[k] == value && k != skip) return k;
+  return -1;
+}
+
+// First index j != skip of a row (any scalar type) with row[j] == value, searching the
+// columns [from, C). Narrow types are converted block by block into buf.
+template <typename scalar_t>
+int64_t find_in_row(const scalar_t* row, int64_t C, int64_t from, float value, int64_t skip, float* buf) {
+  for (int64_t j0 = from; j0 < C; j0 += kBlock) {
+    const int64_t n = std::min(kBlock, C - j0);
+    const float* x;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      x = row + j0;
+    } else {
+      to_float(row + j0, buf, n);
+      x = buf;
+    }
+    const int64_t j = find_first(x, n, value, skip - j0);
+    if (j >= 0) return j0 + j;
+  }
+  return -1;
+}
+
+// Scores one row with the vector passes. Returns false if the row is invalid (the
+// caller then uses the scalar path). On success *row_f points at the row as float
+// (the row itself, or buf when C <= kBlock) for a later MMS sweep, else nullptr.
+// top.i2 is left unset (-1): only mms="top2" needs it, and finds it on demand.
+template <typename scalar_t>
+bool score_row_vectorized(const scalar_t* row, int64_t C, float* buf, SoftmaxState<float>& st,
+                          Top2<float>& top, const float** row_f) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  LaneMax lanes;
+  LaneSums sums;
+  float m = kNegInf;
+  int64_t max_block = 0;  // first block holding the maximum
+  const float* x = nullptr;
+  for (int64_t j0 = 0; j0 < C; j0 += kBlock) {
+    const int64_t n = std::min(kBlock, C - j0);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      x = row + j0;
+    } else {
+      to_float(row + j0, buf, n);
+      x = buf;
+    }
+    lanes.sweep(x, n);
+    const float block_max = hmax(lanes.v1);  // running maximum of the row so far
+    if (block_max == kNegInf) continue;      // only -inf so far: nothing to sum
+    if (block_max > m) {
+      if (m != kNegInf) sums.rebase(m, block_max);
+      m = block_max;
+      max_block = j0;
+    }
+    sums.sweep(x, n, m);
+  }
+  // NaN or +inf anywhere (or a finite overflow of the check sum, recomputed exactly by
+  // the scalar path), or no finite element at all.
+  const float check = hsum(lanes.check);
+  if (!(check > kNegInf && check < std::numeric_limits<float>::infinity()) && check != kNegInf) return false;
+  if (m == kNegInf) return false;
+  st = sums.reduce(m);
+  lanes.reduce(top.v1, top.v2);
+  top.i1 = (C <= kBlock) ? find_first(x, C, m, -1) : find_in_row(row, C, max_block, m, -1, buf);
+  top.i2 = -1;
+  *row_f = C <= kBlock ? x : nullptr;
+  return true;
+}
+
+// ---- scalar path: float64, invalid rows, very wide rows -------------------------------
+
+template <typename scalar_t, typename acc_t>
+int64_t score_row_scalar(const scalar_t* row, int64_t C, SoftmaxState<acc_t>& st, Top2<acc_t>& top) {
+  int64_t first_nan = -1;
+  for (int64_t j = 0; j < C; ++j) {
+    const acc_t x = static_cast<acc_t>(row[j]);
+    if (x != x && first_nan < 0) first_nan = j;
+    st.push(x);
+    top.push(x, j);
+  }
+  return first_nan;
+}
+
+// ---- the driver -----------------------------------------------------------------------
+
+template <typename acc_t>
+struct OutputPointers {
+  acc_t *loss, *entropy, *margin, *true_margin, *grad_norm, *confidence, *mms, *lse;
+  int64_t* pred;
+  bool* valid;
+
+  void write(int64_t i, const RowScores<acc_t>& r) const {
+    loss[i] = r.loss;
+    entropy[i] = r.entropy;
+    margin[i] = r.margin;
+    true_margin[i] = r.true_margin;
+    grad_norm[i] = r.grad_norm;
+    confidence[i] = r.confidence;
+    lse[i] = r.lse;
+    pred[i] = r.pred;
+    valid[i] = r.valid;
+  }
+};
+
+struct MmsInputs {
+  int64_t mode = kMmsNone;
+  bool dense = false;         // exact MMS via the precomputed [C, C] inverse distances
+  const void* w = nullptr;    // [C, D] row-major, acc_t
+  const void* inv_dist = nullptr;  // [C, C], acc_t (dense exact mode)
+  int64_t D = 0;
+};
+
+// Top-2 approximation of the MMS: the runner-up only. i2 is found on demand when the
+// vector path did not track it.
+template <typename scalar_t, typename acc_t>
+acc_t mms_top2(const scalar_t* row, int64_t C, Top2<acc_t>& top, const RowScores<acc_t>& r,
+               const MmsInputs& in, float* buf) {
+  if (top.v2 == neg_inf<acc_t>()) return pos_inf<acc_t>();
+  if (r.margin == acc_t(0)) return acc_t(0);
+  if (top.i2 < 0) {
+    if constexpr (std::is_same_v<acc_t, float>) top.i2 = find_in_row(row, C, 0, top.v2, top.i1, buf);
+  }
+  return r.margin / pair_distance(static_cast<const acc_t*>(in.w), in.D, top.i1, top.i2);
+}
+
+// Everything a row needs besides its index; shared by the row-wise and lane-wise paths.
+template <typename scalar_t>
+struct RowJob {
+  using acc_t = acc_type_t<scalar_t>;
+  const scalar_t* base;
+  int64_t row_stride, C;
+  const MmsInputs* mms;
+  const OutputPointers<acc_t>* out;
+
+  // MMS of a valid row whose logits are z (as acc_t); the grouped exact mode runs later.
+  void write_mms(int64_t i, const scalar_t* row, const acc_t* z, Top2<acc_t>& top,
+                 const RowScores<acc_t>& r, float* buf) const {
+    if (mms->mode == kMmsNone) return;
+    if (!r.valid) {
+      out->mms[i] = quiet_nan<acc_t>();
+    } else if (mms->mode == kMmsTop2) {
+      out->mms[i] = mms_top2(row, C, top, r, *mms, buf);
+    } else if (mms->dense) {
+      TORCH_INTERNAL_ASSERT(z != nullptr, "fastsel: dense MMS without a resident row");
+      out->mms[i] = mms_exact_row(z, static_cast<const acc_t*>(mms->inv_dist) + r.pred * C, C, r.pred);
+    }
+  }
+
+  // Row-wise path: vector passes along the row, scalar fallback for invalid rows.
+  void score_row(int64_t i, int64_t y, float* buf) const {
+    const scalar_t* row = base + i * row_stride;
+    SoftmaxState<acc_t> st;
+    Top2<acc_t> top;
+    const acc_t* z = nullptr;
+    bool ok = false;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (C < kMaxVectorClasses) ok = score_row_vectorized(row, C, buf, st, top, &z);
+    }
+    int64_t first_nan = -1;
+    if (!ok) {
+      st = SoftmaxState<acc_t>();
+      top = Top2<acc_t>();
+      first_nan = score_row_scalar(row, C, st, top);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        z = row;
+      } else if (mms->dense) {
+        to_float(row, buf, C);  // dense MMS implies C <= kBlock
+        z = buf;
+      }
+    }
+    const acc_t z_y = y >= 0 ? static_cast<acc_t>(row[y]) : acc_t(0);
+    RowScores<acc_t> r = finalize_row(st, top, z_y, y);
+    if (first_nan >= 0) r.pred = first_nan;  // torch.argmax ranks NaN first
+    out->write(i, r);
+    write_mms(i, row, z, top, r, buf);
+  }
+
+  // finalize_row of row_scores.h for kLanes rows at once (one row per lane), storing
+  // rows [i0, i0 + rows) of every float output. Vectorizing the per-row epilogue
+  // (log1p, exp, sqrt, divisions) matters when C is small or moderate.
+  void finalize_lanes(int64_t i0, int64_t rows, const Vec& m, const Vec& v2, const Vec& i1,
+                      const Vec& n_eq, const Vec& d_sub, const Vec& s1, const Vec& s2,
+                      const Vec& z_y, const Vec& yv) const {
+    const Vec one(1.f), zero(0.f), nan(std::numeric_limits<float>::quiet_NaN());
+    const Vec dm1 = (n_eq - one) + d_sub;
+    const Vec d = n_eq + d_sub;
+    const Vec log_d = dm1.log1p();
+    const Vec ignored = yv < zero;
+    const Vec runner_up = Vec::blendv(m, v2, yv == i1);
+    const Vec zy_is_max = z_y == m;
+    const Vec e_y = exp_nonpositive(at::vec::clamp_min(z_y - m, Vec(kExpFloor)));
+    const Vec one_minus_py = Vec::blendv(d - e_y, dm1, zy_is_max);
+    const Vec rest_sq = at::vec::clamp_min(
+        Vec::blendv((n_eq + s2) - e_y * e_y, (n_eq - one) + s2, zy_is_max), zero);
+    const Vec grad_norm = at::vec::fmadd(one_minus_py, one_minus_py, rest_sq).sqrt() / d;
+    Vec::blendv((m - z_y) + log_d, zero, ignored).store(out->loss + i0, rows);
+    (log_d - s1 / d).store(out->entropy + i0, rows);
+    (m - v2).store(out->margin + i0, rows);
+    Vec::blendv(z_y - runner_up, nan, ignored).store(out->true_margin + i0, rows);
+    Vec::blendv(grad_norm, nan, ignored).store(out->grad_norm + i0, rows);
+    (one / d).store(out->confidence + i0, rows);
+    (m + log_d).store(out->lse + i0, rows);
+  }
+
+  // MMS of row i from its top-2 (after finalize_lanes stored the margin).
+  void lane_mms(int64_t i, float v1, float v2, int64_t i1, int64_t i2, float* buf) const {
+    if (mms->mode == kMmsNone) return;
+    const scalar_t* row = base + i * row_stride;
+    Top2<acc_t> top;
+    top.v1 = v1; top.i1 = i1; top.v2 = v2; top.i2 = i2;
+    RowScores<acc_t> rs;
+    rs.valid = true;
+    rs.margin = out->margin[i];
+    rs.pred = i1;
+    const float* z = nullptr;
+    if (mms->dense) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        z = row;
+      } else {
+        to_float(row, buf, C);
+        z = buf;
+      }
+    }
+    write_mms(i, row, z, top, rs, buf);
+  }
+
+  // Row-wise vector passes for kLanes consecutive rows, then one vectorized epilogue.
+  void score_row_group(int64_t i0, int64_t rows, const int64_t* y, float* buf) const {
+    static_assert(std::is_same_v<acc_t, float>);
+    alignas(64) float m[kLanes], v2[kLanes], i1[kLanes], n_eq[kLanes], d_sub[kLanes],
+        s1[kLanes], s2[kLanes], zy[kLanes], yf[kLanes];
+    bool ok[kLanes];
+    for (int64_t r = 0; r < kLanes; ++r) {
+      SoftmaxState<float> st;
+      Top2<float> top;
+      const float* z = nullptr;
+      ok[r] = r < rows && C < kMaxVectorClasses &&
+              score_row_vectorized(base + (i0 + r) * row_stride, C, buf, st, top, &z);
+      if (!ok[r]) {  // placeholder lane, overwritten by the scalar path below
+        st.m = 0.f; st.n_eq = 1.f; top.v1 = 0.f; top.v2 = 0.f; top.i1 = 0;
+      }
+      m[r] = st.m; n_eq[r] = st.n_eq; d_sub[r] = st.d_sub; s1[r] = st.s1; s2[r] = st.s2;
+      v2[r] = top.v2; i1[r] = static_cast<float>(top.i1);
+      zy[r] = (ok[r] && y[r] >= 0) ? static_cast<float>(base[(i0 + r) * row_stride + y[r]]) : 0.f;
+      yf[r] = static_cast<float>(r < rows ? y[r] : -1);
+    }
+    finalize_lanes(i0, rows, Vec::loadu(m), Vec::loadu(v2), Vec::loadu(i1), Vec::loadu(n_eq),
+                   Vec::loadu(d_sub), Vec::loadu(s1), Vec::loadu(s2), Vec::loadu(zy), Vec::loadu(yf));
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      if (!ok[r]) {
+        score_row(i, y[r], buf);
+        continue;
+      }
+      out->pred[i] = static_cast<int64_t>(i1[r]);
+      out->valid[i] = true;
+      lane_mms(i, m[r], v2[r], static_cast<int64_t>(i1[r]), -1, buf);
+    }
+  }
+
+  // Lane-wise path for small C: kLanes rows at once, one row per vector lane. The rows
+  // are transposed into tbuf[j * kLanes + r] (float) and swept twice; top-2 indices are
+  // tracked exactly (strictly greater wins, so the lowest index wins ties).
+  void score_lanes(int64_t i0, int64_t rows, const int64_t* y, float* tbuf, float* buf) const {
+    static_assert(std::is_same_v<acc_t, float>);
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    for (int64_t r = 0; r < kLanes; ++r) {
+      const scalar_t* row = base + (i0 + std::min(r, rows - 1)) * row_stride;
+      for (int64_t j = 0; j < C; ++j) tbuf[j * kLanes + r] = static_cast<float>(row[j]);
+    }
+    Vec v1(kNegInf), v2(kNegInf), i1(-1.f), i2(-1.f), check(0.f);
+    for (int64_t j = 0; j < C; ++j) {
+      const Vec x = Vec::loadu(tbuf + j * kLanes);
+      const Vec jv(static_cast<float>(j));
+      const Vec gt1 = x > v1;
+      const Vec gt2 = x > v2;
+      v2 = Vec::blendv(v2, x, gt2);
+      i2 = Vec::blendv(i2, jv, gt2);
+      v2 = Vec::blendv(v2, v1, gt1);
+      i2 = Vec::blendv(i2, i1, gt1);
+      v1 = Vec::blendv(v1, x, gt1);
+      i1 = Vec::blendv(i1, jv, gt1);
+      check = check + x;
+    }
+    LaneSums sums;
+    for (int64_t j = 0; j < C; ++j) sums.accumulate(Vec::loadu(tbuf + j * kLanes), v1);
+    alignas(64) int32_t below[kLanes];
+    sums.minus_below.store(below);
+    alignas(64) float n_eq_a[kLanes], zy_a[kLanes], yf_a[kLanes];
+    for (int64_t r = 0; r < kLanes; ++r) {
+      n_eq_a[r] = static_cast<float>(C + below[r]);
+      zy_a[r] = y[r] >= 0 ? tbuf[y[r] * kLanes + r] : 0.f;
+      yf_a[r] = static_cast<float>(y[r]);
+    }
+    finalize_lanes(i0, rows, v1, v2, i1, Vec::loadu(n_eq_a), sums.d_sub, sums.s1, sums.s2,
+                   Vec::loadu(zy_a), Vec::loadu(yf_a));
+    alignas(64) float m_a[kLanes], chk_a[kLanes], v2_a[kLanes], i1_a[kLanes], i2_a[kLanes];
+    v1.store(m_a); check.store(chk_a); v2.store(v2_a); i1.store(i1_a); i2.store(i2_a);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      // NaN / +inf (non-finite check sum other than -inf) or no finite element
+      const bool valid = m_a[r] > kNegInf &&
+                         (chk_a[r] == kNegInf || (chk_a[r] > kNegInf && chk_a[r] < -kNegInf));
+      if (!valid) {
+        score_row(i, y[r], buf);  // exact semantics (and argmax of NaN rows) from the scalar path
+        continue;
+      }
+      out->pred[i] = static_cast<int64_t>(i1_a[r]);
+      out->valid[i] = true;
+      lane_mms(i, m_a[r], v2_a[r], static_cast<int64_t>(i1_a[r]), static_cast<int64_t>(i2_a[r]), buf);
+    }
+  }
+};
+
+// Rows up to this many classes take the lane-wise path.
+constexpr int64_t kLaneWiseMaxClasses = 128;
+
+template <typename scalar_t, typename target_t>
+void score_rows(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
+                const MmsInputs& mms, const OutputPointers<acc_type_t<scalar_t>>& out,
+                std::atomic<int64_t>& first_bad_target) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const int64_t target_stride = target.stride(0);
+  const target_t* tgt = target.const_data_ptr<target_t>();
+  const RowJob<scalar_t> job{logits.const_data_ptr<scalar_t>(), logits.stride(0), C, &mms, &out};
+  const bool lane_wise = std::is_same_v<acc_t, float> && C <= kLaneWiseMaxClasses;
+  const int64_t group = std::is_same_v<acc_t, float> ? kLanes : 1;  // rows per epilogue
+  const int64_t n_groups = (N + group - 1) / group;
+  const int64_t grain = std::max<int64_t>(1, 16384 / (C * group));
+
+  // Target index of row i: -1 for ignore_index; out-of-range values are recorded.
+  auto target_of = [&](int64_t i) -> int64_t {
+    const int64_t t = static_cast<int64_t>(tgt[i * target_stride]);
+    if (t == ignore_index) return -1;
+    if (t < 0 || t >= C) {
+      int64_t expected = -1;
+      first_bad_target.compare_exchange_strong(expected, i);
+      return -1;
+    }
+    return t;
+  };
+
+  at::parallel_for(0, n_groups, grain, [&](int64_t g_begin, int64_t g_end) {
+    std::vector<float> buf(kBlock);
+    std::vector<float> tbuf(lane_wise ? C * kLanes : 0);
+    for (int64_t g = g_begin; g < g_end; ++g) {
+      if constexpr (std::is_same_v<acc_t, float>) {
+        const int64_t i0 = g * kLanes;
+        const int64_t rows = std::min(kLanes, N - i0);
+        int64_t y[kLanes];
+        for (int64_t r = 0; r < kLanes; ++r) y[r] = r < rows ? target_of(i0 + r) : -1;
+        if (lane_wise) {
+          job.score_lanes(i0, rows, y, tbuf.data(), buf.data());
+        } else {
+          job.score_row_group(i0, rows, y, buf.data());
+        }
+      } else {
+        job.score_row(g, target_of(g), buf.data());
+      }
+    }
+  });
+}
+
+}  // namespace
+
+ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target,
+                           int64_t ignore_index, const std::optional<at::Tensor>& weight,
+                           int64_t mms_mode) {
+  TORCH_CHECK(logits_in.dim() == 2, "fastsel.score: logits must be 2-D [N, C], got ",
+              logits_in.sizes());
+  TORCH_CHECK(at::isFloatingType(logits_in.scalar_type()),
+              "fastsel.score: logits must be floating point, got ", logits_in.scalar_type());
+  const int64_t N = logits_in.size(0), C = logits_in.size(1);
+  TORCH_CHECK(C >= 1, "fastsel.score: logits must have at least one class (C >= 1)");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == N,
+              "fastsel.score: target must have shape [N] = [", N, "], got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+              "fastsel.score: target must be int64 or int32, got ", target.scalar_type());
+  TORCH_CHECK(mms_mode >= kMmsNone && mms_mode <= kMmsTop2,
+              "fastsel.score: mms_mode must be 0 (none), 1 (exact) or 2 (top2), got ", mms_mode);
+  TORCH_CHECK(mms_mode == kMmsNone || weight.has_value(),
+              "fastsel.score: mms_mode ", mms_mode, " needs a weight");
+
+  // Rows may have any stride; columns must be unit-stride for vector loads.
+  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = logits.options().dtype(acc_dtype);
+
+  at::Tensor loss = at::empty({N}, opts), entropy = at::empty({N}, opts),
+             margin = at::empty({N}, opts), true_margin = at::empty({N}, opts),
+             grad_norm = at::empty({N}, opts), confidence = at::empty({N}, opts),
+             lse = at::empty({N}, opts);
+  at::Tensor pred = at::empty({N}, opts.dtype(at::kLong));
+  at::Tensor valid = at::empty({N}, opts.dtype(at::kBool));
+  at::Tensor mms = at::empty({mms_mode == kMmsNone ? 0 : N}, opts);
+
+  MmsInputs mms_in;
+  mms_in.mode = mms_mode;
+  at::Tensor w, inv_dist;
+  if (mms_mode != kMmsNone) {
+    const at::Tensor& wt = *weight;
+    TORCH_CHECK(wt.dim() == 2 && wt.size(0) == C && wt.size(1) >= 1,
+                "fastsel.score: weight must be [C, D] = [", C, ", D] with D >= 1, got ", wt.sizes());
+    w = wt.to(acc_dtype).contiguous();
+    mms_in.w = w.const_data_ptr();
+    mms_in.D = w.size(1);
+    if (mms_mode == kMmsExact && C <= kMmsDenseMaxClasses && N > 0) {
+      const at::Tensor sq = (w * w).sum(1);
+      inv_dist = inverse_distances(w, sq, at::arange(C, opts.dtype(at::kLong)));
+      mms_in.dense = true;
+      mms_in.inv_dist = inv_dist.const_data_ptr();
+    }
+  }
+
+  std::atomic<int64_t> first_bad_target{-1};
+  if (N > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fastsel_score", [&] {
+      using acc_t = acc_type_t<scalar_t>;
+      OutputPointers<acc_t> out{loss.data_ptr<acc_t>(),        entropy.data_ptr<acc_t>(),
+                                margin.data_ptr<acc_t>(),      true_margin.data_ptr<acc_t>(),
+                                grad_norm.data_ptr<acc_t>(),   confidence.data_ptr<acc_t>(),
+                                mms.numel() ? mms.data_ptr<acc_t>() : nullptr,
+                                lse.data_ptr<acc_t>(),         pred.data_ptr<int64_t>(),
+                                valid.data_ptr<bool>()};
+      if (target.scalar_type() == at::kLong) {
+        score_rows<scalar_t, int64_t>(logits, target, ignore_index, mms_in, out, first_bad_target);
+      } else {
+        score_rows<scalar_t, int32_t>(logits, target, ignore_index, mms_in, out, first_bad_target);
+      }
+    });
+  }
+  const int64_t bad = first_bad_target.load();
+  if (bad >= 0) {
+    const int64_t value = target.scalar_type() == at::kLong ? target[bad].item<int64_t>()
+                                                             : target[bad].item<int32_t>();
+    TORCH_CHECK_INDEX(false, "fastsel.score: target[", bad, "] = ", value, " is outside [0, ", C,
+                      ") and is not ignore_index (", ignore_index, ")");
+  }
+  if (mms_mode == kMmsExact && !mms_in.dense && N > 0) {
+    mms_exact_grouped(logits, pred, valid, w, mms);
+  }
+  return {loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse};
+}
+
+// ---- backward ---------------------------------------------------------------------------
+
+namespace {
+
+// grad[j] = g * exp(z_j - lse) - g * [j == y], vectorized over a float row.
+inline void softmax_minus_onehot(const float* z, float* grad, int64_t n, float lse, float g) {
+  const Vec lv(lse), gv(g);
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    ((Vec::loadu(z + k) - lv).exp_u20() * gv).store(grad + k);
+  }
+  for (; k < n; ++k) grad[k] = std::exp(z[k] - lse) * g;
+}
+
+template <typename scalar_t, typename target_t>
+void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                   const at::Tensor& lse, int64_t ignore_index, at::Tensor& grad) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const scalar_t* z = logits.const_data_ptr<scalar_t>();
+  scalar_t* out = grad.data_ptr<scalar_t>();
+  const acc_t* g = grad_loss.const_data_ptr<acc_t>();
+  const acc_t* l = lse.const_data_ptr<acc_t>();
+  const target_t* tgt = target.const_data_ptr<target_t>();
+  const int64_t zs = logits.stride(0), gs = grad_loss.stride(0), ls = lse.stride(0),
+                ts = target.stride(0);
+  const int64_t grain = std::max<int64_t>(1, 16384 / C);
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> zf, gf;
+    if constexpr (!std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, double>) {
+      zf.resize(std::min(C, kBlock));
+      gf.resize(std::min(C, kBlock));
+    }
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* zr = z + i * zs;
+      scalar_t* gr = out + i * C;
+      const int64_t t = static_cast<int64_t>(tgt[i * ts]);
+      if (t == ignore_index || t < 0 || t >= C) {  // out-of-range targets: see below
+        std::memset(static_cast<void*>(gr), 0, sizeof(scalar_t) * C);
+        continue;
+      }
+      const acc_t gi = g[i * gs];
+      const acc_t li = l[i * ls];
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        for (int64_t j = 0; j < C; ++j) gr[j] = std::exp(zr[j] - li) * gi;
+        gr[t] -= gi;
+      } else if constexpr (std::is_same_v<scalar_t, float>) {
+        softmax_minus_onehot(zr, gr, C, li, gi);
+        gr[t] -= gi;
+      } else {
+        for (int64_t j0 = 0; j0 < C; j0 += kBlock) {
+          const int64_t n = std::min(kBlock, C - j0);
+          to_float(zr + j0, zf.data(), n);
+          softmax_minus_onehot(zf.data(), gf.data(), n, li, gi);
+          if (t >= j0 && t < j0 + n) gf[t - j0] -= gi;
+          from_float(gf.data(), gr + j0, n);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor score_backward(const at::Tensor& grad_loss, const at::Tensor& logits_in,
+                          const at::Tensor& target, const at::Tensor& lse_in,
+                          int64_t ignore_index) {
+  TORCH_CHECK(logits_in.dim() == 2, "fastsel.score_backward: logits must be 2-D");
+  const int64_t N = logits_in.size(0), C = logits_in.size(1);
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N && lse_in.dim() == 1 &&
+                  lse_in.size(0) == N && target.dim() == 1 && target.size(0) == N,
+              "fastsel.score_backward: grad_loss, lse and target must have shape [N] = [", N, "]");
+  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor g = grad_loss.to(acc_dtype);
+  const at::Tensor lse = lse_in.to(acc_dtype);
+  at::Tensor grad = at::empty({N, C}, logits.options());
+  if (N == 0) return grad;
+  const at::Tensor t64 = target.to(at::kLong);
+  const at::Tensor out_of_range = ((t64 < 0) | (t64 >= C)) & (t64 != ignore_index);
+  TORCH_CHECK_INDEX(!out_of_range.any().item<bool>(),
+                    "fastsel.score_backward: target has values outside [0, ", C,
+                    ") that are not ignore_index (", ignore_index, ")");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fastsel_score_backward", [&] {
+    if (target.scalar_type() == at::kLong) {
+      backward_rows<scalar_t, int64_t>(g, logits, target, lse, ignore_index, grad);
+    } else {
+      backward_rows<scalar_t, int32_t>(g, logits, target, lse, ignore_index, grad);
+    }
+  });
+  return grad;
+}
+
+}  // namespace fastsel::cpu

@@ -1,0 +1,41 @@
+// CUDA kernel entry points of fastsel (registered in csrc/cuda/ops_cuda.cu).
+//
+// Same contract as the CPU kernels of csrc/cpu/kernels.h (schemas in csrc/ops.cpp). This
+// header stays light on purpose (no ATen/ATen.h): it is included by nvcc-compiled files,
+// where every header costs compile time twice (host and device passes).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace fastsel::cuda {
+
+using ScoreOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Modes of the Minimal Margin Score (schema argument mms_mode); the values are those of
+// fastsel::cpu::MmsMode and fastsel/ops.py MMS_MODES.
+enum MmsMode : int64_t { kMmsNone = 0, kMmsExact = 1, kMmsTop2 = 2 };
+
+// Largest C for which the exact MMS precomputes the [C, C] inverse-distance matrix and
+// fuses the MMS into the scoring kernel (as fastsel::cpu::kMmsDenseMaxClasses); above
+// it the inverse distances of chunks of rows, W[pred] @ W^T, are built one at a time.
+constexpr int64_t kMmsDenseMaxClasses = 2048;
+
+// (loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse) of CUDA
+// logits [N, C]; mms is empty ([0]) when mms_mode is kMmsNone. Asynchronous: no host
+// synchronisation; a target outside [0, C) that is not ignore_index triggers a
+// device-side assertion.
+ScoreOutputs score_forward(const at::Tensor& logits, const at::Tensor& target,
+                           int64_t ignore_index, const std::optional<at::Tensor>& weight,
+                           int64_t mms_mode);
+
+// grad_logits = grad_loss[:, None] * (softmax(logits) - onehot(target)), 0 on ignored rows.
+at::Tensor score_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
+                          const at::Tensor& target, const at::Tensor& lse,
+                          int64_t ignore_index);
+
+}  // namespace fastsel::cuda

@@ -1,0 +1,21 @@
+// CUDA implementations of the fastsel operators. The schemas are defined once, in
+// csrc/ops.cpp (TORCH_LIBRARY(fastsel, m)); this file only adds the CUDA dispatch key,
+// so torch.ops.fastsel.score_forward / score_backward route CUDA tensors to
+// csrc/cuda/score_kernel.cu. Fake implementations and autograd are registered from
+// Python (fastsel/ops.py) and serve every device.
+//
+// Host-only code. It is a .cu file because it belongs to the CUDA part of the build (it
+// must be compiled only when the CUDA kernels are), and the __CUDA_ARCH__ guard keeps
+// nvcc's device passes from parsing the torch headers for nothing.
+#if !defined(__CUDA_ARCH__)
+
+#include <torch/library.h>
+
+#include "kernels.h"
+
+TORCH_LIBRARY_IMPL(fastsel, CUDA, m) {
+  m.impl("score_forward", &fastsel::cuda::score_forward);
+  m.impl("score_backward", &fastsel::cuda::score_backward);
+}
+
+#endif  // !defined(__CUDA_ARCH__)

@@ -1,0 +1,44 @@
+// Operator schemas of fastsel and the CPU implementations behind them.
+//
+// torch.ops.fastsel.score_forward(logits, target, ignore_index, weight, mms_mode)
+//   -> (loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse)
+//   mms_mode: 0 none (mms is an empty tensor), 1 exact, 2 top2.
+// torch.ops.fastsel.score_backward(grad_loss, logits, target, lse, ignore_index)
+//   -> grad_logits = grad_loss[:, None] * (softmax(logits) - onehot(target)), 0 on ignored rows.
+// Fake implementations and autograd are registered from Python (fastsel/ops.py).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+#ifndef FASTSEL_BUILD_ISA
+#define FASTSEL_BUILD_ISA "unknown"
+#endif
+
+TORCH_LIBRARY(fastsel, m) {
+  m.def(
+      "score_forward(Tensor logits, Tensor target, int ignore_index, Tensor? weight, int mms_mode) "
+      "-> (Tensor loss, Tensor entropy, Tensor margin, Tensor true_margin, Tensor grad_norm, "
+      "Tensor confidence, Tensor pred, Tensor mms, Tensor lse)");
+  m.def(
+      "score_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, int ignore_index) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastsel, CPU, m) {
+  m.impl("score_forward", &fastsel::cpu::score_forward);
+  m.impl("score_backward", &fastsel::cpu::score_backward);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastsel C++ kernels; the operators live in torch.ops.fastsel";
+  m.def("build_isa", [] { return std::string(FASTSEL_BUILD_ISA); },
+        "Vector instruction set the CPU kernels were compiled for");
+  m.def("build_openmp", [] {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the extension was compiled with OpenMP (at::parallel_for threads)");
+}

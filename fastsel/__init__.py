@@ -1,0 +1,17 @@
+"""fastsel: fused per-sample scoring and data selection for PyTorch training loops."""
+
+from fastsel._extension import CPU_EXTENSION_AVAILABLE, build_info
+from fastsel.ops import BACKENDS, MMS_MODES, Scores, available_backends, score
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "score",
+    "Scores",
+    "available_backends",
+    "build_info",
+    "BACKENDS",
+    "MMS_MODES",
+    "CPU_EXTENSION_AVAILABLE",
+    "__version__",
+]

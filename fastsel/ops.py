@@ -1,0 +1,185 @@
+"""Public scoring op: input validation, backend dispatch, fake impls and autograd.
+
+``torch.ops.fastsel.score_forward`` (schema in ``csrc/ops.cpp``) returns, for every row,
+``(loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse)``;
+``mms`` is an empty tensor when no classifier weight is given. Only ``loss`` is
+differentiable: its backward, ``torch.ops.fastsel.score_backward``, recomputes
+``softmax(z) - onehot(y)`` from the saved per-row log-sum-exp, so nothing of size
+[N, C] is kept between forward and backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastsel import reference
+from fastsel._extension import CPU_EXTENSION_AVAILABLE
+from fastsel.reference import Scores
+
+__all__ = ["score", "Scores", "available_backends", "BACKENDS", "MMS_MODES"]
+
+BACKENDS = ("auto", "cpu", "torch")
+MMS_MODES = {"exact": 1, "top2": 2}
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process (``auto`` picks the first that fits the device)."""
+    names = ["torch"]
+    if CPU_EXTENSION_AVAILABLE:
+        names.insert(0, "cpu")
+    return names
+
+
+def _validate(logits, target, weight, mms, ignore_index, backend) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor of shape [N, C], got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [N, C], got shape {tuple(logits.shape)}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"logits must be float32, float16, bfloat16 or float64, got {logits.dtype}"
+        )
+    n, c = logits.shape
+    if c == 0:
+        raise ValueError("logits must have at least one class (C >= 1), got C = 0")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor of shape [N], got {type(target).__name__}")
+    if target.dim() != 1 or target.shape[0] != n:
+        raise ValueError(
+            f"target must have shape [N] = [{n}] to match logits {tuple(logits.shape)}, "
+            f"got {tuple(target.shape)}"
+        )
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must be int64 or int32 class indices, got {target.dtype}")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if mms not in MMS_MODES:
+        raise ValueError(f"mms must be one of {sorted(MMS_MODES)}, got {mms!r}")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a torch.Tensor of shape [C, D], got {type(weight).__name__}")
+        if weight.dim() != 2 or weight.shape[0] != c or weight.shape[1] == 0:
+            raise ValueError(
+                f"weight must be the classifier matrix of shape [C, D] = [{c}, D] with D >= 1, "
+                f"got {tuple(weight.shape)}"
+            )
+        if weight.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"weight must be a floating point tensor, got {weight.dtype}")
+        if weight.device != logits.device:
+            raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        if device.type == "cpu" and CPU_EXTENSION_AVAILABLE:
+            return "cpu"
+        return "torch"
+    if backend == "cpu":
+        if not CPU_EXTENSION_AVAILABLE:
+            raise RuntimeError(
+                "backend='cpu' needs the compiled extension fastsel._C, which is not built; "
+                "run `pip install --no-build-isolation -e .` or use backend='torch'"
+            )
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' runs on CPU tensors, got tensors on {device}")
+    return backend
+
+
+def _check_target_range(target: torch.Tensor, c: int, ignore_index: int) -> None:
+    """Target values must be class indices or ignore_index (the kernels check in-kernel)."""
+    bad = ((target < 0) | (target >= c)) & (target != ignore_index)
+    if target.device.type == "cpu":
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise IndexError(
+                f"target[{i}] = {int(target[i])} is outside [0, {c}) and is not "
+                f"ignore_index ({ignore_index})"
+            )
+    else:  # no host sync on accelerators: fail asynchronously instead
+        torch._assert_async(~bad.any(), "fastsel.score: target outside [0, C) and not ignore_index")
+
+
+def score(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    weight: Optional[torch.Tensor] = None,
+    mms: str = "exact",
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> Scores:
+    """Every per-sample score of ``logits`` [N, C] against ``target`` [N] in one pass.
+
+    Args:
+        logits: float32, float16, bfloat16 or float64, any strides.
+        target: int64 or int32 class indices in [0, C), or ``ignore_index``.
+        weight: the last layer's weight [C, D] (e.g. ``model.fc.weight``); adds ``mms``,
+            the Minimal Margin Score of Weinstein, Fine & Hel-Or.
+        mms: ``"exact"`` (minimum over every competing class) or ``"top2"`` (the runner-up
+            only, the approximation of the original MMS code).
+        ignore_index: rows with this target get loss 0 and NaN target-dependent scores.
+        backend: ``"auto"``, ``"cpu"`` (C++ kernel) or ``"torch"`` (pure PyTorch).
+
+    Returns:
+        ``Scores`` of [N] tensors, float32 (float64 for float64 logits), ``pred`` int64.
+        ``scores.loss`` equals ``F.cross_entropy(logits, target, reduction="none")`` and
+        is differentiable with respect to ``logits``; nothing else carries a gradient.
+    """
+    _validate(logits, target, weight, mms, ignore_index, backend)
+    resolved = _resolve_backend(backend, logits.device)
+    if resolved == "torch":
+        if not torch.compiler.is_compiling():
+            _check_target_range(target, logits.shape[1], ignore_index)
+        return reference.score_reference(logits, target, ignore_index, weight, mms)
+    mode = 0 if weight is None else MMS_MODES[mms]
+    out = torch.ops.fastsel.score_forward(logits, target, ignore_index, weight, mode)
+    loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms_out, lse = out
+    return Scores(loss, entropy, margin, true_margin, grad_norm, confidence, pred,
+                  mms_out if weight is not None else None, lse)
+
+
+# ----------------------------------------------------------------------------------
+# Fake (meta) implementations and autograd for the compiled ops.
+# ----------------------------------------------------------------------------------
+
+if CPU_EXTENSION_AVAILABLE:
+
+    @torch.library.register_fake("fastsel::score_forward")
+    def _score_forward_fake(logits, target, ignore_index, weight, mms_mode):
+        n = logits.shape[0]
+        acc = reference.accumulate_dtype(logits.dtype)
+        floats = [logits.new_empty((n,), dtype=acc) for _ in range(6)]
+        pred = logits.new_empty((n,), dtype=torch.int64)
+        mms_out = logits.new_empty((n if mms_mode != 0 else 0,), dtype=acc)
+        lse = logits.new_empty((n,), dtype=acc)
+        return (*floats, pred, mms_out, lse)
+
+    @torch.library.register_fake("fastsel::score_backward")
+    def _score_backward_fake(grad_loss, logits, target, lse, ignore_index):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    def _setup_context(ctx, inputs, output):
+        logits, target, ignore_index, _weight, _mode = inputs
+        ctx.save_for_backward(logits, target, output[8])
+        ctx.ignore_index = ignore_index
+        ctx.mark_non_differentiable(*output[1:])
+
+    def _backward(ctx, grad_loss, *unused_grads):
+        logits, target, lse = ctx.saved_tensors
+        grad_logits = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = torch.ops.fastsel.score_backward(
+                grad_loss.contiguous(), logits, target, lse, ctx.ignore_index
+            )
+        return grad_logits, None, None, None, None
+
+    torch.library.register_autograd(
+        "fastsel::score_forward", _backward, setup_context=_setup_context
+    )
