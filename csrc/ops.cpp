@@ -34,6 +34,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastsel C++ kernels; the operators live in torch.ops.fastsel";
   m.def("build_isa", [] { return std::string(FASTSEL_BUILD_ISA); },
         "Vector instruction set the CPU kernels were compiled for");
+  m.def("build_cuda", [] {
+#ifdef FASTSEL_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CUDA kernels were compiled in");
   m.def("build_openmp", [] {
 #ifdef _OPENMP
     return true;

@@ -14,9 +14,11 @@ try:
     from fastsel import _C  # noqa: F401
 
     CPU_EXTENSION_AVAILABLE = True
+    CUDA_EXTENSION_AVAILABLE = bool(_C.build_cuda())
     EXTENSION_ERROR: str | None = None
 except ImportError as exc:  # not built, or built against another torch
     CPU_EXTENSION_AVAILABLE = False
+    CUDA_EXTENSION_AVAILABLE = False
     EXTENSION_ERROR = str(exc)
     if "undefined symbol" in EXTENSION_ERROR:
         warnings.warn(
@@ -32,4 +34,5 @@ def build_info() -> dict:
     """How the extension was compiled (vector ISA, OpenMP), or why it is absent."""
     if not CPU_EXTENSION_AVAILABLE:
         return {"available": False, "error": EXTENSION_ERROR}
-    return {"available": True, "isa": _C.build_isa(), "openmp": _C.build_openmp()}
+    return {"available": True, "isa": _C.build_isa(), "openmp": _C.build_openmp(),
+            "cuda": CUDA_EXTENSION_AVAILABLE}

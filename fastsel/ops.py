@@ -10,26 +10,41 @@ differentiable: its backward, ``torch.ops.fastsel.score_backward``, recomputes
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
 from fastsel import reference
-from fastsel._extension import CPU_EXTENSION_AVAILABLE
+from fastsel._autograd import register_score_autograd, score_backward_fake, score_forward_fake
+from fastsel._extension import CPU_EXTENSION_AVAILABLE, CUDA_EXTENSION_AVAILABLE
 from fastsel.reference import Scores
 
 __all__ = ["score", "Scores", "available_backends", "BACKENDS", "MMS_MODES"]
 
-BACKENDS = ("auto", "cpu", "torch")
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 MMS_MODES = {"exact": 1, "top2": 2}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def _triton_importable() -> bool:
+    """Whether Triton can be imported, without importing it (see fastsel/_triton_ops.py)."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 def available_backends() -> list[str]:
-    """Backends usable in this process (``auto`` picks the first that fits the device)."""
-    names = ["torch"]
+    """Backends usable in this process, in the order ``auto`` prefers them."""
+    names = []
+    if torch.cuda.is_available():
+        if _triton_importable():
+            names.append("triton")
+        if CUDA_EXTENSION_AVAILABLE:
+            names.append("cuda")
     if CPU_EXTENSION_AVAILABLE:
-        names.insert(0, "cpu")
+        names.append("cpu")
+    names.append("torch")
     return names
 
 
@@ -78,8 +93,13 @@ def _validate(logits, target, weight, mms, ignore_index, backend) -> None:
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
-        if device.type == "cpu" and CPU_EXTENSION_AVAILABLE:
-            return "cpu"
+        if device.type == "cpu":
+            return "cpu" if CPU_EXTENSION_AVAILABLE else "torch"
+        if device.type == "cuda":
+            if _triton_importable():
+                return "triton"
+            if CUDA_EXTENSION_AVAILABLE:
+                return "cuda"
         return "torch"
     if backend == "cpu":
         if not CPU_EXTENSION_AVAILABLE:
@@ -89,6 +109,22 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
             )
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' runs on CPU tensors, got tensors on {device}")
+    if backend == "cuda":
+        if not CUDA_EXTENSION_AVAILABLE:
+            raise RuntimeError(
+                "backend='cuda' needs fastsel._C built with CUDA (a CUDA toolkit and a CUDA "
+                "build of torch at build time; FASTSEL_BUILD_CUDA=1 to insist)"
+            )
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' runs on CUDA tensors, got tensors on {device}")
+    if backend == "triton":
+        if not _triton_importable():
+            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' runs on CUDA tensors (or on the CPU under "
+                f"TRITON_INTERPRET=1), got tensors on {device}"
+            )
     return backend
 
 
@@ -125,7 +161,9 @@ def score(
         mms: ``"exact"`` (minimum over every competing class) or ``"top2"`` (the runner-up
             only, the approximation of the original MMS code).
         ignore_index: rows with this target get loss 0 and NaN target-dependent scores.
-        backend: ``"auto"``, ``"cpu"`` (C++ kernel) or ``"torch"`` (pure PyTorch).
+        backend: ``"auto"`` (Triton, then CUDA for GPU tensors; the C++ kernel for CPU
+            tensors; pure PyTorch when nothing compiled fits), ``"cpu"``, ``"cuda"``,
+            ``"triton"`` or ``"torch"``.
 
     Returns:
         ``Scores`` of [N] tensors, float32 (float64 for float64 logits), ``pred`` int64.
@@ -139,47 +177,22 @@ def score(
             _check_target_range(target, logits.shape[1], ignore_index)
         return reference.score_reference(logits, target, ignore_index, weight, mms)
     mode = 0 if weight is None else MMS_MODES[mms]
-    out = torch.ops.fastsel.score_forward(logits, target, ignore_index, weight, mode)
+    if resolved == "triton":
+        if not torch.compiler.is_compiling():
+            _check_target_range(target, logits.shape[1], ignore_index)
+        from fastsel import _triton_ops  # noqa: F401  (registers the ops on first use)
+
+        op = torch.ops.fastsel.triton_score_forward
+    else:  # "cpu" and "cuda": the compiled op, dispatched on the tensors' device
+        op = torch.ops.fastsel.score_forward
+    out = op(logits, target, ignore_index, weight, mode)
     loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms_out, lse = out
     return Scores(loss, entropy, margin, true_margin, grad_norm, confidence, pred,
                   mms_out if weight is not None else None, lse)
 
 
-# ----------------------------------------------------------------------------------
-# Fake (meta) implementations and autograd for the compiled ops.
-# ----------------------------------------------------------------------------------
-
+# Fake implementations and autograd of the compiled ops (the schemas live in csrc/ops.cpp).
 if CPU_EXTENSION_AVAILABLE:
-
-    @torch.library.register_fake("fastsel::score_forward")
-    def _score_forward_fake(logits, target, ignore_index, weight, mms_mode):
-        n = logits.shape[0]
-        acc = reference.accumulate_dtype(logits.dtype)
-        floats = [logits.new_empty((n,), dtype=acc) for _ in range(6)]
-        pred = logits.new_empty((n,), dtype=torch.int64)
-        mms_out = logits.new_empty((n if mms_mode != 0 else 0,), dtype=acc)
-        lse = logits.new_empty((n,), dtype=acc)
-        return (*floats, pred, mms_out, lse)
-
-    @torch.library.register_fake("fastsel::score_backward")
-    def _score_backward_fake(grad_loss, logits, target, lse, ignore_index):
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-    def _setup_context(ctx, inputs, output):
-        logits, target, ignore_index, _weight, _mode = inputs
-        ctx.save_for_backward(logits, target, output[8])
-        ctx.ignore_index = ignore_index
-        ctx.mark_non_differentiable(*output[1:])
-
-    def _backward(ctx, grad_loss, *unused_grads):
-        logits, target, lse = ctx.saved_tensors
-        grad_logits = None
-        if ctx.needs_input_grad[0]:
-            grad_logits = torch.ops.fastsel.score_backward(
-                grad_loss.contiguous(), logits, target, lse, ctx.ignore_index
-            )
-        return grad_logits, None, None, None, None
-
-    torch.library.register_autograd(
-        "fastsel::score_forward", _backward, setup_context=_setup_context
-    )
+    torch.library.register_fake("fastsel::score_forward")(score_forward_fake)
+    torch.library.register_fake("fastsel::score_backward")(score_backward_fake)
+    register_score_autograd("fastsel::score_forward", torch.ops.fastsel.score_backward)

@@ -55,7 +55,16 @@ def _grid():
 def test_grid_matches_oracle(backend, n, c, dtype, tdtype):
     logits = random_logits(n, c, scale=3.0, dtype=dtype, seed=n * 7 + c)
     target = random_target(n, c, seed=c, ignore_frac=0.1, dtype=tdtype)
-    got = score_and_check(logits, target, backend, msg=f"N={n} C={c}")
+    if n * c > 10_000_000:
+        # Score the whole batch, check a strided subset of rows (plus the last ones) against
+        # the float64 oracle, which would otherwise dominate the runtime.
+        got = fastsel.score(logits, target, backend=backend)
+        rows = torch.unique(torch.cat([torch.arange(0, n, 16), torch.arange(n - 5, n)]))
+        sub = fastsel.Scores(*[None if f is None else f[rows] for f in got])
+        assert_scores_close(sub, oracle(logits[rows], target[rows]), dtype, logits=logits[rows],
+                            msg=f"N={n} C={c} (rows {rows.tolist()[:3]}...)")
+    else:
+        got = score_and_check(logits, target, backend, msg=f"N={n} C={c}")
     assert got.mms is None
     if n > 0:
         # The loss is always finite on finite inputs and never negative.
