@@ -33,9 +33,10 @@ at::Tensor score_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
 at::Tensor inverse_distances(const at::Tensor& w, const at::Tensor& sq_norms,
                              const at::Tensor& classes);
 
-// min_{j != a} mms_term(z[a] - z[j], inv_dist_row[j]) over one row of C logits.
-float mms_exact_row(const float* z, const float* inv_dist_row, int64_t C, int64_t a);
-double mms_exact_row(const double* z, const double* inv_dist_row, int64_t C, int64_t a);
+// min_{j != a} mms_term(z[a] - z[j], inv_dist_row[j]) over one row of C logits whose
+// prediction a has top-2 margin `margin` (0 when another class ties with a).
+float mms_exact_row(const float* z, const float* inv_dist_row, int64_t C, int64_t a, float margin);
+double mms_exact_row(const double* z, const double* inv_dist_row, int64_t C, int64_t a, double margin);
 
 // ||w_a - w_b|| from the difference, w row-major [*, D].
 float pair_distance(const float* w, int64_t D, int64_t a, int64_t b);
@@ -44,6 +45,7 @@ double pair_distance(const double* w, int64_t D, int64_t a, int64_t b);
 // Exact MMS of the rows with valid[i] for large C: rows are grouped by pred so that each
 // class's inverse distances are computed once. Writes mms[i] for those rows.
 void mms_exact_grouped(const at::Tensor& logits, const at::Tensor& pred,
-                       const at::Tensor& valid, const at::Tensor& w, at::Tensor& mms);
+                       const at::Tensor& valid, const at::Tensor& margin, const at::Tensor& w,
+                       at::Tensor& mms);
 
 }  // namespace fastsel::cpu

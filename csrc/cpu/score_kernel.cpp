@@ -60,22 +60,6 @@ inline Vec exp_nonpositive(const Vec& t) {
 #endif
 }
 
-// max/min without NaN propagation (NaN is detected separately by LaneMax::check).
-inline Vec max_fast(const Vec& a, const Vec& b) {
-#if defined(CPU_CAPABILITY_AVX2)
-  return _mm256_max_ps(a, b);
-#else
-  return at::vec::maximum(a, b);
-#endif
-}
-inline Vec min_fast(const Vec& a, const Vec& b) {
-#if defined(CPU_CAPABILITY_AVX2)
-  return _mm256_min_ps(a, b);
-#else
-  return at::vec::minimum(a, b);
-#endif
-}
-
 // Pass 1 over a block: per-lane top-2 values (as a multiset, so ties count twice) and a
 // running sum that turns NaN or +inf into a non-finite value (flagging the row).
 struct LaneMax {
@@ -326,7 +310,7 @@ struct RowJob {
       out->mms[i] = mms_top2(row, C, top, r, *mms, buf);
     } else if (mms->dense) {
       TORCH_INTERNAL_ASSERT(z != nullptr, "fastsel: dense MMS without a resident row");
-      out->mms[i] = mms_exact_row(z, static_cast<const acc_t*>(mms->inv_dist) + r.pred * C, C, r.pred);
+      out->mms[i] = mms_exact_row(z, static_cast<const acc_t*>(mms->inv_dist) + r.pred * C, C, r.pred, r.margin);
     }
   }
 
@@ -622,7 +606,7 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
                       ") and is not ignore_index (", ignore_index, ")");
   }
   if (mms_mode == kMmsExact && !mms_in.dense && N > 0) {
-    mms_exact_grouped(logits, pred, valid, w, mms);
+    mms_exact_grouped(logits, pred, valid, margin, w, mms);
   }
   return {loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse};
 }
