@@ -4,19 +4,10 @@
 #include <ATen/ATen.h>
 
 #include <optional>
-#include <tuple>
+
+#include "fastsel/op_contract.h"
 
 namespace fastsel::cpu {
-
-using ScoreOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// Modes of the Minimal Margin Score (schema argument mms_mode).
-enum MmsMode : int64_t { kMmsNone = 0, kMmsExact = 1, kMmsTop2 = 2 };
-
-// Largest C for which the exact MMS precomputes the [C, C] inverse-distance matrix and
-// fuses the MMS into the scoring pass; above it rows are grouped by predicted class.
-constexpr int64_t kMmsDenseMaxClasses = 2048;
 
 ScoreOutputs score_forward(const at::Tensor& logits, const at::Tensor& target,
                            int64_t ignore_index, const std::optional<at::Tensor>& weight,

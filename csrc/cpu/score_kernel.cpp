@@ -535,47 +535,23 @@ void score_rows(const at::Tensor& logits, const at::Tensor& target, int64_t igno
 ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target,
                            int64_t ignore_index, const std::optional<at::Tensor>& weight,
                            int64_t mms_mode) {
-  TORCH_CHECK(logits_in.dim() == 2, "fastsel.score: logits must be 2-D [N, C], got ",
-              logits_in.sizes());
-  TORCH_CHECK(at::isFloatingType(logits_in.scalar_type()),
-              "fastsel.score: logits must be floating point, got ", logits_in.scalar_type());
+  check_score_forward_args(logits_in, target, weight, mms_mode);
   const int64_t N = logits_in.size(0), C = logits_in.size(1);
-  TORCH_CHECK(C >= 1, "fastsel.score: logits must have at least one class (C >= 1)");
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == N,
-              "fastsel.score: target must have shape [N] = [", N, "], got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
-              "fastsel.score: target must be int64 or int32, got ", target.scalar_type());
-  TORCH_CHECK(mms_mode >= kMmsNone && mms_mode <= kMmsTop2,
-              "fastsel.score: mms_mode must be 0 (none), 1 (exact) or 2 (top2), got ", mms_mode);
-  TORCH_CHECK(mms_mode == kMmsNone || weight.has_value(),
-              "fastsel.score: mms_mode ", mms_mode, " needs a weight");
-
   // Rows may have any stride; columns must be unit-stride for vector loads.
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
-  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = logits.options().dtype(acc_dtype);
-
-  at::Tensor loss = at::empty({N}, opts), entropy = at::empty({N}, opts),
-             margin = at::empty({N}, opts), true_margin = at::empty({N}, opts),
-             grad_norm = at::empty({N}, opts), confidence = at::empty({N}, opts),
-             lse = at::empty({N}, opts);
-  at::Tensor pred = at::empty({N}, opts.dtype(at::kLong));
+  const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
+  ScoreBuffers outs(N, opts, mms_mode);
   at::Tensor valid = at::empty({N}, opts.dtype(at::kBool));
-  at::Tensor mms = at::empty({mms_mode == kMmsNone ? 0 : N}, opts);
 
   MmsInputs mms_in;
   mms_in.mode = mms_mode;
   at::Tensor w, inv_dist;
   if (mms_mode != kMmsNone) {
-    const at::Tensor& wt = *weight;
-    TORCH_CHECK(wt.dim() == 2 && wt.size(0) == C && wt.size(1) >= 1,
-                "fastsel.score: weight must be [C, D] = [", C, ", D] with D >= 1, got ", wt.sizes());
-    w = wt.to(acc_dtype).contiguous();
+    w = weight->to(opts.dtype()).contiguous();
     mms_in.w = w.const_data_ptr();
     mms_in.D = w.size(1);
     if (mms_mode == kMmsExact && C <= kMmsDenseMaxClasses && N > 0) {
-      const at::Tensor sq = (w * w).sum(1);
-      inv_dist = inverse_distances(w, sq, at::arange(C, opts.dtype(at::kLong)));
+      inv_dist = inverse_distances(w, (w * w).sum(1), at::arange(C, opts.dtype(at::kLong)));
       mms_in.dense = true;
       mms_in.inv_dist = inv_dist.const_data_ptr();
     }
@@ -585,11 +561,11 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
   if (N > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fastsel_score", [&] {
       using acc_t = acc_type_t<scalar_t>;
-      OutputPointers<acc_t> out{loss.data_ptr<acc_t>(),        entropy.data_ptr<acc_t>(),
-                                margin.data_ptr<acc_t>(),      true_margin.data_ptr<acc_t>(),
-                                grad_norm.data_ptr<acc_t>(),   confidence.data_ptr<acc_t>(),
-                                mms.numel() ? mms.data_ptr<acc_t>() : nullptr,
-                                lse.data_ptr<acc_t>(),         pred.data_ptr<int64_t>(),
+      OutputPointers<acc_t> out{outs.loss.data_ptr<acc_t>(),      outs.entropy.data_ptr<acc_t>(),
+                                outs.margin.data_ptr<acc_t>(),    outs.true_margin.data_ptr<acc_t>(),
+                                outs.grad_norm.data_ptr<acc_t>(), outs.confidence.data_ptr<acc_t>(),
+                                outs.mms.numel() ? outs.mms.data_ptr<acc_t>() : nullptr,
+                                outs.lse.data_ptr<acc_t>(),       outs.pred.data_ptr<int64_t>(),
                                 valid.data_ptr<bool>()};
       if (target.scalar_type() == at::kLong) {
         score_rows<scalar_t, int64_t>(logits, target, ignore_index, mms_in, out, first_bad_target);
@@ -606,9 +582,9 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
                       ") and is not ignore_index (", ignore_index, ")");
   }
   if (mms_mode == kMmsExact && !mms_in.dense && N > 0) {
-    mms_exact_grouped(logits, pred, valid, margin, w, mms);
+    mms_exact_grouped(logits, outs.pred, valid, outs.margin, w, outs.mms);
   }
-  return {loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse};
+  return outs.outputs();
 }
 
 // ---- backward ---------------------------------------------------------------------------
@@ -678,13 +654,10 @@ void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const 
 at::Tensor score_backward(const at::Tensor& grad_loss, const at::Tensor& logits_in,
                           const at::Tensor& target, const at::Tensor& lse_in,
                           int64_t ignore_index) {
-  TORCH_CHECK(logits_in.dim() == 2, "fastsel.score_backward: logits must be 2-D");
+  check_score_backward_args(grad_loss, logits_in, target, lse_in);
   const int64_t N = logits_in.size(0), C = logits_in.size(1);
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N && lse_in.dim() == 1 &&
-                  lse_in.size(0) == N && target.dim() == 1 && target.size(0) == N,
-              "fastsel.score_backward: grad_loss, lse and target must have shape [N] = [", N, "]");
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
-  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = accumulate_type(logits.scalar_type());
   const at::Tensor g = grad_loss.to(acc_dtype);
   const at::Tensor lse = lse_in.to(acc_dtype);
   at::Tensor grad = at::empty({N, C}, logits.options());

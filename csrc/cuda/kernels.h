@@ -9,21 +9,10 @@
 
 #include <cstdint>
 #include <optional>
-#include <tuple>
+
+#include "fastsel/op_contract.h"
 
 namespace fastsel::cuda {
-
-using ScoreOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// Modes of the Minimal Margin Score (schema argument mms_mode); the values are those of
-// fastsel::cpu::MmsMode and fastsel/ops.py MMS_MODES.
-enum MmsMode : int64_t { kMmsNone = 0, kMmsExact = 1, kMmsTop2 = 2 };
-
-// Largest C for which the exact MMS precomputes the [C, C] inverse-distance matrix and
-// fuses the MMS into the scoring kernel (as fastsel::cpu::kMmsDenseMaxClasses); above
-// it the inverse distances of chunks of rows, W[pred] @ W^T, are built one at a time.
-constexpr int64_t kMmsDenseMaxClasses = 2048;
 
 // (loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse) of CUDA
 // logits [N, C]; mms is empty ([0]) when mms_mode is kMmsNone. Asynchronous: no host

@@ -387,56 +387,32 @@ at::Tensor inverse_distances(const at::Tensor& w_rows, const at::Tensor& sq_rows
   return d2.clamp_min(0).rsqrt().contiguous();
 }
 
-void check_same_device(const at::Tensor& t, const at::Tensor& logits, const char* op, const char* name) {
-  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " is on ", t.device(),
-              " but logits are on ", logits.device());
-}
-
 }  // namespace
 
 ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target,
                            int64_t ignore_index, const std::optional<at::Tensor>& weight,
                            int64_t mms_mode) {
-  TORCH_CHECK(logits_in.dim() == 2, "fastsel.score: logits must be 2-D [N, C], got ",
-              logits_in.sizes());
-  TORCH_CHECK(at::isFloatingType(logits_in.scalar_type()),
-              "fastsel.score: logits must be floating point, got ", logits_in.scalar_type());
+  check_score_forward_args(logits_in, target, weight, mms_mode);
   TORCH_CHECK(logits_in.is_cuda(), "fastsel.score: the CUDA kernel needs CUDA logits, got ",
               logits_in.device());
   const int64_t N = logits_in.size(0), C = logits_in.size(1);
-  TORCH_CHECK(C >= 1, "fastsel.score: logits must have at least one class (C >= 1)");
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == N,
-              "fastsel.score: target must have shape [N] = [", N, "], got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
-              "fastsel.score: target must be int64 or int32, got ", target.scalar_type());
-  check_same_device(target, logits_in, "fastsel.score", "target");
-  TORCH_CHECK(mms_mode >= kMmsNone && mms_mode <= kMmsTop2,
-              "fastsel.score: mms_mode must be 0 (none), 1 (exact) or 2 (top2), got ", mms_mode);
-  TORCH_CHECK(mms_mode == kMmsNone || weight.has_value(),
-              "fastsel.score: mms_mode ", mms_mode, " needs a weight");
 
   const c10::cuda::CUDAGuard device_guard(logits_in.device());
   // Rows may have any stride; columns must be unit-stride for vector loads.
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
-  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = accumulate_type(logits.scalar_type());
   const auto opts = logits.options().dtype(acc_dtype);
 
-  at::Tensor loss = at::empty({N}, opts), entropy = at::empty({N}, opts),
-             margin = at::empty({N}, opts), true_margin = at::empty({N}, opts),
-             grad_norm = at::empty({N}, opts), confidence = at::empty({N}, opts),
-             lse = at::empty({N}, opts);
-  at::Tensor pred = at::empty({N}, opts.dtype(at::kLong));
-  at::Tensor mms = at::empty({mms_mode == kMmsNone ? 0 : N}, opts);
+  const ScoreBuffers outs(N, opts, mms_mode);
+  const at::Tensor &loss = outs.loss, &entropy = outs.entropy, &margin = outs.margin,
+                   &true_margin = outs.true_margin, &grad_norm = outs.grad_norm,
+                   &confidence = outs.confidence, &pred = outs.pred, &mms = outs.mms, &lse = outs.lse;
 
   at::Tensor w;
   if (mms_mode != kMmsNone) {
-    const at::Tensor& wt = *weight;
-    TORCH_CHECK(wt.dim() == 2 && wt.size(0) == C && wt.size(1) >= 1,
-                "fastsel.score: weight must be [C, D] = [", C, ", D] with D >= 1, got ", wt.sizes());
-    check_same_device(wt, logits, "fastsel.score", "weight");
-    w = wt.to(acc_dtype).contiguous();
+    w = weight->to(acc_dtype).contiguous();
   }
-  if (N == 0) return {loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse};
+  if (N == 0) return outs.outputs();
 
   const bool dense_exact = mms_mode == kMmsExact && C <= kMmsDenseMaxClasses;
   const bool chunked_exact = mms_mode == kMmsExact && !dense_exact;
@@ -492,28 +468,20 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
       }
     }
   });
-  return {loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse};
+  return outs.outputs();
 }
 
 at::Tensor score_backward(const at::Tensor& grad_loss, const at::Tensor& logits_in,
                           const at::Tensor& target, const at::Tensor& lse_in,
                           int64_t ignore_index) {
-  TORCH_CHECK(logits_in.dim() == 2, "fastsel.score_backward: logits must be 2-D");
+  check_score_backward_args(grad_loss, logits_in, target, lse_in);
   TORCH_CHECK(logits_in.is_cuda(), "fastsel.score_backward: the CUDA kernel needs CUDA logits, got ",
               logits_in.device());
   const int64_t N = logits_in.size(0), C = logits_in.size(1);
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N && lse_in.dim() == 1 &&
-                  lse_in.size(0) == N && target.dim() == 1 && target.size(0) == N,
-              "fastsel.score_backward: grad_loss, lse and target must have shape [N] = [", N, "]");
-  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
-              "fastsel.score_backward: target must be int64 or int32, got ", target.scalar_type());
-  check_same_device(grad_loss, logits_in, "fastsel.score_backward", "grad_loss");
-  check_same_device(target, logits_in, "fastsel.score_backward", "target");
-  check_same_device(lse_in, logits_in, "fastsel.score_backward", "lse");
 
   const c10::cuda::CUDAGuard device_guard(logits_in.device());
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
-  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = accumulate_type(logits.scalar_type());
   const at::Tensor g = grad_loss.to(acc_dtype);
   const at::Tensor lse = lse_in.to(acc_dtype);
   at::Tensor grad = at::empty({N, C}, logits.options());
