@@ -45,6 +45,7 @@ FORWARD_BACKWARD = "forward+backward"
 MODES = (FORWARD, FORWARD_BACKWARD)
 
 FASTSEL_PREFIX = "fastsel-"
+CPU_BACKENDS = ("cpu", "torch")  # fastsel backends that run on CPU tensors
 EAGER = "eager composite"
 COMPILED = "compiled composite"
 CROSS_ENTROPY = "cross_entropy"
@@ -168,6 +169,7 @@ def capped_rows(n: int, c: int, itemsize: int) -> int:
 
 
 def timed_fastsel_methods(n: int, c: int, backends: list[str]) -> list[str]:
+    """fastsel methods to time at this shape: the torch backend only up to a size."""
     return [
         FASTSEL_PREFIX + backend
         for backend in backends
@@ -557,7 +559,7 @@ def environment(backends: list[str]) -> dict:
         "torch": torch.__version__,
         "fastsel": fastsel.__version__,
         "fastsel build_info": fastsel.build_info(),
-        "fastsel backends": ", ".join(backends),
+        "fastsel backends timed": ", ".join(backends),
         "python": platform.python_version(),
         "load average (1 min) at start": f"{os.getloadavg()[0]:.2f}",
     }
@@ -573,6 +575,10 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
+def format_shapes(shapes: list[tuple[int, int]]) -> str:
+    return ",".join(f"{n}x{c}" for n, c in shapes)
+
+
 def parse_dtypes(text: str) -> list[str]:
     names = text.split(",")
     unknown = [name for name in names if name not in DTYPES]
@@ -582,12 +588,16 @@ def parse_dtypes(text: str) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="CPU microbenchmark of fastsel.score against the PyTorch code it replaces."
+    )
     parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: shapes {QUICK_SHAPES}, {QUICK_TIME_BUDGET_S} s per case, "
+                        help=f"smoke run: shapes {format_shapes(QUICK_SHAPES)}, "
+                             f"{QUICK_TIME_BUDGET_S} s per case, "
                              "unless --shapes / --dtypes say otherwise")
     parser.add_argument("--shapes", type=parse_shapes,
-                        help="comma-separated NxC, e.g. 4096x1000,65536x100 (default: the full grid)")
+                        help="comma-separated NxC, e.g. 4096x1000,65536x100 "
+                             "(default: the full grid)")
     parser.add_argument("--dtypes", type=parse_dtypes,
                         help="comma-separated subset of float32,bfloat16 (default: both; "
                              f"--quick: {','.join(QUICK_DTYPES)})")
@@ -609,13 +619,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(usable_cores())
-    backends = fastsel.available_backends()
+    available = fastsel.available_backends()
+    backends = [b for b in available if b in CPU_BACKENDS]
+    gpu_backends = [b for b in available if b not in CPU_BACKENDS]
     fastsel_method = FASTSEL_PREFIX + ("cpu" if "cpu" in backends else "torch")
     env = environment(backends)
     for key, value in env.items():
         print(f"{key}: {value}")
     if not torch.cuda.is_available():
         print("GPU backends are not timed (no CUDA device).")
+    elif gpu_backends:
+        print(f"GPU backends ({', '.join(gpu_backends)}) are not timed: "
+              "this benchmark is CPU-only.")
     if os.getloadavg()[0] > BUSY_LOAD_AVERAGE:
         print("warning: other processes are using the CPU; timings will be noisy")
     print_capped_shapes(args.shapes, args.dtypes)

@@ -11,12 +11,9 @@ import pytest
 import torch
 
 import fastsel
-from fastsel_test_helpers import assert_scores_close, oracle, random_logits, random_target
+from fastsel_test_helpers import assert_scores_close, oracle, random_logits, random_target, requires_extension
 
-pytestmark = pytest.mark.skipif(
-    not fastsel.CPU_EXTENSION_AVAILABLE,
-    reason="needs the compiled extension fastsel._C (torch.ops.fastsel.*), not built here",
-)
+pytestmark = requires_extension  # skip the whole module without fastsel._C
 
 dtype_ids = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
 

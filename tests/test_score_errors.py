@@ -83,7 +83,7 @@ CASES = [
      ValueError, r"weight"),
     ("weight_top2_wrong_shape", lambda: dict(logits=_x(), target=_t(), weight=torch.randn(C + 1, D), mms="top2"),
      ValueError, r"weight"),
-    ("backend_unknown", lambda: dict(logits=_x(), target=_t(), backend="cuda"), ValueError, r"backend"),
+    ("backend_unknown", lambda: dict(logits=_x(), target=_t(), backend="gpu"), ValueError, r"backend"),
     ("backend_case", lambda: dict(logits=_x(), target=_t(), backend="CPU"), ValueError, r"backend"),
     ("backend_none", lambda: dict(logits=_x(), target=_t(), backend=None), ValueError, r"backend"),
     ("mms_unknown", lambda: dict(logits=_x(), target=_t(), weight=_w(), mms="top3"), ValueError, r"mms"),
@@ -106,6 +106,14 @@ def test_bad_input_raises(backend, case):
     kwargs.setdefault("backend", backend)
     with pytest.raises(exc, match=pattern):
         fastsel.score(logits, target, **kwargs)
+
+
+@pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])
+def test_gpu_backend_on_cpu_tensors_raises(gpu_backend, monkeypatch):
+    """Known GPU backends refuse CPU tensors (or say what is missing), naming the backend."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises((ValueError, RuntimeError), match=rf"backend='{gpu_backend}'"):
+        fastsel.score(_x(), _t(), backend=gpu_backend)
 
 
 def test_out_of_range_message_names_row_and_value(backend):

@@ -72,13 +72,15 @@ def test_loss_grad_unchanged_by_weight(backend, mms):
     assert not s.mms.requires_grad
 
 
+@pytest.mark.parametrize("tdtype", [torch.int64, torch.int32], ids=["int64", "int32"])
 @pytest.mark.parametrize("ignore_index", [-100, 3, -1])
-def test_ignored_rows_get_zero_grad(backend, ignore_index):
+def test_ignored_rows_get_zero_grad(backend, ignore_index, tdtype):
     n, c = 10, 6
     x = random_logits(n, c, seed=1).requires_grad_(True)
     target = random_target(n, c, seed=2)
     target = torch.where(target == ignore_index, torch.full_like(target, 0), target)
     target[[1, 4, 9]] = ignore_index
+    target = target.to(tdtype)
     s = fastsel.score(x, target, ignore_index=ignore_index, backend=backend)
     (s.loss * torch.arange(1.0, n + 1)).sum().backward()
     assert (x.grad[[1, 4, 9]] == 0).all()
@@ -207,6 +209,17 @@ def test_no_grad_and_inference_mode(backend):
         assert not s.loss.requires_grad
         torch.testing.assert_close(s.loss, ref.loss, rtol=0, atol=0)
         torch.testing.assert_close(s.entropy, ref.entropy, rtol=0, atol=0)
+
+
+def test_grad_large_batch(backend):
+    """Enough rows for the kernels to split the batch across threads."""
+    n, c = 4097, 1000
+    x = random_logits(n, c, seed=13).requires_grad_(True)
+    target = random_target(n, c, ignore_frac=0.05)
+    upstream = torch.rand(n)
+    fastsel.score(x, target, backend=backend).loss.backward(gradient=upstream)
+    _, want = _ce_grad(x, target, upstream=upstream)
+    torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-6)
 
 
 def test_grad_accumulates_over_two_calls(backend):

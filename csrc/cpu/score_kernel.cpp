@@ -35,10 +35,12 @@ using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, 
 // ---- vectorized passes --------------------------------------------------------------
 
 // exp(t) for t in [kExpFloor, 0]. Cody-Waite reduction t = n ln2 + r, |r| <= ln2 / 2,
-// a degree-5 polynomial for exp(r) and 2^n built in the exponent bits. Callers clamp t
-// to kExpFloor, so n >= -126 and no range checks are needed: ~12 instructions where a
-// general exp spends ~20. Relative error ~2e-7 (a few float ulps).
-constexpr float kExpFloor = -87.0f;  // exp(-87) = 1.6e-38: negligible next to d >= 1
+// a degree-5 polynomial for exp(r) and 2^n built in the exponent bits: ~12 instructions
+// where a general exp spends ~20 on range checks. Relative error ~2e-7 (a few ulps).
+// At the floor n = -127, whose exponent bits are all zero: the result is exactly 0 for
+// t < -87.68 (where exp is below FLT_MIN anyway), so -inf logits, clamped to the floor,
+// get exactly zero probability.
+constexpr float kExpFloor = -88.0f;
 
 inline Vec exp_nonpositive(const Vec& t) {
 #if defined(CPU_CAPABILITY_AVX2)
