@@ -19,15 +19,20 @@ at::Tensor score_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
 
 // ---- Minimal Margin Score helpers (mms_kernel.cpp) --------------------------------
 
-// inv_dist[a, j] = 1 / ||w_a - w_j|| for rows `classes` of w against every row of w,
-// via squared norms and one matrix product. w: [C, D] contiguous float or double.
-at::Tensor inverse_distances(const at::Tensor& w, const at::Tensor& sq_norms,
-                             const at::Tensor& classes);
+// q[k, j] = 1 / ||w_a - w_j|| for the rows a = classes[k] of w against every row of w,
+// via squared norms and one matrix product (w: [C, D] contiguous float or double), and
+// spread[k] = max_{j != a} q[k, j] / min_{j != a} q[k, j], which bounds the MMS search.
+struct InverseDistances {
+  at::Tensor q, spread;
+};
+InverseDistances inverse_distances(const at::Tensor& w, const at::Tensor& sq_norms,
+                                   const at::Tensor& classes);
 
-// min_{j != a} mms_term(z[a] - z[j], inv_dist_row[j]) over one row of C logits whose
-// prediction a has top-2 margin `margin` (0 when another class ties with a).
-float mms_exact_row(const float* z, const float* inv_dist_row, int64_t C, int64_t a, float margin);
-double mms_exact_row(const double* z, const double* inv_dist_row, int64_t C, int64_t a, double margin);
+// min_{j != a} mms_term(z[a] - z[j], q[j]) over one row of C logits whose prediction a
+// has top-2 margin `margin` (0 when another class ties with a); spread as above.
+float mms_exact_row(const float* z, const float* q, int64_t C, int64_t a, float margin, float spread);
+double mms_exact_row(const double* z, const double* q, int64_t C, int64_t a, double margin,
+                     double spread);
 
 // ||w_a - w_b|| from the difference, w row-major [*, D].
 float pair_distance(const float* w, int64_t D, int64_t a, int64_t b);

@@ -12,6 +12,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "fastsel/row_scores.h"
@@ -20,63 +22,80 @@
 
 namespace fastsel::cpu {
 
-at::Tensor inverse_distances(const at::Tensor& w, const at::Tensor& sq_norms,
-                             const at::Tensor& classes) {
+InverseDistances inverse_distances(const at::Tensor& w, const at::Tensor& sq_norms,
+                                   const at::Tensor& classes) {
   // dot[k, j] = w_{classes[k]} . w_j, turned in place into 1 / ||w_{classes[k]} - w_j||.
   at::Tensor dot = at::mm(w.index_select(0, classes), w.t()).contiguous();
   const int64_t K = dot.size(0), C = dot.size(1);
+  at::Tensor spread = at::empty({K}, dot.options());
   AT_DISPATCH_FLOATING_TYPES(dot.scalar_type(), "fastsel_inverse_distances", [&] {
     scalar_t* q = dot.data_ptr<scalar_t>();
+    scalar_t* spread_p = spread.data_ptr<scalar_t>();
     const scalar_t* sq = sq_norms.const_data_ptr<scalar_t>();
     const int64_t* cls = classes.const_data_ptr<int64_t>();
     at::parallel_for(0, K, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
-        const scalar_t sq_a = sq[cls[k]];
+        const int64_t a = cls[k];
         scalar_t* row = q + k * C;
-        for (int64_t j = 0; j < C; ++j) row[j] = inv_distance(sq_a, sq[j], row[j]);
+        for (int64_t j = 0; j < C; ++j) row[j] = inv_distance(sq[a], sq[j], row[j]);
+        scalar_t lo = std::numeric_limits<scalar_t>::infinity(), hi = 0;
+        for (int64_t j = 0; j < C; ++j) {
+          if (j == a) continue;
+          lo = std::min(lo, row[j]);
+          hi = std::max(hi, row[j]);
+        }
+        spread_p[k] = C > 1 ? hi / lo : scalar_t(1);
       }
     });
   });
-  return dot;
+  return {dot, spread};
 }
 
 namespace {
 
-// min over j in [begin, end) of (za - z[j]) * q[j]. The caller has excluded ties with the
-// maximum (they give 0), so every difference is > 0 and no term can be NaN: a plain
-// multiply-min, two loads and three operations per vector.
-float min_terms(const float* z, const float* q, int64_t begin, int64_t end, float za) {
-  const Vec zav(za);
-  Vec best(std::numeric_limits<float>::infinity());
-  int64_t j = begin;
-  for (; j + kLanes <= end; j += kLanes) {
-    best = min_fast(best, (zav - Vec::loadu(z + j)) * Vec::loadu(q + j));
-  }
-  float m = hmin(best);
-  for (; j < end; ++j) m = std::min(m, (za - z[j]) * q[j]);
-  return m;
-}
-
-double min_terms(const double* z, const double* q, int64_t begin, int64_t end, double za) {
-  double m = std::numeric_limits<double>::infinity();
-  for (int64_t j = begin; j < end; ++j) m = std::min(m, (za - z[j]) * q[j]);
-  return m;
-}
-
+// Pruned minimum. With margin m = z_a - z_(2) and spread s = max_j q_j / min_j q_j, the
+// runner-up bounds the answer from above, MMS <= m max q, and any class j has a term
+// (z_a - z_j) q_j >= (z_a - z_j) min q. So only classes with z_a - z_j < m s can beat
+// the runner-up: a compare sweep over z finds them (no load of the q row, which for
+// large C comes from L3), and only those few terms are computed.
 template <typename T>
-T mms_exact_row_impl(const T* z, const T* q, int64_t C, int64_t a, T margin) {
+T mms_exact_row_impl(const T* z, const T* q, int64_t C, int64_t a, T margin, T spread) {
   if (margin == T(0)) return T(0);  // another class ties with the prediction: on the boundary
-  return std::min(min_terms(z, q, 0, a, z[a]), min_terms(z, q, a + 1, C, z[a]));
+  const T za = z[a];
+  // A slightly lower threshold keeps the pruning exact under rounding.
+  const T threshold = za - margin * spread * T(1.0001);
+  T best = std::numeric_limits<T>::infinity();
+  auto consider = [&](int64_t j) {
+    if (j != a) best = std::min(best, (za - z[j]) * q[j]);  // za - z[j] > 0: no tie left
+  };
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX2)
+    const __m256 thr = _mm256_set1_ps(threshold);
+    for (; j + kLanes <= C; j += kLanes) {
+      int bits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(z + j), thr, _CMP_GT_OQ));
+      while (bits) {
+        consider(j + __builtin_ctz(bits));
+        bits &= bits - 1;
+      }
+    }
+#endif
+  }
+  for (; j < C; ++j) {
+    if (z[j] > threshold) consider(j);
+  }
+  return best;
 }
 
 }  // namespace
 
-float mms_exact_row(const float* z, const float* q, int64_t C, int64_t a, float margin) {
-  return mms_exact_row_impl(z, q, C, a, margin);
+float mms_exact_row(const float* z, const float* q, int64_t C, int64_t a, float margin, float spread) {
+  return mms_exact_row_impl(z, q, C, a, margin, spread);
 }
 
-double mms_exact_row(const double* z, const double* q, int64_t C, int64_t a, double margin) {
-  return mms_exact_row_impl(z, q, C, a, margin);
+double mms_exact_row(const double* z, const double* q, int64_t C, int64_t a, double margin,
+                     double spread) {
+  return mms_exact_row_impl(z, q, C, a, margin, spread);
 }
 
 float pair_distance(const float* w, int64_t D, int64_t a, int64_t b) {
@@ -118,8 +137,9 @@ void mms_grouped_rows(const at::Tensor& logits, const at::Tensor& w, const at::T
   const acc_t* margin_p = margin.const_data_ptr<acc_t>();
   for (int64_t c0 = 0; c0 < n_classes; c0 += chunk) {
     const int64_t c1 = std::min(n_classes, c0 + chunk);
-    const at::Tensor q = inverse_distances(w, sq, classes.slice(0, c0, c1));
-    const acc_t* q_p = q.const_data_ptr<acc_t>();
+    const InverseDistances inv = inverse_distances(w, sq, classes.slice(0, c0, c1));
+    const acc_t* q_p = inv.q.const_data_ptr<acc_t>();
+    const acc_t* spread_p = inv.spread.const_data_ptr<acc_t>();
     at::parallel_for(starts_p[c0], starts_p[c1], 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> zbuf;
       int64_t k = 0;  // class k of this chunk owns rows [starts[c0 + k], starts[c0 + k + 1])
@@ -135,7 +155,7 @@ void mms_grouped_rows(const at::Tensor& logits, const at::Tensor& w, const at::T
           to_float(row, zbuf.data(), C);
           z = zbuf.data();
         }
-        out[i] = mms_exact_row(z, q_p + k * C, C, classes_p[c0 + k], margin_p[i]);
+        out[i] = mms_exact_row(z, q_p + k * C, C, classes_p[c0 + k], margin_p[i], spread_p[k]);
       }
     });
   }

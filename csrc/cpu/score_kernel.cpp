@@ -76,9 +76,18 @@ struct LaneMax {
   }
 
   void sweep(const float* x, int64_t n) {
+    LaneMax odd;  // a second chain, merged below, halves the loop-carried latency
     int64_t k = 0;
+    for (; k + 2 * kLanes <= n; k += 2 * kLanes) {
+      update(Vec::loadu(x + k));
+      odd.update(Vec::loadu(x + k + kLanes));
+    }
     for (; k + kLanes <= n; k += kLanes) update(Vec::loadu(x + k));
     if (k < n) update(load_partial(x + k, n - k, -std::numeric_limits<float>::infinity()));
+    // per lane, the top-2 of the union of two top-2 multisets
+    v2 = max_fast(min_fast(v1, odd.v1), max_fast(v2, odd.v2));
+    v1 = max_fast(v1, odd.v1);
+    check = check + odd.check;
   }
 
   // Top-2 of the union of the lanes' top-2 multisets.
@@ -140,9 +149,19 @@ struct LaneSums {
 
   void sweep(const float* x, int64_t n, float m) {
     const Vec mv(m);
+    LaneSums odd;  // a second accumulator chain halves the loop-carried FMA latency
     int64_t k = 0;
+    for (; k + 2 * kLanes <= n; k += 2 * kLanes) {
+      accumulate(Vec::loadu(x + k), mv);
+      odd.accumulate(Vec::loadu(x + k + kLanes), mv);
+    }
     for (; k + kLanes <= n; k += kLanes) accumulate(Vec::loadu(x + k), mv);
     if (k < n) accumulate(load_partial(x + k, n - k, -std::numeric_limits<float>::infinity()), mv);
+    d_sub = d_sub + odd.d_sub;
+    s1 = s1 + odd.s1;
+    s2 = s2 + odd.s2;
+    minus_below = minus_below + odd.minus_below;
+    swept += odd.swept;
   }
 
   SoftmaxState<float> reduce(float m) const {
@@ -277,6 +296,7 @@ struct MmsInputs {
   bool dense = false;         // exact MMS via the precomputed [C, C] inverse distances
   const void* w = nullptr;    // [C, D] row-major, acc_t
   const void* inv_dist = nullptr;  // [C, C], acc_t (dense exact mode)
+  const void* spread = nullptr;    // [C], acc_t (dense exact mode)
   int64_t D = 0;
 };
 
@@ -312,7 +332,8 @@ struct RowJob {
       out->mms[i] = mms_top2(row, C, top, r, *mms, buf);
     } else if (mms->dense) {
       TORCH_INTERNAL_ASSERT(z != nullptr, "fastsel: dense MMS without a resident row");
-      out->mms[i] = mms_exact_row(z, static_cast<const acc_t*>(mms->inv_dist) + r.pred * C, C, r.pred, r.margin);
+      out->mms[i] = mms_exact_row(z, static_cast<const acc_t*>(mms->inv_dist) + r.pred * C, C, r.pred,
+                                  r.margin, static_cast<const acc_t*>(mms->spread)[r.pred]);
     }
   }
 
@@ -547,7 +568,8 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
 
   MmsInputs mms_in;
   mms_in.mode = mms_mode;
-  at::Tensor w, inv_dist;
+  at::Tensor w;
+  InverseDistances inv_dist;
   if (mms_mode != kMmsNone) {
     w = weight->to(opts.dtype()).contiguous();
     mms_in.w = w.const_data_ptr();
@@ -555,7 +577,8 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
     if (mms_mode == kMmsExact && C <= kMmsDenseMaxClasses && N > 0) {
       inv_dist = inverse_distances(w, (w * w).sum(1), at::arange(C, opts.dtype(at::kLong)));
       mms_in.dense = true;
-      mms_in.inv_dist = inv_dist.const_data_ptr();
+      mms_in.inv_dist = inv_dist.q.const_data_ptr();
+      mms_in.spread = inv_dist.spread.const_data_ptr();
     }
   }
 
