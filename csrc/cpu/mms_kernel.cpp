@@ -12,6 +12,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -62,8 +63,10 @@ template <typename T>
 T mms_exact_row_impl(const T* z, const T* q, int64_t C, int64_t a, T margin, T spread) {
   if (margin == T(0)) return T(0);  // another class ties with the prediction: on the boundary
   const T za = z[a];
-  // A slightly lower threshold keeps the pruning exact under rounding.
-  const T threshold = za - margin * spread * T(1.0001);
+  // Lowered by a few ulps of the operands' magnitude so that rounding (of the margin
+  // itself, or with |z| >> margin) can never drop the runner-up or a true candidate.
+  const T reach = margin * spread;
+  const T threshold = (za - reach) - (std::abs(za) + reach) * T(1e-6);
   T best = std::numeric_limits<T>::infinity();
   auto consider = [&](int64_t j) {
     if (j != a) best = std::min(best, (za - z[j]) * q[j]);  // za - z[j] > 0: no tie left
@@ -73,7 +76,7 @@ T mms_exact_row_impl(const T* z, const T* q, int64_t C, int64_t a, T margin, T s
 #if defined(CPU_CAPABILITY_AVX2)
     const __m256 thr = _mm256_set1_ps(threshold);
     for (; j + kLanes <= C; j += kLanes) {
-      int bits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(z + j), thr, _CMP_GT_OQ));
+      int bits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(z + j), thr, _CMP_GE_OQ));
       while (bits) {
         consider(j + __builtin_ctz(bits));
         bits &= bits - 1;
@@ -82,7 +85,7 @@ T mms_exact_row_impl(const T* z, const T* q, int64_t C, int64_t a, T margin, T s
 #endif
   }
   for (; j < C; ++j) {
-    if (z[j] > threshold) consider(j);
+    if (z[j] >= threshold) consider(j);
   }
   return best;
 }
