@@ -4,6 +4,8 @@
 Compares, in one process, fastsel's backends with the eager composite a user writes
 today, ``torch.compile`` of that composite, ``F.cross_entropy`` alone and
 ``logits.sum(dim=1)`` (the memory-bandwidth yardstick), forward and forward+backward.
+The methods of one (dtype, shape, mode) group are timed interleaved, round by round, and
+their speedups are medians of per-round ratios, so that drifts in machine speed cancel.
 Writes a table to stdout and ``score_bench.{csv,png,md}`` to ``--out``.
 Run ``python bench/bench_score.py --help`` for the options; bench/README.md explains
 how to read the output.
@@ -19,6 +21,7 @@ import gc
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -60,11 +63,10 @@ WEIGHT_CLASSES = (10, 100, 1000)  # C values that also get the mms (weight) rows
 WEIGHT_DIM = 512
 LOGITS_CAP_BYTES = 1 << 30  # N is reduced so that no logits tensor exceeds 1 GiB
 TORCH_BACKEND_MAX_ELEMENTS = 1 << 23  # fastsel's torch backend is too slow beyond N*C
-TIME_BUDGET_S = 0.5  # per case, after warm-up
+TIME_BUDGET_S = 0.5  # per case, after warm-up: a group of k cases is timed for k * this
 QUICK_TIME_BUDGET_S = 0.05
 SAMPLES_PER_BUDGET = 10  # fast calls are batched so that one sample takes budget / 10
-GIANT_CALL_S = 1.0  # calls slower than this get GIANT_REPEATS samples
-GIANT_REPEATS = 3
+SHUFFLE_SEED = 0  # seeds the order of the cases within each round
 BUSY_LOAD_AVERAGE = 0.5  # warn above this 1-min load average: other work skews timings
 TARGET_SHAPE = (65536, 1000)  # targets are checked here, in float32
 
@@ -152,6 +154,15 @@ class Case:
     def is_fastsel(self) -> bool:
         return self.method.startswith(FASTSEL_PREFIX)
 
+    @property
+    def group(self) -> tuple[str, int, int, str]:
+        """Cases of one group share their inputs and are timed interleaved."""
+        return self.dtype, self.n, self.c, self.mode
+
+    @property
+    def label(self) -> str:
+        return self.method + (f" +mms {self.mms}" if self.mms else "")
+
     def but(self, **changes) -> "Case":
         return dataclasses.replace(self, **changes)
 
@@ -177,9 +188,9 @@ def timed_fastsel_methods(n: int, c: int, backends: list[str]) -> list[str]:
     ]
 
 
-def plan_cases(shapes, dtypes, backends) -> list[Case]:
-    """Every case, grouped by (dtype, N, C) so that each input is generated once."""
-    cases = []
+def plan_groups(shapes, dtypes, backends) -> list[list[Case]]:
+    """The cases of each (dtype, N, C, mode) group; the groups of one input are adjacent."""
+    groups = {}
     for dtype in dtypes:
         for n, c in shapes:
             n = capped_rows(n, c, DTYPES[dtype].itemsize)
@@ -188,14 +199,16 @@ def plan_cases(shapes, dtypes, backends) -> list[Case]:
                 methods = fastsel_methods + list(BASELINES)
                 if mode == FORWARD:
                     methods.append(YARDSTICK)
-                cases += [Case(dtype, n, c, mode, method) for method in methods]
-            if c in WEIGHT_CLASSES:
-                cases += [
-                    Case(dtype, n, c, FORWARD, method, mms)
-                    for method in fastsel_methods
-                    for mms in fastsel.MMS_MODES
-                ]
-    return list(dict.fromkeys(cases))  # two requested shapes may cap to the same one
+                cases = [Case(dtype, n, c, mode, method) for method in methods]
+                if mode == FORWARD and c in WEIGHT_CLASSES:
+                    cases += [
+                        Case(dtype, n, c, mode, method, mms)
+                        for method in fastsel_methods
+                        for mms in fastsel.MMS_MODES
+                    ]
+                # two requested shapes may cap to the same one
+                groups.setdefault(cases[0].group, cases)
+    return list(groups.values())
 
 
 def print_capped_shapes(shapes, dtypes) -> None:
@@ -248,10 +261,18 @@ def build_step(case: Case, inputs: Inputs) -> Callable[[], object]:
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    median_s: float
-    repeats: int
-    calls_per_repeat: int
+    samples_s: tuple[float, ...]  # per-call time of each round's sample, in round order
+    calls_per_sample: int
     first_call_s: float  # includes torch.compile for the compiled composite
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.samples_s)
+
+
+class Calibration(NamedTuple):
+    first_call_s: float
+    calls_per_sample: int
 
 
 def elapsed_s(step: Callable, calls: int) -> float:
@@ -261,40 +282,77 @@ def elapsed_s(step: Callable, calls: int) -> float:
     return time.perf_counter() - start
 
 
-def measure(step: Callable, min_repeats: int, budget_s: float) -> Timing:
-    """Median per-call time over adaptive repeats, after a warm-up call and calibration.
+def calibrate(step: Callable, sample_s: float) -> Calibration:
+    """A warm-up call, then the number of calls, doubled from 1, that takes sample_s.
 
-    Calibration doubles the number of calls until they take budget / SAMPLES_PER_BUDGET;
-    each timed sample then makes that many calls, so fast calls are not timed one by one.
+    Each timed sample makes that many calls, so fast calls are not timed one by one.
     """
     first_call_s = elapsed_s(step, 1)
     calls, calibration_s = 1, elapsed_s(step, 1)
-    while calibration_s < budget_s / SAMPLES_PER_BUDGET:
+    while calibration_s < sample_s:
         calls *= 2
         calibration_s = elapsed_s(step, calls)
-    if calibration_s / calls > GIANT_CALL_S:
-        repeats = min(min_repeats, GIANT_REPEATS)
-    else:
-        repeats = max(min_repeats, round(budget_s / calibration_s))
-    samples = [elapsed_s(step, calls) / calls for _ in range(repeats)]
-    return Timing(statistics.median(samples), repeats, calls, first_call_s)
+    return Calibration(first_call_s, calls)
 
 
-def run_cases(cases: list[Case], min_repeats: int, budget_s: float) -> dict[Case, Timing]:
+def sample_rounds(
+    steps: dict[Case, Callable], calls: dict[Case, int], min_rounds: int, budget_s: float,
+    rng: random.Random,
+) -> dict[Case, list[float]]:
+    """Per-call times of each case, one sample per case per round in a shuffled order.
+
+    Rounds continue until there are min_rounds of them and their samples took budget_s.
+    """
+    samples = {case: [] for case in steps}
+    order = list(steps)
+    rounds, used_s = 0, 0.0
+    while rounds < min_rounds or used_s < budget_s:
+        rng.shuffle(order)
+        for case in order:
+            sample_s = elapsed_s(steps[case], calls[case])
+            samples[case].append(sample_s / calls[case])
+            used_s += sample_s
+        rounds += 1
+    return samples
+
+
+def time_group(
+    cases: list[Case], inputs: Inputs, min_repeats: int, budget_s: float,
+    rng: random.Random, progress: tqdm,
+) -> dict[Case, Timing]:
+    """Calibrates every case of one group, then samples them all interleaved, in rounds.
+
+    Rounds run until there are min_repeats of them and they took budget_s per case.
+    """
+    steps = {case: build_step(case, inputs) for case in cases}  # one compile per group
+    title = "{} {}x{} {}".format(*cases[0].group)
+    calibrations = {}
+    for case in cases:
+        progress.set_description(f"{title}: warm-up {case.label}")
+        calibrations[case] = calibrate(steps[case], budget_s / SAMPLES_PER_BUDGET)
+    progress.set_description(f"{title}: {len(cases)} cases interleaved")
+    calls = {case: calibration.calls_per_sample for case, calibration in calibrations.items()}
+    samples = sample_rounds(steps, calls, min_repeats, budget_s * len(cases), rng)
+    return {
+        case: Timing(tuple(samples[case]), calls[case], calibrations[case].first_call_s)
+        for case in cases
+    }
+
+
+def run_groups(groups: list[list[Case]], min_repeats: int, budget_s: float) -> dict[Case, Timing]:
     timings = {}
+    rng = random.Random(SHUFFLE_SEED)
     inputs_key, inputs = None, None
-    with tqdm(cases, unit="case", dynamic_ncols=True) as progress:
-        for case in progress:
-            mms = f" +mms {case.mms}" if case.mms else ""
-            progress.set_description(
-                f"{case.dtype} {case.n}x{case.c} {case.mode} {case.method}{mms}"
-            )
-            if inputs_key != (case.dtype, case.n, case.c):
+    with tqdm(total=sum(map(len, groups)), unit="case", dynamic_ncols=True) as progress:
+        for cases in groups:
+            dtype, n, c, _ = cases[0].group
+            if inputs_key != (dtype, n, c):
                 inputs = None
                 gc.collect()
-                inputs_key = (case.dtype, case.n, case.c)
+                inputs_key = (dtype, n, c)
                 inputs = make_inputs(*inputs_key)
-            timings[case] = measure(build_step(case, inputs), min_repeats, budget_s)
+            timings.update(time_group(cases, inputs, min_repeats, budget_s, rng, progress))
+            progress.update(len(cases))
     torch._dynamo.reset()
     return timings
 
@@ -308,13 +366,30 @@ def speedup_key(baseline: str) -> str:
     return "speedup_vs_" + baseline.replace(" ", "_")
 
 
+def time_ratio(
+    timings: dict[Case, Timing], numerator: Case, denominator: Case
+) -> Optional[float]:
+    """numerator's time / denominator's time, or None if either was not timed.
+
+    Within a group, whose cases were sampled in the same rounds, this is the median over
+    rounds of the ratio of the two samples, which cancels drifts slower than a round.
+    Across groups (the forward yardstick for forward+backward rows) it is the ratio of the
+    medians.
+    """
+    if numerator not in timings or denominator not in timings:
+        return None
+    num, den = timings[numerator], timings[denominator]
+    if numerator.group != denominator.group:
+        return num.median_s / den.median_s
+    return statistics.median([a / b for a, b in zip(num.samples_s, den.samples_s)])
+
+
 def summarize(timings: dict[Case, Timing]) -> list[dict]:
     """One row per case: time, GB/s of logits read, % of yardstick, speedups, overheads."""
-    ms = {case: timing.median_s * 1e3 for case, timing in timings.items()}
     rows = []
     for case, timing in timings.items():
-        own_ms = ms[case]
-        yardstick_ms = ms.get(case.but(mode=FORWARD, method=YARDSTICK, mms=""))
+        yardstick = case.but(mode=FORWARD, method=YARDSTICK, mms="")
+        yardstick_ratio = time_ratio(timings, yardstick, case)
         row = {
             "dtype": case.dtype,
             "mode": case.mode,
@@ -323,20 +398,21 @@ def summarize(timings: dict[Case, Timing]) -> list[dict]:
             "method": case.method,
             "mms": case.mms,
             "weight_dim": WEIGHT_DIM if case.mms else None,
-            "median_ms": own_ms,
+            "median_ms": timing.median_s * 1e3,
             "gb_per_s": case.logits_bytes / timing.median_s / 1e9,
-            "pct_of_yardstick": 100 * yardstick_ms / own_ms if yardstick_ms else None,
+            "pct_of_yardstick": 100 * yardstick_ratio if yardstick_ratio is not None else None,
         }
         for baseline in BASELINES:
-            baseline_ms = ms.get(case.but(method=baseline))
-            compared = case.is_fastsel and not case.mms and baseline_ms is not None
-            row[speedup_key(baseline)] = baseline_ms / own_ms if compared else None
+            compared = case.is_fastsel and not case.mms
+            row[speedup_key(baseline)] = (
+                time_ratio(timings, case.but(method=baseline), case) if compared else None
+            )
         row["weight_overhead_pct"] = (
-            100 * (own_ms / ms[case.but(mms="")] - 1) if case.mms else None
+            100 * (time_ratio(timings, case, case.but(mms="")) - 1) if case.mms else None
         )
         row["compile_s"] = timing.first_call_s if case.method == COMPILED else None
-        row["repeats"] = timing.repeats
-        row["calls_per_repeat"] = timing.calls_per_repeat
+        row["repeats"] = len(timing.samples_s)
+        row["calls_per_repeat"] = timing.calls_per_sample
         rows.append(row)
     return rows
 
@@ -349,10 +425,10 @@ class Target:
     bound: float
     at_most: bool  # pass when ratio <= bound, else when ratio >= bound
 
-    def check(self, ms: dict[Case, float]) -> tuple[Optional[float], str]:
-        if self.numerator not in ms or self.denominator not in ms:
+    def check(self, timings: dict[Case, Timing]) -> tuple[Optional[float], str]:
+        ratio = time_ratio(timings, self.numerator, self.denominator)
+        if ratio is None:
             return None, "NOT MEASURED"
-        ratio = ms[self.numerator] / ms[self.denominator]
         passed = ratio <= self.bound if self.at_most else ratio >= self.bound
         return ratio, "PASS" if passed else "FAIL"
 
@@ -382,8 +458,7 @@ def targets(fastsel_method: str) -> list[Target]:
 
 
 def check_targets(timings: dict[Case, Timing], fastsel_method: str) -> list[tuple]:
-    ms = {case: timing.median_s * 1e3 for case, timing in timings.items()}
-    return [(target, *target.check(ms)) for target in targets(fastsel_method)]
+    return [(target, *target.check(timings)) for target in targets(fastsel_method)]
 
 
 def check_composite_matches_fastsel(backends: list[str]) -> None:
@@ -520,7 +595,8 @@ def write_markdown(rows, checks, env: dict, fastsel_method: str, path: Path) -> 
         "",
         "## fastsel rows",
         "",
-        "Speedup = baseline median / fastsel median (same shape, dtype and mode).",
+        "Speedup = median over rounds of baseline sample / fastsel sample: the methods of "
+        "one shape, dtype and mode are timed interleaved, round by round.",
         "",
         markdown_table(fastsel_rows),
         "",
@@ -602,8 +678,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated subset of float32,bfloat16 (default: both; "
                              f"--quick: {','.join(QUICK_DTYPES)})")
     parser.add_argument("--repeats", type=int, default=5,
-                        help=f"minimum timed repeats per case (default 5; calls over "
-                             f"{GIANT_CALL_S:g} s get at most {GIANT_REPEATS})")
+                        help="minimum number of timed rounds, i.e. samples per case "
+                             "(default 5)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results",
                         help="output directory (default bench/results)")
     args = parser.parse_args(argv)
@@ -636,9 +712,9 @@ def main(argv=None) -> None:
     print_capped_shapes(args.shapes, args.dtypes)
     check_composite_matches_fastsel(backends)
 
-    cases = plan_cases(args.shapes, args.dtypes, backends)
+    groups = plan_groups(args.shapes, args.dtypes, backends)
     budget_s = QUICK_TIME_BUDGET_S if args.quick else TIME_BUDGET_S
-    timings = run_cases(cases, args.repeats, budget_s)
+    timings = run_groups(groups, args.repeats, budget_s)
 
     rows = summarize(timings)
     checks = check_targets(timings, fastsel_method)
