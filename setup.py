@@ -87,7 +87,6 @@ print(f"fastsel: building the CPU kernels for ISA '{isa}', CUDA: {with_cuda}", f
 sources = [
     "csrc/ops.cpp",
     "csrc/cpu/score_kernel.cpp",
-    "csrc/cpu/mms_kernel.cpp",
 ]
 extension = CppExtension
 compile_args = {"cxx": cxx_flags}

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""CPU microbenchmark of ``fastsel.score`` against the PyTorch code it replaces.
+"""Microbenchmark of ``fastsel.score`` against the PyTorch code it replaces.
 
 Compares, in one process, fastsel's backends with the eager composite a user writes
 today, ``torch.compile`` of that composite, ``F.cross_entropy`` alone and
 ``logits.sum(dim=1)`` (the memory-bandwidth yardstick), forward and forward+backward.
+Everything runs on the CPU; when a CUDA device is present, the same grid runs a second
+time on it, with fastsel's GPU backends (``triton``, ``cuda``) instead of the CPU ones.
 The methods of one (dtype, shape, mode) group are timed interleaved, round by round, and
 their speedups are medians of per-round ratios, so that drifts in machine speed cancel.
 Writes a table to stdout and ``score_bench.{csv,png,md}`` to ``--out``.
@@ -22,6 +24,7 @@ import math
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import time
@@ -49,6 +52,7 @@ MODES = (FORWARD, FORWARD_BACKWARD)
 
 FASTSEL_PREFIX = "fastsel-"
 CPU_BACKENDS = ("cpu", "torch")  # fastsel backends that run on CPU tensors
+GPU_BACKENDS = ("triton", "cuda")  # fastsel backends timed on the CUDA device
 EAGER = "eager composite"
 COMPILED = "compiled composite"
 CROSS_ENTROPY = "cross_entropy"
@@ -62,6 +66,10 @@ QUICK_DTYPES = ["float32"]
 WEIGHT_CLASSES = (10, 100, 1000)  # C values that also get the mms (weight) rows
 WEIGHT_DIM = 512
 LOGITS_CAP_BYTES = 1 << 30  # N is reduced so that no logits tensor exceeds 1 GiB
+# On a CUDA device the cap is this fraction of the free memory instead. The eager
+# composite holds about 7 (float32) to 9 (bfloat16) logits-sized buffers at its peak,
+# F.one_hot's int64 tensor alone being 2 or 4 of them, so a quarter would run out.
+GPU_FREE_MEMORY_FRACTION = 1 / 16
 TORCH_BACKEND_MAX_ELEMENTS = 1 << 23  # fastsel's torch backend is too slow beyond N*C
 TIME_BUDGET_S = 0.5  # per case, after warm-up: a group of k cases is timed for k * this
 QUICK_TIME_BUDGET_S = 0.05
@@ -69,6 +77,18 @@ SAMPLES_PER_BUDGET = 10  # fast calls are batched so that one sample takes budge
 SHUFFLE_SEED = 0  # seeds the order of the cases within each round
 BUSY_LOAD_AVERAGE = 0.5  # warn above this 1-min load average: other work skews timings
 TARGET_SHAPE = (65536, 1000)  # targets are checked here, in float32
+# Datasheet peak memory bandwidth [bytes/s], keyed by a substring (whole words, any case)
+# of torch.cuda.get_device_name(); the first match wins. Other devices get "n/a".
+PEAK_HBM_BYTES_PER_S = (
+    ("H100 80GB HBM3", 3.35e12),  # the name the H100 SXM5 reports
+    ("H100 SXM", 3.35e12),
+    ("H100 PCIe", 2.0e12),
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100-SXM4-40GB", 1.555e12),
+    ("A100-PCIE-40GB", 1.555e12),
+    ("L4", 3.0e11),  # whole word: not the L40 or L40S
+    ("RTX 4090", 1.008e12),
+)
 
 
 # ----------------------------------------------------------------------------------
@@ -145,6 +165,7 @@ class Case:
     mode: str
     method: str
     mms: str = ""  # "exact" or "top2": fastsel with a classifier weight [C, WEIGHT_DIM]
+    device: str = "cpu"  # or "cuda"
 
     @property
     def logits_bytes(self) -> int:
@@ -155,9 +176,9 @@ class Case:
         return self.method.startswith(FASTSEL_PREFIX)
 
     @property
-    def group(self) -> tuple[str, int, int, str]:
+    def group(self) -> tuple[str, str, int, int, str]:
         """Cases of one group share their inputs and are timed interleaved."""
-        return self.dtype, self.n, self.c, self.mode
+        return self.device, self.dtype, self.n, self.c, self.mode
 
     @property
     def label(self) -> str:
@@ -173,9 +194,9 @@ class Inputs(NamedTuple):
     weight: Optional[torch.Tensor]
 
 
-def capped_rows(n: int, c: int, itemsize: int) -> int:
-    """N, or the largest power of two that keeps the logits within LOGITS_CAP_BYTES."""
-    max_rows = LOGITS_CAP_BYTES // (c * itemsize)
+def capped_rows(n: int, c: int, itemsize: int, cap_bytes: int = LOGITS_CAP_BYTES) -> int:
+    """N, or the largest power of two that keeps the logits within cap_bytes."""
+    max_rows = max(1, cap_bytes // (c * itemsize))
     return n if n <= max_rows else 1 << (max_rows.bit_length() - 1)
 
 
@@ -188,21 +209,23 @@ def timed_fastsel_methods(n: int, c: int, backends: list[str]) -> list[str]:
     ]
 
 
-def plan_groups(shapes, dtypes, backends) -> list[list[Case]]:
+def plan_groups(
+    shapes, dtypes, backends, device: str = "cpu", cap_bytes: int = LOGITS_CAP_BYTES
+) -> list[list[Case]]:
     """The cases of each (dtype, N, C, mode) group; the groups of one input are adjacent."""
     groups = {}
     for dtype in dtypes:
         for n, c in shapes:
-            n = capped_rows(n, c, DTYPES[dtype].itemsize)
+            n = capped_rows(n, c, DTYPES[dtype].itemsize, cap_bytes)
             fastsel_methods = timed_fastsel_methods(n, c, backends)
             for mode in MODES:
                 methods = fastsel_methods + list(BASELINES)
                 if mode == FORWARD:
                     methods.append(YARDSTICK)
-                cases = [Case(dtype, n, c, mode, method) for method in methods]
+                cases = [Case(dtype, n, c, mode, method, device=device) for method in methods]
                 if mode == FORWARD and c in WEIGHT_CLASSES:
                     cases += [
-                        Case(dtype, n, c, mode, method, mms)
+                        Case(dtype, n, c, mode, method, mms, device)
                         for method in fastsel_methods
                         for mms in fastsel.MMS_MODES
                     ]
@@ -211,25 +234,35 @@ def plan_groups(shapes, dtypes, backends) -> list[list[Case]]:
     return list(groups.values())
 
 
-def print_capped_shapes(shapes, dtypes) -> None:
+def print_capped_shapes(
+    shapes, dtypes, cap_bytes: int = LOGITS_CAP_BYTES, prefix: str = ""
+) -> None:
     for dtype in dtypes:
         itemsize = DTYPES[dtype].itemsize
         for n, c in shapes:
-            used = capped_rows(n, c, itemsize)
+            used = capped_rows(n, c, itemsize, cap_bytes)
             if used != n:
                 print(
-                    f"{dtype} C={c}: N={n} would be {n * c * itemsize / 2**30:.1f} GiB of "
+                    f"{prefix}{dtype} C={c}: N={n} would be {n * c * itemsize / 2**30:.1f} GiB of "
                     f"logits; using N={used} ({used * c * itemsize / 2**30:.2f} GiB)"
                 )
 
 
-def make_inputs(dtype: str, n: int, c: int) -> Inputs:
-    generator = torch.Generator().manual_seed(n * 100_003 + c)
-    logits = torch.randn(n, c, generator=generator).mul_(3.0).to(DTYPES[dtype])
-    target = torch.randint(0, c, (n,), generator=generator)
+def gpu_logits_cap_bytes() -> int:
+    """The largest logits tensor for the CUDA device: a fraction of its free memory now."""
+    free_bytes, _total_bytes = torch.cuda.mem_get_info()
+    return int(free_bytes * GPU_FREE_MEMORY_FRACTION)
+
+
+def make_inputs(dtype: str, n: int, c: int, device: str = "cpu") -> Inputs:
+    """Random inputs, created on device (the random values differ between devices)."""
+    generator = torch.Generator(device).manual_seed(n * 100_003 + c)
+    logits = torch.randn(n, c, generator=generator, device=device).mul_(3.0).to(DTYPES[dtype])
+    target = torch.randint(0, c, (n,), generator=generator, device=device)
     weight = None
     if c in WEIGHT_CLASSES:
-        weight = torch.randn(c, WEIGHT_DIM, generator=generator).to(DTYPES[dtype])
+        weight = torch.randn(c, WEIGHT_DIM, generator=generator, device=device)
+        weight = weight.to(DTYPES[dtype])
     return Inputs(logits, target, weight)
 
 
@@ -241,17 +274,18 @@ def build_step(case: Case, inputs: Inputs) -> Callable[[], object]:
     else:
         run = BASELINE_FACTORIES[case.method]()
     if case.mode == FORWARD:
-        return lambda: run(inputs.logits, inputs.target)
+        def step():
+            return run(inputs.logits, inputs.target)
+    else:
+        logits = inputs.logits.detach().requires_grad_()
 
-    logits = inputs.logits.detach().requires_grad_()
+        def step():
+            out = run(logits, inputs.target)
+            loss = out if isinstance(out, torch.Tensor) else out.loss
+            loss.sum().backward()
+            logits.grad = None
 
-    def forward_backward():
-        out = run(logits, inputs.target)
-        loss = out if isinstance(out, torch.Tensor) else out.loss
-        loss.sum().backward()
-        logits.grad = None
-
-    return forward_backward
+    return step if case.device == "cpu" else CudaStep(step)
 
 
 # ----------------------------------------------------------------------------------
@@ -275,10 +309,27 @@ class Calibration(NamedTuple):
     calls_per_sample: int
 
 
+class CudaStep:
+    """A step whose kernels run asynchronously on the CUDA device: elapsed_s synchronises
+    the device before the first and after the last call of each sample."""
+
+    def __init__(self, step: Callable[[], object]):
+        self.step = step
+
+    def __call__(self) -> object:
+        return self.step()
+
+
 def elapsed_s(step: Callable, calls: int) -> float:
+    """Wall time of calls calls of step; for a CudaStep, until their kernels finished."""
+    on_cuda = isinstance(step, CudaStep)
+    if on_cuda:
+        torch.cuda.synchronize()  # work queued before the sample is not counted
     start = time.perf_counter()
     for _ in range(calls):
         step()
+    if on_cuda:
+        torch.cuda.synchronize()  # the sample ends when its last kernel does
     return time.perf_counter() - start
 
 
@@ -325,7 +376,8 @@ def time_group(
     Rounds run until there are min_repeats of them and they took budget_s per case.
     """
     steps = {case: build_step(case, inputs) for case in cases}  # one compile per group
-    title = "{} {}x{} {}".format(*cases[0].group)
+    device, dtype, n, c, mode = cases[0].group
+    title = ("" if device == "cpu" else f"{device} ") + f"{dtype} {n}x{c} {mode}"
     calibrations = {}
     for case in cases:
         progress.set_description(f"{title}: warm-up {case.label}")
@@ -345,11 +397,13 @@ def run_groups(groups: list[list[Case]], min_repeats: int, budget_s: float) -> d
     inputs_key, inputs = None, None
     with tqdm(total=sum(map(len, groups)), unit="case", dynamic_ncols=True) as progress:
         for cases in groups:
-            dtype, n, c, _ = cases[0].group
-            if inputs_key != (dtype, n, c):
+            device, dtype, n, c, _ = cases[0].group
+            if inputs_key != (dtype, n, c, device):
                 inputs = None
                 gc.collect()
-                inputs_key = (dtype, n, c)
+                if device != "cpu":
+                    torch.cuda.empty_cache()  # the previous inputs' blocks, for larger ones
+                inputs_key = (dtype, n, c, device)
                 inputs = make_inputs(*inputs_key)
             timings.update(time_group(cases, inputs, min_repeats, budget_s, rng, progress))
             progress.update(len(cases))
@@ -384,6 +438,26 @@ def time_ratio(
     return statistics.median([a / b for a, b in zip(num.samples_s, den.samples_s)])
 
 
+def device_name(device: str) -> str:
+    return "cpu" if device == "cpu" else torch.cuda.get_device_name(device)
+
+
+def peak_hbm_bytes_per_s(name: str) -> Optional[float]:
+    """The datasheet peak memory bandwidth of the named GPU, None if not in the table."""
+    for key, peak in PEAK_HBM_BYTES_PER_S:
+        if re.search(rf"\b{re.escape(key)}\b", name, re.IGNORECASE):
+            return peak
+    return None
+
+
+def pct_of_peak_hbm(case: Case, median_s: float) -> Optional[object]:
+    """GB/s as % of the GPU's datasheet peak bandwidth; "n/a" if unknown; None on CPU."""
+    if case.device == "cpu":
+        return None
+    peak = peak_hbm_bytes_per_s(device_name(case.device))
+    return "n/a" if peak is None else 100 * case.logits_bytes / median_s / peak
+
+
 def summarize(timings: dict[Case, Timing]) -> list[dict]:
     """One row per case: time, GB/s of logits read, % of yardstick, speedups, overheads."""
     rows = []
@@ -413,6 +487,8 @@ def summarize(timings: dict[Case, Timing]) -> list[dict]:
         row["compile_s"] = timing.first_call_s if case.method == COMPILED else None
         row["repeats"] = len(timing.samples_s)
         row["calls_per_repeat"] = timing.calls_per_sample
+        row["device"] = device_name(case.device)
+        row["pct_of_peak_hbm"] = pct_of_peak_hbm(case, timing.median_s)
         rows.append(row)
     return rows
 
@@ -461,18 +537,19 @@ def check_targets(timings: dict[Case, Timing], fastsel_method: str) -> list[tupl
     return [(target, *target.check(timings)) for target in targets(fastsel_method)]
 
 
-def check_composite_matches_fastsel(backends: list[str]) -> None:
+def check_composite_matches_fastsel(backends: list[str], device: str = "cpu") -> None:
     """Fail fast if the composite and fastsel disagree: the timings would compare different work."""
     generator = torch.Generator().manual_seed(0)
-    logits = 3.0 * torch.randn(257, 37, generator=generator)
-    target = torch.randint(0, 37, (257,), generator=generator)
+    logits = (3.0 * torch.randn(257, 37, generator=generator)).to(device)
+    target = torch.randint(0, 37, (257,), generator=generator).to(device)
     expected = composite_scores(logits, target)
     for backend in backends:
         got = fastsel.score(logits, target, backend=backend)
         for field in CompositeScores._fields:
             torch.testing.assert_close(
                 getattr(got, field), getattr(expected, field), rtol=1e-4, atol=1e-5,
-                msg=lambda detail: f"fastsel[{backend}].{field} != composite: {detail}",
+                msg=lambda detail: f"fastsel[{backend}].{field} != composite on {device}: "
+                                   f"{detail}",
             )
 
 
@@ -501,6 +578,8 @@ COLUMNS = [  # (row key, table header, cell format, alignment)
     ("weight_overhead_pct", "+% vs no weight", lambda v: f"{v:+.0f}%", ">"),
     ("compile_s", "compile s", lambda v: f"{v:.1f}", ">"),
     ("repeats", "repeats", str, ">"),
+    ("device", "device", str, "<"),
+    ("pct_of_peak_hbm", "% peak HBM", lambda v: v if isinstance(v, str) else f"{v:.0f}%", ">"),
 ]
 
 
@@ -551,29 +630,35 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def plot_times(rows: list[dict], dtypes: list[str], path: Path) -> None:
-    """Per dtype and mode, grouped bars of median time per method for each shape (log y)."""
+    """Per device, dtype and mode, grouped bars of median time per method for each shape
+    (log y)."""
     rows = [row for row in rows if not row["mms"]]
     methods = list(dict.fromkeys(row["method"] for row in rows))
     colors = {m: matplotlib.colormaps["tab10"](i) for i, m in enumerate(methods)}
-    fig = Figure(figsize=(14, 4.5 * len(dtypes)), layout="constrained")
+    devices = list(dict.fromkeys(row["device"] for row in rows))
+    panel_rows = [(device, dtype) for device in devices for dtype in dtypes]
+    fig = Figure(figsize=(14, 4.5 * len(panel_rows)), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(dtypes), len(MODES), squeeze=False)
-    for i, dtype in enumerate(dtypes):
+    axes = fig.subplots(len(panel_rows), len(MODES), squeeze=False)
+    for i, (device, dtype) in enumerate(panel_rows):
+        device_methods = [m for m in methods if any(
+            r["method"] == m for r in rows if r["device"] == device)]
         for j, mode in enumerate(MODES):
             panel = {(r["n"], r["c"], r["method"]): r["median_ms"] for r in rows
-                     if r["dtype"] == dtype and r["mode"] == mode}
+                     if r["device"] == device and r["dtype"] == dtype and r["mode"] == mode}
             shapes = list(dict.fromkeys((n, c) for n, c, _ in panel))
-            width = 0.8 / len(methods)
+            width = 0.8 / len(device_methods)
             ax = axes[i][j]
-            for k, method in enumerate(methods):
-                offsets = [x + (k - (len(methods) - 1) / 2) * width for x in range(len(shapes))]
+            for k, method in enumerate(device_methods):
+                offsets = [x + (k - (len(device_methods) - 1) / 2) * width
+                           for x in range(len(shapes))]
                 times = [panel.get((n, c, method), math.nan) for n, c in shapes]
                 ax.bar(offsets, times, width, label=method, color=colors[method])
             ax.set_yscale("log")
             ax.set_xticks(range(len(shapes)), [f"{n}x{c}" for n, c in shapes], rotation=20)
             ax.set_xlabel("N x C")
             ax.set_ylabel("median time per call [ms], log scale")
-            ax.set_title(f"{dtype}, {mode}")
+            ax.set_title(f"{dtype}, {mode}" if device == "cpu" else f"{device}: {dtype}, {mode}")
             ax.grid(axis="y", which="both", alpha=0.3)
     handles = [Patch(color=colors[m], label=m) for m in methods]
     fig.legend(handles=handles, loc="outside upper center", ncol=len(methods))
@@ -582,8 +667,9 @@ def plot_times(rows: list[dict], dtypes: list[str], path: Path) -> None:
 
 def write_markdown(rows, checks, env: dict, fastsel_method: str, path: Path) -> None:
     fastsel_rows = [row for row in rows if row["method"].startswith(FASTSEL_PREFIX)]
+    on_gpu = any(row["device"] != "cpu" for row in rows)
     lines = [
-        "# fastsel.score CPU benchmark",
+        "# fastsel.score CPU and GPU benchmark" if on_gpu else "# fastsel.score CPU benchmark",
         "",
         *[f"- {key}: {value}" for key, value in env.items()],
         "",

@@ -20,6 +20,7 @@
 
 #include "fastsel/row_scores.h"
 #include "kernels.h"
+#include "mms.h"
 #include "vec_utils.h"
 
 namespace fastsel::cpu {
@@ -213,12 +214,11 @@ int64_t find_in_row(const scalar_t* row, int64_t C, int64_t from, float value, i
 }
 
 // Scores one row with the vector passes. Returns false if the row is invalid (the
-// caller then uses the scalar path). On success *row_f points at the row as float
-// (the row itself, or buf when C <= kBlock) for a later MMS sweep, else nullptr.
-// top.i2 is left unset (-1): only mms="top2" needs it, and finds it on demand.
+// caller then uses the scalar path). top.i2 is left unset (-1): only the MMS needs it,
+// and finds it on demand.
 template <typename scalar_t>
 bool score_row_vectorized(const scalar_t* row, int64_t C, float* buf, SoftmaxState<float>& st,
-                          Top2<float>& top, const float** row_f) {
+                          Top2<float>& top) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   LaneMax lanes;
   LaneSums sums;
@@ -252,7 +252,6 @@ bool score_row_vectorized(const scalar_t* row, int64_t C, float* buf, SoftmaxSta
   lanes.reduce(top.v1, top.v2);
   top.i1 = (C <= kBlock) ? find_first(x, C, m, -1) : find_in_row(row, C, max_block, m, -1, buf);
   top.i2 = -1;
-  *row_f = C <= kBlock ? x : nullptr;
   return true;
 }
 
@@ -276,7 +275,6 @@ template <typename acc_t>
 struct OutputPointers {
   acc_t *loss, *entropy, *margin, *true_margin, *grad_norm, *confidence, *mms, *lse;
   int64_t* pred;
-  bool* valid;
 
   void write(int64_t i, const RowScores<acc_t>& r) const {
     loss[i] = r.loss;
@@ -287,30 +285,20 @@ struct OutputPointers {
     confidence[i] = r.confidence;
     lse[i] = r.lse;
     pred[i] = r.pred;
-    valid[i] = r.valid;
   }
 };
 
 struct MmsInputs {
   int64_t mode = kMmsNone;
-  bool dense = false;         // exact MMS via the precomputed [C, C] inverse distances
-  const void* w = nullptr;    // [C, D] row-major, acc_t
-  const void* inv_dist = nullptr;  // [C, C], acc_t (dense exact mode)
-  const void* spread = nullptr;    // [C], acc_t (dense exact mode)
-  int64_t D = 0;
+  MmsWeights weights;
 };
 
-// Top-2 approximation of the MMS: the runner-up only. i2 is found on demand when the
-// vector path did not track it.
+// Runner-up index of a row: the vector path leaves it unset and finds it on demand.
 template <typename scalar_t, typename acc_t>
-acc_t mms_top2(const scalar_t* row, int64_t C, Top2<acc_t>& top, const RowScores<acc_t>& r,
-               const MmsInputs& in, float* buf) {
-  if (top.v2 == neg_inf<acc_t>()) return pos_inf<acc_t>();
-  if (r.margin == acc_t(0)) return acc_t(0);
-  if (top.i2 < 0) {
-    if constexpr (std::is_same_v<acc_t, float>) top.i2 = find_in_row(row, C, 0, top.v2, top.i1, buf);
-  }
-  return r.margin / pair_distance(static_cast<const acc_t*>(in.w), in.D, top.i1, top.i2);
+int64_t runner_up_index(const scalar_t* row, int64_t C, const Top2<acc_t>& top, float* buf) {
+  if (top.i2 >= 0 || top.v2 == neg_inf<acc_t>()) return top.i2;
+  if constexpr (std::is_same_v<acc_t, float>) return find_in_row(row, C, 0, top.v2, top.i1, buf);
+  return -1;  // unreachable: the scalar (float64) path tracks i2
 }
 
 // Everything a row needs besides its index; shared by the row-wise and lane-wise paths.
@@ -322,19 +310,37 @@ struct RowJob {
   const MmsInputs* mms;
   const OutputPointers<acc_t>* out;
 
-  // MMS of a valid row whose logits are z (as acc_t); the grouped exact mode runs later.
-  void write_mms(int64_t i, const scalar_t* row, const acc_t* z, Top2<acc_t>& top,
-                 const RowScores<acc_t>& r, float* buf) const {
+  // MMS of row i from its top-2 (mms.h); NaN for invalid rows.
+  void write_mms(int64_t i, const scalar_t* row, const Top2<acc_t>& top, const RowScores<acc_t>& r,
+                 float* buf) const {
     if (mms->mode == kMmsNone) return;
     if (!r.valid) {
       out->mms[i] = quiet_nan<acc_t>();
-    } else if (mms->mode == kMmsTop2) {
-      out->mms[i] = mms_top2(row, C, top, r, *mms, buf);
-    } else if (mms->dense) {
-      TORCH_INTERNAL_ASSERT(z != nullptr, "fastsel: dense MMS without a resident row");
-      out->mms[i] = mms_exact_row(z, static_cast<const acc_t*>(mms->inv_dist) + r.pred * C, C, r.pred,
-                                  r.margin, static_cast<const acc_t*>(mms->spread)[r.pred]);
+      return;
     }
+    const int64_t runner_up = runner_up_index(row, C, top, buf);
+    const MmsWeights& mw = mms->weights;
+    if (mms->mode == kMmsTop2) {
+      acc_t v = pos_inf<acc_t>();
+      if (r.margin == acc_t(0)) {
+        v = acc_t(0);
+      } else if (runner_up >= 0 && r.margin < pos_inf<acc_t>()) {
+        v = r.margin / pair_distance(static_cast<const acc_t*>(mw.w), mw.D, top.i1, runner_up);
+      }
+      out->mms[i] = v;
+      return;
+    }
+    out->mms[i] = mms_exact_pruned<acc_t>(top.v1, top.i1, runner_up, r.margin, mw, [&](auto&& visit) {
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        visit(row, 0, C);
+      } else {
+        for (int64_t j0 = 0; j0 < C; j0 += kBlock) {
+          const int64_t n = std::min(kBlock, C - j0);
+          to_float(row + j0, buf, n);
+          visit(buf, j0, n);
+        }
+      }
+    });
   }
 
   // Row-wise path: vector passes along the row, scalar fallback for invalid rows.
@@ -342,28 +348,21 @@ struct RowJob {
     const scalar_t* row = base + i * row_stride;
     SoftmaxState<acc_t> st;
     Top2<acc_t> top;
-    const acc_t* z = nullptr;
     bool ok = false;
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (C < kMaxVectorClasses) ok = score_row_vectorized(row, C, buf, st, top, &z);
+      if (C < kMaxVectorClasses) ok = score_row_vectorized(row, C, buf, st, top);
     }
     int64_t first_nan = -1;
     if (!ok) {
       st = SoftmaxState<acc_t>();
       top = Top2<acc_t>();
       first_nan = score_row_scalar(row, C, st, top);
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        z = row;
-      } else if (mms->dense) {
-        to_float(row, buf, C);  // dense MMS implies C <= kBlock
-        z = buf;
-      }
     }
     const acc_t z_y = y >= 0 ? static_cast<acc_t>(row[y]) : acc_t(0);
     RowScores<acc_t> r = finalize_row(st, top, z_y, y);
     if (first_nan >= 0) r.pred = first_nan;  // torch.argmax ranks NaN first
     out->write(i, r);
-    write_mms(i, row, z, top, r, buf);
+    write_mms(i, row, top, r, buf);
   }
 
   // finalize_row of row_scores.h for kLanes rows at once (one row per lane), storing
@@ -396,23 +395,13 @@ struct RowJob {
   // MMS of row i from its top-2 (after finalize_lanes stored the margin).
   void lane_mms(int64_t i, float v1, float v2, int64_t i1, int64_t i2, float* buf) const {
     if (mms->mode == kMmsNone) return;
-    const scalar_t* row = base + i * row_stride;
     Top2<acc_t> top;
     top.v1 = v1; top.i1 = i1; top.v2 = v2; top.i2 = i2;
     RowScores<acc_t> rs;
     rs.valid = true;
     rs.margin = out->margin[i];
     rs.pred = i1;
-    const float* z = nullptr;
-    if (mms->dense) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        z = row;
-      } else {
-        to_float(row, buf, C);
-        z = buf;
-      }
-    }
-    write_mms(i, row, z, top, rs, buf);
+    write_mms(i, base + i * row_stride, top, rs, buf);
   }
 
   // Row-wise vector passes for kLanes consecutive rows, then one vectorized epilogue.
@@ -424,9 +413,8 @@ struct RowJob {
     for (int64_t r = 0; r < kLanes; ++r) {
       SoftmaxState<float> st;
       Top2<float> top;
-      const float* z = nullptr;
       ok[r] = r < rows && C < kMaxVectorClasses &&
-              score_row_vectorized(base + (i0 + r) * row_stride, C, buf, st, top, &z);
+              score_row_vectorized(base + (i0 + r) * row_stride, C, buf, st, top);
       if (!ok[r]) {  // placeholder lane, overwritten by the scalar path below
         st.m = 0.f; st.n_eq = 1.f; top.v1 = 0.f; top.v2 = 0.f; top.i1 = 0;
       }
@@ -444,7 +432,6 @@ struct RowJob {
         continue;
       }
       out->pred[i] = static_cast<int64_t>(i1[r]);
-      out->valid[i] = true;
       lane_mms(i, m[r], v2[r], static_cast<int64_t>(i1[r]), -1, buf);
     }
   }
@@ -497,7 +484,6 @@ struct RowJob {
         continue;
       }
       out->pred[i] = static_cast<int64_t>(i1_a[r]);
-      out->valid[i] = true;
       lane_mms(i, m_a[r], v2_a[r], static_cast<int64_t>(i1_a[r]), static_cast<int64_t>(i2_a[r]), buf);
     }
   }
@@ -564,22 +550,17 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
   ScoreBuffers outs(N, opts, mms_mode);
-  at::Tensor valid = at::empty({N}, opts.dtype(at::kBool));
 
   MmsInputs mms_in;
   mms_in.mode = mms_mode;
-  at::Tensor w;
-  InverseDistances inv_dist;
+  at::Tensor w, radius;
   if (mms_mode != kMmsNone) {
     w = weight->to(opts.dtype()).contiguous();
-    mms_in.w = w.const_data_ptr();
-    mms_in.D = w.size(1);
-    if (mms_mode == kMmsExact && C <= kMmsDenseMaxClasses && N > 0) {
-      inv_dist = inverse_distances(w, (w * w).sum(1), at::arange(C, opts.dtype(at::kLong)));
-      mms_in.dense = true;
-      mms_in.inv_dist = inv_dist.q.const_data_ptr();
-      mms_in.spread = inv_dist.spread.const_data_ptr();
-    }
+    radius = (w - w.mean(0, /*keepdim=*/true)).norm(2, {1}).contiguous();
+    mms_in.weights.w = w.const_data_ptr();
+    mms_in.weights.D = w.size(1);
+    mms_in.weights.radius = radius.const_data_ptr();
+    mms_in.weights.radius_max = radius.max().item<double>();
   }
 
   std::atomic<int64_t> first_bad_target{-1};
@@ -590,8 +571,7 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
                                 outs.margin.data_ptr<acc_t>(),    outs.true_margin.data_ptr<acc_t>(),
                                 outs.grad_norm.data_ptr<acc_t>(), outs.confidence.data_ptr<acc_t>(),
                                 outs.mms.numel() ? outs.mms.data_ptr<acc_t>() : nullptr,
-                                outs.lse.data_ptr<acc_t>(),       outs.pred.data_ptr<int64_t>(),
-                                valid.data_ptr<bool>()};
+                                outs.lse.data_ptr<acc_t>(),       outs.pred.data_ptr<int64_t>()};
       if (target.scalar_type() == at::kLong) {
         score_rows<scalar_t, int64_t>(logits, target, ignore_index, mms_in, out, first_bad_target);
       } else {
@@ -605,9 +585,6 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
                                                              : target[bad].item<int32_t>();
     TORCH_CHECK_INDEX(false, "fastsel.score: target[", bad, "] = ", value, " is outside [0, ", C,
                       ") and is not ignore_index (", ignore_index, ")");
-  }
-  if (mms_mode == kMmsExact && !mms_in.dense && N > 0) {
-    mms_exact_grouped(logits, outs.pred, valid, outs.margin, w, outs.mms);
   }
   return outs.outputs();
 }

@@ -1,0 +1,105 @@
+// Minimal Margin Score (Weinstein, Fine & Hel-Or) on the CPU, per row.
+//
+// For a linear head z = W h + b and prediction a, the smallest move of the features h
+// that makes class j tie with a has length (z_a - z_j) / ||w_a - w_j||; the MMS is the
+// minimum over j != a (0 when another class already ties with a).
+//
+// Exact MMS without any C x C work. The runner-up r gives an upper bound,
+//   MMS <= best := (z_a - z_r) / ||w_a - w_r||,
+// and every class has a lower bound through the triangle inequality around the mean
+// row mu of W (which removes a component shared by all rows):
+//   (z_a - z_j) / ||w_a - w_j|| >= (z_a - z_j) / (||w_a - mu|| + max_k ||w_k - mu||).
+// So only classes with z_a - z_j < best (||w_a - mu|| + max_k ||w_k - mu||) can beat
+// the runner-up. A compare sweep over the row (in cache, right after scoring it) finds
+// them, and only their distances, ||w_a - w_j|| from the difference (exact, no
+// cancellation), are computed: O(C) per row plus D per candidate, where a Gram-matrix
+// method pays O(C^2 D) per call whatever N is.
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "vec_utils.h"
+
+namespace fastsel::cpu {
+
+struct MmsWeights {
+  const void* w = nullptr;       // [C, D] row-major, acc_t
+  const void* radius = nullptr;  // [C] ||w_j - mu||, acc_t
+  double radius_max = 0;         // max_j ||w_j - mu||
+  int64_t D = 0;
+};
+
+// ||w_a - w_b|| from the difference of the two rows.
+inline float pair_distance(const float* w, int64_t D, int64_t a, int64_t b) {
+  const float* wa = w + a * D;
+  const float* wb = w + b * D;
+  Vec acc(0.f);
+  int64_t k = 0;
+  for (; k + kLanes <= D; k += kLanes) {
+    const Vec d = Vec::loadu(wa + k) - Vec::loadu(wb + k);
+    acc = at::vec::fmadd(d, d, acc);
+  }
+  float s = hsum(acc);
+  for (; k < D; ++k) s += (wa[k] - wb[k]) * (wa[k] - wb[k]);
+  return std::sqrt(s);
+}
+
+inline double pair_distance(const double* w, int64_t D, int64_t a, int64_t b) {
+  double s = 0.0;
+  for (int64_t k = 0; k < D; ++k) s += (w[a * D + k] - w[b * D + k]) * (w[a * D + k] - w[b * D + k]);
+  return std::sqrt(s);
+}
+
+// Calls visit(j) for every j in [0, n) with x[j] >= threshold.
+template <typename T, typename Visit>
+inline void for_each_at_least(const T* x, int64_t n, T threshold, Visit&& visit) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX2)
+    const __m256 thr = _mm256_set1_ps(threshold);
+    for (; j + kLanes <= n; j += kLanes) {
+      int bits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), thr, _CMP_GE_OQ));
+      while (bits) {
+        visit(j + __builtin_ctz(bits));
+        bits &= bits - 1;
+      }
+    }
+#endif
+  }
+  for (; j < n; ++j) {
+    if (x[j] >= threshold) visit(j);
+  }
+}
+
+// Exact MMS of one valid row with prediction a (value za), runner-up r and top-2
+// margin (za - z_r). blocks(visit_block) must call visit_block(x, j0, n) for the row's
+// columns as acc_t blocks (x[j - j0] = z_j).
+template <typename acc_t, typename Blocks>
+acc_t mms_exact_pruned(acc_t za, int64_t a, int64_t r, acc_t margin, const MmsWeights& mw,
+                       Blocks&& blocks) {
+  if (margin == acc_t(0)) return acc_t(0);  // another class ties with a: on the boundary
+  if (r < 0 || !(margin < std::numeric_limits<acc_t>::infinity())) {
+    return std::numeric_limits<acc_t>::infinity();  // no finite competitor
+  }
+  const acc_t* w = static_cast<const acc_t*>(mw.w);
+  const acc_t* radius = static_cast<const acc_t*>(mw.radius);
+  acc_t best = margin / pair_distance(w, mw.D, a, r);
+  // Lowered by a few ulps of the operands' magnitude so that rounding can never drop a
+  // class that could beat the runner-up.
+  const acc_t reach = best * (radius[a] + static_cast<acc_t>(mw.radius_max));
+  const acc_t threshold = (za - reach) - (std::abs(za) + reach) * acc_t(1e-6);
+  blocks([&](const acc_t* x, int64_t j0, int64_t n) {
+    for_each_at_least(x, n, threshold, [&](int64_t k) {
+      const int64_t j = j0 + k;
+      if (j != a && j != r) best = std::min(best, (za - x[k]) / pair_distance(w, mw.D, a, j));
+    });
+  });
+  return best;
+}
+
+}  // namespace fastsel::cpu
