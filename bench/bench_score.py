@@ -658,7 +658,7 @@ def plot_times(rows: list[dict], dtypes: list[str], path: Path) -> None:
             ax.set_xticks(range(len(shapes)), [f"{n}x{c}" for n, c in shapes], rotation=20)
             ax.set_xlabel("N x C")
             ax.set_ylabel("median time per call [ms], log scale")
-            ax.set_title(f"{dtype}, {mode}" if device == "cpu" else f"{device}: {dtype}, {mode}")
+            ax.set_title(f"{dtype}, {mode}" + ("" if device == "cpu" else f", {device}"))
             ax.grid(axis="y", which="both", alpha=0.3)
     handles = [Patch(color=colors[m], label=m) for m in methods]
     fig.legend(handles=handles, loc="outside upper center", ncol=len(methods))
@@ -682,7 +682,8 @@ def write_markdown(rows, checks, env: dict, fastsel_method: str, path: Path) -> 
         "## fastsel rows",
         "",
         "Speedup = median over rounds of baseline sample / fastsel sample: the methods of "
-        "one shape, dtype and mode are timed interleaved, round by round.",
+        "one shape, dtype and mode are timed interleaved, round by round."
+        + (" `% peak HBM`: GB/s over the GPU's datasheet peak memory bandwidth." if on_gpu else ""),
         "",
         markdown_table(fastsel_rows),
         "",
@@ -712,8 +713,9 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def environment(backends: list[str]) -> dict:
-    return {
+def environment(backends: list[str], gpu_backends: Optional[list[str]] = None) -> dict:
+    """The machine header; the GPU entries only when GPU backends are timed."""
+    env = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "CPU": cpu_model(),
         "cores": f"{usable_cores()} usable of {os.cpu_count()}",
@@ -725,6 +727,13 @@ def environment(backends: list[str]) -> dict:
         "python": platform.python_version(),
         "load average (1 min) at start": f"{os.getloadavg()[0]:.2f}",
     }
+    if gpu_backends:
+        name = device_name("cuda")
+        peak = peak_hbm_bytes_per_s(name)
+        env["GPU"] = f"{name}, CUDA {torch.version.cuda}"
+        env["GPU peak HBM (datasheet)"] = f"{peak / 1e9:.0f} GB/s" if peak else "n/a"
+        env["fastsel GPU backends timed"] = ", ".join(gpu_backends)
+    return env
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -751,7 +760,8 @@ def parse_dtypes(text: str) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="CPU microbenchmark of fastsel.score against the PyTorch code it replaces."
+        description="Microbenchmark of fastsel.score against the PyTorch code it replaces, "
+                    "on the CPU and, when present, on the CUDA device."
     )
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: shapes {format_shapes(QUICK_SHAPES)}, "
@@ -783,24 +793,32 @@ def main(argv=None) -> None:
     torch.set_num_threads(usable_cores())
     available = fastsel.available_backends()
     backends = [b for b in available if b in CPU_BACKENDS]
-    gpu_backends = [b for b in available if b not in CPU_BACKENDS]
+    gpu_backends = [b for b in available if b in GPU_BACKENDS]  # empty without CUDA
     fastsel_method = FASTSEL_PREFIX + ("cpu" if "cpu" in backends else "torch")
-    env = environment(backends)
+    env = environment(backends, gpu_backends)
     for key, value in env.items():
         print(f"{key}: {value}")
     if not torch.cuda.is_available():
         print("GPU backends are not timed (no CUDA device).")
-    elif gpu_backends:
-        print(f"GPU backends ({', '.join(gpu_backends)}) are not timed: "
-              "this benchmark is CPU-only.")
+    elif not gpu_backends:
+        print("GPU backends are not timed (neither triton nor fastsel's CUDA build is "
+              "available).")
     if os.getloadavg()[0] > BUSY_LOAD_AVERAGE:
         print("warning: other processes are using the CPU; timings will be noisy")
     print_capped_shapes(args.shapes, args.dtypes)
     check_composite_matches_fastsel(backends)
+    gpu_groups = []
+    if gpu_backends:
+        gpu_cap_bytes = gpu_logits_cap_bytes()  # before this process allocates on the GPU
+        print_capped_shapes(args.shapes, args.dtypes, gpu_cap_bytes, prefix="cuda ")
+        check_composite_matches_fastsel(gpu_backends, "cuda")
+        gpu_groups = plan_groups(args.shapes, args.dtypes, gpu_backends, "cuda", gpu_cap_bytes)
 
     groups = plan_groups(args.shapes, args.dtypes, backends)
     budget_s = QUICK_TIME_BUDGET_S if args.quick else TIME_BUDGET_S
     timings = run_groups(groups, args.repeats, budget_s)
+    if gpu_groups:
+        timings.update(run_groups(gpu_groups, args.repeats, budget_s))
 
     rows = summarize(timings)
     checks = check_targets(timings, fastsel_method)

@@ -19,9 +19,11 @@ open are fixed here and mirrored by every kernel:
   classes of zero probability.
 * Rows whose target is ``ignore_index`` get ``loss = 0`` (as
   ``F.cross_entropy(reduction="none")``) and NaN ``true_margin`` / ``grad_norm``.
-* ``mms``: ``min_{j != a} (z_a - z_j) / ||w_a - w_j||`` with
-  ``||w_a - w_j||^2 = max(||w_a||^2 + ||w_j||^2 - 2 w_a.w_j, 0)``; a pair with
-  ``z_a == z_j`` contributes 0 whatever the norm (the point is on the boundary).
+* ``mms``: ``min_{j != a} (z_a - z_j) / ||w_a - w_j||``; a pair with ``z_a == z_j``
+  contributes 0 whatever the distance (the point is on the boundary). This reference
+  computes the distances from the Gram form
+  ``max(||w_a||^2 + ||w_j||^2 - 2 w_a.w_j, 0)`` in row chunks; the CPU kernel computes
+  them from the difference of the rows (no cancellation); they agree to rounding.
 """
 
 from __future__ import annotations
