@@ -662,3 +662,20 @@ def test_repeatable_and_thread_count_independent(backend):
     assert_scores_close(one, oracle(logits, target, weight=w), torch.float32, logits=logits)
     for name in ("loss", "entropy", "margin", "true_margin", "grad_norm", "confidence", "pred", "mms", "lse"):
         torch.testing.assert_close(getattr(one, name), getattr(a, name), rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+# --------------------------------------------------------------------------------------
+# The widest rows the issue asks for (C = 2^18): many column blocks, the maximum moving
+# from block to block (rebasing the sums), exact and top-2 MMS without any C x C work.
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=lambda d: dtype_ids[d])
+def test_widest_rows(backend, dtype):
+    c = 1 << 18
+    logits = random_logits(3, c, dtype=dtype, seed=5)
+    # Row 1: an increasing ramp, so every block raises the running maximum.
+    logits[1] = torch.linspace(-20, 20, c).to(dtype)
+    target = torch.tensor([7, c - 1, -100])
+    weight = torch.randn(c, 4, generator=torch.Generator().manual_seed(6))
+    for mms in ("exact", "top2"):
+        score_and_check(logits, target, backend, weight=weight, mms=mms, msg=f"C=2^18 {mms}")

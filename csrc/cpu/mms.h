@@ -14,6 +14,10 @@
 // them, and only their distances, ||w_a - w_j|| from the difference (exact, no
 // cancellation), are computed: O(C) per row plus D per candidate, where a Gram-matrix
 // method pays O(C^2 D) per call whatever N is.
+//
+// For small C the Gram matrix is the cheaper side (C^2 D is tiny, while a distance costs
+// D per row): the [C, C] inverse distances are computed once per call and each row
+// takes a plain multiply-min over its C entries.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -27,7 +31,11 @@
 
 namespace fastsel::cpu {
 
+// Classes up to which the exact MMS uses the [C, C] inverse-distance matrix.
+constexpr int64_t kMmsGramMaxClasses = 256;
+
 struct MmsWeights {
+  const void* inv_dist = nullptr;  // [C, C] 1 / ||w_a - w_j||, acc_t, when C <= kMmsGramMaxClasses
   const void* w = nullptr;       // [C, D] row-major, acc_t
   const void* radius = nullptr;  // [C] ||w_j - mu||, acc_t
   double radius_max = 0;         // max_j ||w_j - mu||
@@ -85,6 +93,16 @@ acc_t mms_exact_pruned(acc_t za, int64_t a, int64_t r, acc_t margin, const MmsWe
   if (margin == acc_t(0)) return acc_t(0);  // another class ties with a: on the boundary
   if (r < 0 || !(margin < std::numeric_limits<acc_t>::infinity())) {
     return std::numeric_limits<acc_t>::infinity();  // no finite competitor
+  }
+  if (mw.inv_dist != nullptr) {  // small C: every term from the precomputed matrix
+    acc_t best = std::numeric_limits<acc_t>::infinity();
+    blocks([&](const acc_t* x, int64_t j0, int64_t n) {
+      const acc_t* q = static_cast<const acc_t*>(mw.inv_dist) + a * n;  // one block: j0 = 0, n = C
+      for (int64_t j = 0; j < n; ++j) {
+        if (j != a) best = std::min(best, (za - x[j]) * q[j]);  // z_j < za: no 0 * inf
+      }
+    });
+    return best;
   }
   const acc_t* w = static_cast<const acc_t*>(mw.w);
   const acc_t* radius = static_cast<const acc_t*>(mw.radius);

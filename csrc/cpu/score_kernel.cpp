@@ -325,7 +325,9 @@ struct RowJob {
       if (r.margin == acc_t(0)) {
         v = acc_t(0);
       } else if (runner_up >= 0 && r.margin < pos_inf<acc_t>()) {
-        v = r.margin / pair_distance(static_cast<const acc_t*>(mw.w), mw.D, top.i1, runner_up);
+        v = mw.inv_dist != nullptr
+                ? r.margin * static_cast<const acc_t*>(mw.inv_dist)[top.i1 * C + runner_up]
+                : r.margin / pair_distance(static_cast<const acc_t*>(mw.w), mw.D, top.i1, runner_up);
       }
       out->mms[i] = v;
       return;
@@ -553,9 +555,14 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
 
   MmsInputs mms_in;
   mms_in.mode = mms_mode;
-  at::Tensor w, radius;
+  at::Tensor w, radius, inv_dist;
   if (mms_mode != kMmsNone) {
     w = weight->to(opts.dtype()).contiguous();
+    if (C <= kMmsGramMaxClasses) {  // both modes read their distances from the matrix
+      const at::Tensor sq = (w * w).sum(1);
+      inv_dist = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * at::mm(w, w.t())).clamp_min(0).rsqrt().contiguous();
+      mms_in.weights.inv_dist = inv_dist.const_data_ptr();
+    }
     radius = (w - w.mean(0, /*keepdim=*/true)).norm(2, {1}).contiguous();
     mms_in.weights.w = w.const_data_ptr();
     mms_in.weights.D = w.size(1);
