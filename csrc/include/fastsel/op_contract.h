@@ -20,9 +20,10 @@ using ScoreOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, 
 // Modes of the Minimal Margin Score (schema argument mms_mode; fastsel/ops.py MMS_MODES).
 enum MmsMode : int64_t { kMmsNone = 0, kMmsExact = 1, kMmsTop2 = 2 };
 
-// Largest C for which the exact MMS precomputes the [C, C] inverse-distance matrix and
-// fuses the MMS into the scoring pass; above it the inverse distances are built for a
-// bounded block of classes or rows at a time, never C x C.
+// GPU kernels: largest C for which the exact MMS precomputes the [C, C] inverse-distance
+// matrix and fuses the MMS into the scoring pass; above it the inverse distances are built
+// for a bounded block of rows at a time, never C x C. (The CPU kernel prunes instead:
+// csrc/cpu/mms.h.)
 constexpr int64_t kMmsDenseMaxClasses = 2048;
 
 inline at::ScalarType accumulate_type(at::ScalarType logits) {
