@@ -101,22 +101,20 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
             if CUDA_EXTENSION_AVAILABLE:
                 return "cuda"
         return "torch"
-    if backend == "cpu":
-        if not CPU_EXTENSION_AVAILABLE:
-            raise RuntimeError(
-                "backend='cpu' needs the compiled extension fastsel._C, which is not built; "
-                "run `pip install --no-build-isolation -e .` or use backend='torch'"
-            )
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpu' runs on CPU tensors, got tensors on {device}")
-    if backend == "cuda":
-        if not CUDA_EXTENSION_AVAILABLE:
-            raise RuntimeError(
-                "backend='cuda' needs fastsel._C built with CUDA (a CUDA toolkit and a CUDA "
-                "build of torch at build time; FASTSEL_BUILD_CUDA=1 to insist)"
-            )
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' runs on CUDA tensors, got tensors on {device}")
+    compiled = {  # backend: (built?, device it runs on, how to get it built)
+        "cpu": (CPU_EXTENSION_AVAILABLE, "cpu",
+                "the compiled extension fastsel._C, which is not built; run "
+                "`pip install --no-build-isolation -e .` or use backend='torch'"),
+        "cuda": (CUDA_EXTENSION_AVAILABLE, "cuda",
+                 "fastsel._C built with CUDA (a CUDA toolkit and a CUDA build of torch at "
+                 "build time; FASTSEL_BUILD_CUDA=1 to insist)"),
+    }
+    if backend in compiled:
+        built, runs_on, needs = compiled[backend]
+        if not built:
+            raise RuntimeError(f"backend={backend!r} needs {needs}")
+        if device.type != runs_on:
+            raise ValueError(f"backend={backend!r} runs on {runs_on.upper()} tensors, got tensors on {device}")
     if backend == "triton":
         if not _triton_importable():
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")

@@ -155,3 +155,17 @@ def test_target_on_other_device_cuda():
         pytest.skip("no CUDA device: cross-device target covered with the meta device above")
     with pytest.raises(ValueError, match="target"):
         fastsel.score(_x(), _t().cuda())
+
+
+@pytest.mark.skipif(not fastsel.CPU_EXTENSION_AVAILABLE, reason="needs the compiled extension fastsel._C")
+def test_backward_op_rejects_out_of_range_target():
+    """The raw backward op checks targets in its row loop and names the first bad row."""
+    logits = torch.randn(3, 4)
+    lse = torch.logsumexp(logits, dim=1)
+    target = torch.tensor([0, -100, 9])
+    with pytest.raises(IndexError, match=r"score_backward: target\[2\] = 9"):
+        torch.ops.fastsel.score_backward(torch.ones(3), logits, target, lse, -100)
+    grad = torch.ops.fastsel.score_backward(torch.ones(2), logits[:2], target[:2], lse[:2], -100)
+    want = torch.softmax(logits[:1], dim=1) - torch.nn.functional.one_hot(target[:1], 4)
+    torch.testing.assert_close(grad[:1], want)
+    assert torch.equal(grad[1], torch.zeros(4))  # ignored row

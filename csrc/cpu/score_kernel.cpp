@@ -11,7 +11,6 @@
 // torch.argmax-compatible pred. Rows are distributed over threads with at::parallel_for.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <c10/util/irange.h>
 
 #include <atomic>
 #include <cstring>
@@ -541,6 +540,17 @@ void score_rows(const at::Tensor& logits, const at::Tensor& target, int64_t igno
   });
 }
 
+// Raises the IndexError for the first row whose target is neither in [0, C) nor
+// ignore_index (recorded by the row loops, so no separate pass over the targets).
+void throw_if_bad_target(int64_t bad_row, const at::Tensor& target, int64_t C,
+                         int64_t ignore_index, const char* op) {
+  if (bad_row < 0) return;
+  const int64_t value = target.scalar_type() == at::kLong ? target[bad_row].item<int64_t>()
+                                                           : target[bad_row].item<int32_t>();
+  TORCH_CHECK_INDEX(false, op, ": target[", bad_row, "] = ", value, " is outside [0, ", C,
+                    ") and is not ignore_index (", ignore_index, ")");
+}
+
 }  // namespace
 
 ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target,
@@ -563,11 +573,16 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
       inv_dist = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * at::mm(w, w.t())).clamp_min(0).rsqrt().contiguous();
       mms_in.weights.inv_dist = inv_dist.const_data_ptr();
     }
-    radius = (w - w.mean(0, /*keepdim=*/true)).norm(2, {1}).contiguous();
     mms_in.weights.w = w.const_data_ptr();
     mms_in.weights.D = w.size(1);
-    mms_in.weights.radius = radius.const_data_ptr();
-    mms_in.weights.radius_max = radius.max().item<double>();
+    if (mms_mode == kMmsExact && !inv_dist.defined()) {  // the pruned search's bounds
+      radius = (w - w.mean(0, /*keepdim=*/true)).norm(2, {1}).contiguous();
+      mms_in.weights.radius = radius.const_data_ptr();
+      AT_DISPATCH_FLOATING_TYPES(radius.scalar_type(), "fastsel_radius_max", [&] {
+        const scalar_t* r = radius.const_data_ptr<scalar_t>();
+        mms_in.weights.radius_max = *std::max_element(r, r + C);
+      });
+    }
   }
 
   std::atomic<int64_t> first_bad_target{-1};
@@ -586,13 +601,7 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
       }
     });
   }
-  const int64_t bad = first_bad_target.load();
-  if (bad >= 0) {
-    const int64_t value = target.scalar_type() == at::kLong ? target[bad].item<int64_t>()
-                                                             : target[bad].item<int32_t>();
-    TORCH_CHECK_INDEX(false, "fastsel.score: target[", bad, "] = ", value, " is outside [0, ", C,
-                      ") and is not ignore_index (", ignore_index, ")");
-  }
+  throw_if_bad_target(first_bad_target.load(), target, C, ignore_index, "fastsel.score");
   return outs.outputs();
 }
 
@@ -612,7 +621,8 @@ inline void softmax_minus_onehot(const float* z, float* grad, int64_t n, float l
 
 template <typename scalar_t, typename target_t>
 void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                   const at::Tensor& lse, int64_t ignore_index, at::Tensor& grad) {
+                   const at::Tensor& lse, int64_t ignore_index, at::Tensor& grad,
+                   std::atomic<int64_t>& first_bad_target) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t N = logits.size(0), C = logits.size(1);
   const scalar_t* z = logits.const_data_ptr<scalar_t>();
@@ -633,7 +643,11 @@ void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const 
       const scalar_t* zr = z + i * zs;
       scalar_t* gr = out + i * C;
       const int64_t t = static_cast<int64_t>(tgt[i * ts]);
-      if (t == ignore_index || t < 0 || t >= C) {  // out-of-range targets: see below
+      if (t == ignore_index || t < 0 || t >= C) {
+        if (t != ignore_index) {  // reported after the loop
+          int64_t expected = -1;
+          first_bad_target.compare_exchange_strong(expected, i);
+        }
         std::memset(static_cast<void*>(gr), 0, sizeof(scalar_t) * C);
         continue;
       }
@@ -671,18 +685,15 @@ at::Tensor score_backward(const at::Tensor& grad_loss, const at::Tensor& logits_
   const at::Tensor lse = lse_in.to(acc_dtype);
   at::Tensor grad = at::empty({N, C}, logits.options());
   if (N == 0) return grad;
-  const at::Tensor t64 = target.to(at::kLong);
-  const at::Tensor out_of_range = ((t64 < 0) | (t64 >= C)) & (t64 != ignore_index);
-  TORCH_CHECK_INDEX(!out_of_range.any().item<bool>(),
-                    "fastsel.score_backward: target has values outside [0, ", C,
-                    ") that are not ignore_index (", ignore_index, ")");
+  std::atomic<int64_t> first_bad_target{-1};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fastsel_score_backward", [&] {
     if (target.scalar_type() == at::kLong) {
-      backward_rows<scalar_t, int64_t>(g, logits, target, lse, ignore_index, grad);
+      backward_rows<scalar_t, int64_t>(g, logits, target, lse, ignore_index, grad, first_bad_target);
     } else {
-      backward_rows<scalar_t, int32_t>(g, logits, target, lse, ignore_index, grad);
+      backward_rows<scalar_t, int32_t>(g, logits, target, lse, ignore_index, grad, first_bad_target);
     }
   });
+  throw_if_bad_target(first_bad_target.load(), target, C, ignore_index, "fastsel.score_backward");
   return grad;
 }
 

@@ -33,23 +33,6 @@ inline float hmax(const Vec& v) {
   return m;
 }
 
-inline float hmin(const Vec& v) {
-  alignas(64) float a[kLanes];
-  v.store(a);
-  float m = a[0];
-  for (int64_t i = 1; i < kLanes; ++i) m = std::min(m, a[i]);
-  return m;
-}
-
-// True if any lane of a comparison mask is set.
-inline bool any_lane_set(const Vec& mask) {
-  alignas(64) uint32_t a[kLanes];
-  mask.store(reinterpret_cast<float*>(a));
-  uint32_t any = 0;
-  for (int64_t i = 0; i < kLanes; ++i) any |= a[i];
-  return any != 0;
-}
-
 // max/min without NaN propagation, one instruction each (at::vec::maximum/minimum
 // spend three to propagate NaN); for callers that rule NaN out or detect it apart.
 inline Vec max_fast(const Vec& a, const Vec& b) {
