@@ -212,7 +212,9 @@ def test_no_grad_and_inference_mode(backend):
 
 
 def test_grad_large_batch(backend):
-    """Enough rows for the kernels to split the batch across threads."""
+    """Enough rows for the kernels to split the batch across threads, and a gradient
+    (16 MB) large enough for the CPU kernel's huge-page buffer; it becomes ``x.grad``
+    and a second backward accumulates into it in place."""
     n, c = 4097, 1000
     x = random_logits(n, c, seed=13).requires_grad_(True)
     target = random_target(n, c, ignore_frac=0.05)
@@ -220,6 +222,8 @@ def test_grad_large_batch(backend):
     fastsel.score(x, target, backend=backend).loss.backward(gradient=upstream)
     _, want = _ce_grad(x, target, upstream=upstream)
     torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-6)
+    fastsel.score(x, target, backend=backend).loss.backward(gradient=upstream)
+    torch.testing.assert_close(x.grad, 2 * want, rtol=1e-5, atol=2e-6)
 
 
 def test_grad_accumulates_over_two_calls(backend):

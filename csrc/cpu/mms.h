@@ -42,17 +42,28 @@ struct MmsWeights {
   int64_t D = 0;
 };
 
-// ||w_a - w_b|| from the difference of the two rows.
+// ||w_a - w_b|| from the difference of the two rows. Four accumulators: with one, the
+// D / 8 dependent FMAs (4 cycles of latency each) took longer than reading the two rows.
 inline float pair_distance(const float* w, int64_t D, int64_t a, int64_t b) {
   const float* wa = w + a * D;
   const float* wb = w + b * D;
-  Vec acc(0.f);
+  Vec acc0(0.f), acc1(0.f), acc2(0.f), acc3(0.f);
   int64_t k = 0;
+  for (; k + 4 * kLanes <= D; k += 4 * kLanes) {
+    const Vec d0 = Vec::loadu(wa + k) - Vec::loadu(wb + k);
+    const Vec d1 = Vec::loadu(wa + k + kLanes) - Vec::loadu(wb + k + kLanes);
+    const Vec d2 = Vec::loadu(wa + k + 2 * kLanes) - Vec::loadu(wb + k + 2 * kLanes);
+    const Vec d3 = Vec::loadu(wa + k + 3 * kLanes) - Vec::loadu(wb + k + 3 * kLanes);
+    acc0 = at::vec::fmadd(d0, d0, acc0);
+    acc1 = at::vec::fmadd(d1, d1, acc1);
+    acc2 = at::vec::fmadd(d2, d2, acc2);
+    acc3 = at::vec::fmadd(d3, d3, acc3);
+  }
   for (; k + kLanes <= D; k += kLanes) {
     const Vec d = Vec::loadu(wa + k) - Vec::loadu(wb + k);
-    acc = at::vec::fmadd(d, d, acc);
+    acc0 = at::vec::fmadd(d, d, acc0);
   }
-  float s = hsum(acc);
+  float s = hsum((acc0 + acc1) + (acc2 + acc3));
   for (; k < D; ++k) s += (wa[k] - wb[k]) * (wa[k] - wb[k]);
   return std::sqrt(s);
 }

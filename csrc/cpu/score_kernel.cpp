@@ -19,6 +19,7 @@
 
 #include "fastsel/row_scores.h"
 #include "kernels.h"
+#include "large_alloc.h"
 #include "mms.h"
 #include "vec_utils.h"
 
@@ -683,7 +684,7 @@ at::Tensor score_backward(const at::Tensor& grad_loss, const at::Tensor& logits_
   const auto acc_dtype = accumulate_type(logits.scalar_type());
   const at::Tensor g = grad_loss.to(acc_dtype);
   const at::Tensor lse = lse_in.to(acc_dtype);
-  at::Tensor grad = at::empty({N, C}, logits.options());
+  at::Tensor grad = empty_for_streaming_write({N, C}, logits.options());
   if (N == 0) return grad;
   std::atomic<int64_t> first_bad_target{-1};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fastsel_score_backward", [&] {
