@@ -75,7 +75,9 @@ def _build_cuda() -> bool:
 
 isa = _vector_isa()
 with_cuda = _build_cuda()
-cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+# -ffp-contract=off: the selection keys (selection_keys.h) must round exactly like the
+# other backends, so no multiply-add may be fused behind the code's back.
+cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-ffp-contract=off"]
 if isa == "avx2":
     cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DFASTSEL_ISA_AVX2"]
 cxx_flags.append(f'-DFASTSEL_BUILD_ISA="{isa}"')

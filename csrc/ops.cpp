@@ -5,6 +5,17 @@
 //   mms_mode: 0 none (mms is an empty tensor), 1 exact, 2 top2.
 // torch.ops.fastsel.score_backward(grad_loss, logits, target, lse, ignore_index)
 //   -> grad_logits = grad_loss[:, None] * (softmax(logits) - onehot(target)), 0 on ignored rows.
+//
+// Selection ops (METHODS.md section 2; per-element math in fastsel/selection_keys.h,
+// specification in fastsel/reference.py). All take 1-D inputs and return int64 indices:
+// torch.ops.fastsel.select_topk(scores, k, largest) -> [k], best first; ties: lowest
+//   index first; NaN ranks last.
+// torch.ops.fastsel.sample_without_replacement(importance, k, seed, counter) -> [k],
+//   distinct, P ∝ importance (exponential race), in race order.
+// torch.ops.fastsel.sample_with_replacement(importance, k, seed, counter) -> [k], i.i.d.
+//   draws with P ∝ importance (integer-quantized prefix sums), in draw order.
+// torch.ops.fastsel.percentile(values, history) -> [N] float32, the fraction of the
+//   (non-NaN) history strictly below each value; 1 for an empty history, NaN for NaN.
 // Fake implementations and autograd are registered from Python (fastsel/ops.py).
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -23,6 +34,10 @@ TORCH_LIBRARY(fastsel, m) {
   m.def(
       "score_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, int ignore_index) "
       "-> Tensor");
+  m.def("select_topk(Tensor scores, int k, bool largest) -> Tensor");
+  m.def("sample_without_replacement(Tensor importance, int k, int seed, int counter) -> Tensor");
+  m.def("sample_with_replacement(Tensor importance, int k, int seed, int counter) -> Tensor");
+  m.def("percentile(Tensor values, Tensor history) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastsel, CPU, m) {

@@ -188,3 +188,180 @@ def score_backward_reference(
     grad = p.scatter_add(1, y[:, None], -torch.ones_like(p[:, :1]))
     g = torch.where(ignored, torch.zeros_like(grad_loss), grad_loss).to(acc)
     return (grad * g[:, None]).to(logits.dtype)
+
+
+# ---- selection ops (METHODS.md section 2) -----------------------------------------------
+#
+# Mirrors csrc/include/fastsel/selection_keys.h operation for operation; read the header
+# for the design. Integers are int64 tensors holding uint32 (or smaller) values; float
+# keys are computed in float32 one IEEE operation at a time, as in the kernels, so the
+# same seed gives bit-identical keys and therefore the same indices on every backend.
+
+_U32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+WORD_RACE_TIME = 2  # sample without replacement
+WORD_BERNOULLI = 3  # percentile rule
+MAX_SEED = (1 << 63) - 1
+
+
+def _mulhilo32(m: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of m * x for a uint32 constant m and uint32 values x, in
+    int64 arithmetic without overflow (x split into 16-bit halves)."""
+    low = m * (x & 0xFFFF)          # < 2^48
+    high = m * (x >> 16)            # < 2^48
+    mid = low + ((high & 0xFFFF) << 16)  # < 2^49
+    return (high >> 16) + (mid >> 32), mid & _U32
+
+
+def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
+    """Philox4x32-10 (Salmon et al. 2011) of the counters (uint32 values in int64 tensors)
+    under the key (k0, k1); returns the four output words as int64 tensors."""
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_W0) & _U32
+        k1 = (k1 + _PHILOX_W1) & _U32
+    return c0, c1, c2, c3
+
+
+def philox_block(seed: int, counter: int, index: torch.Tensor):
+    """The four random words of elements ``index`` (int64) in call ``counter`` of ``seed``."""
+    index = index.to(torch.int64)
+    c0, c1 = index & _U32, index >> 32
+    c2 = torch.full_like(index, counter & _U32)
+    c3 = torch.full_like(index, counter >> 32)
+    return philox4x32_10(c0, c1, c2, c3, seed & _U32, seed >> 32)
+
+
+def open_unit_float(word: torch.Tensor) -> torch.Tensor:
+    """(2 k + 1) 2^-24 with k the top 23 bits: uniform in (0, 1), exact in float32."""
+    return (2 * (word >> 9) + 1).to(torch.float32) * 5.9604644775390625e-8
+
+
+def unit_float(word: torch.Tensor) -> torch.Tensor:
+    """k 2^-24 with k the top 24 bits: uniform in [0, 1), exact in float32."""
+    return (word >> 8).to(torch.float32) * 5.9604644775390625e-8
+
+
+def unit_double(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """53 random bits as a float64 in [0, 1)."""
+    return ((hi << 21) | (lo >> 11)).to(torch.float64) * 1.1102230246251565e-16
+
+
+def _f32(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def neg_log_unit(u: torch.Tensor) -> torch.Tensor:
+    """-log(u) of float32 u in (0, 1) by the header's fixed sequence of float32 operations
+    (2 atanh series after splitting off the exponent), not by a library log."""
+    bits = u.view(torch.int32).to(torch.int64) & _U32
+    e = (bits >> 23) - 127
+    m = ((bits & 0x007FFFFF) | 0x3F800000).to(torch.int32).view(torch.float32)
+    big = m > _f32(1.41421356)
+    m = torch.where(big, m * _f32(0.5), m)
+    e = torch.where(big, e + 1, e)
+    f = m + _f32(-1.0)
+    s = f / (f + _f32(2.0))
+    z = s * s
+    p = torch.full_like(z, 0.111111111)
+    p = p * z + _f32(0.142857143)
+    p = p * z + _f32(0.2)
+    p = p * z + _f32(0.333333333)
+    two_s = s * _f32(2.0)
+    log_m = two_s + two_s * (p * z)
+    log_u = e.to(torch.float32) * _f32(0.693147182) + log_m
+    return -log_u
+
+
+def race_key_bits(importance: torch.Tensor, seed: int, counter: int) -> torch.Tensor:
+    """Exponential-race keys: the float32 bits of E_i / w_i (int64 in [0, 2^32)); all
+    ones for zero importance. ``importance`` is used in float32."""
+    w = importance.to(torch.float32)
+    index = torch.arange(w.numel(), device=w.device)
+    word = philox_block(seed, counter, index)[WORD_RACE_TIME]
+    key = neg_log_unit(open_unit_float(word)) / w
+    bits = key.view(torch.int32).to(torch.int64) & _U32
+    return torch.where(w > 0, bits, torch.full_like(bits, _U32))
+
+
+def rank_key_bits(scores: torch.Tensor, largest: bool) -> torch.Tensor:
+    """Order-preserving int64 keys of scores, smaller = better, NaN last, -0 == +0.
+    float32 (and narrower) scores give uint32 keys; float64 scores give int64 keys."""
+    if scores.dtype == torch.float64:
+        b = (scores + 0.0).view(torch.int64)
+        ascending = torch.where(b < 0, b ^ 0x7FFFFFFFFFFFFFFF, b)  # signed order = float order
+        key = ~ascending if largest else ascending
+        return torch.where(torch.isnan(scores), torch.full_like(key, MAX_SEED), key)
+    x = scores.to(torch.float32)
+    b = (x + _f32(0.0)).view(torch.int32).to(torch.int64) & _U32
+    ascending = torch.where(b >= 0x80000000, (~b) & _U32, b | 0x80000000)
+    key = ((~ascending) & _U32) if largest else ascending
+    return torch.where(torch.isnan(x), torch.full_like(key, _U32), key)
+
+
+def k_smallest(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k smallest keys, ordered by (key, index): ties keep the lowest index."""
+    order = torch.sort(keys, stable=True).indices
+    return order[:k]
+
+
+def select_topk_reference(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+    """The k best scores' indices, best first; ties: lowest index first; NaN ranks last."""
+    return k_smallest(rank_key_bits(scores, largest), k)
+
+
+def sample_without_replacement_reference(importance: torch.Tensor, k: int, seed: int,
+                                         counter: int) -> torch.Tensor:
+    """k distinct indices drawn with P ∝ importance (exponential race), in race order."""
+    return k_smallest(race_key_bits(importance, seed, counter), k)
+
+
+def replacement_weights(importance: torch.Tensor) -> torch.Tensor:
+    """Integer weights q_i = trunc(w_i 2^shift) (int64) for sampling with replacement.
+
+    ``shift`` puts the largest importance in [2^(B-1), 2^B) with B = 52 - bit_length(N),
+    so sum q < 2^52 and every prefix sum is exact. Importances below max * 2^-B count as
+    zero. The scale is computed on the tensor's device (no host synchronisation).
+    """
+    w = importance.to(torch.float32)
+    n = w.numel()
+    bits = 52 - n.bit_length()
+    exponent = torch.frexp(w.max()).exponent.to(torch.int64)  # max = f 2^e, f in [0.5, 1)
+    scale = torch.ldexp(torch.ones((), dtype=torch.float64, device=w.device), bits - exponent)
+    q = (w.to(torch.float64) * scale).to(torch.int64)
+    return torch.where(w > 0, q, torch.zeros_like(q))
+
+
+def sample_with_replacement_reference(importance: torch.Tensor, k: int, seed: int,
+                                      counter: int) -> torch.Tensor:
+    """k indices drawn independently with P ∝ importance, in draw order: draw j takes the
+    first i with cumsum(q)_i > t_j, t_j = min(trunc(u_j total), total - 1)."""
+    cum = torch.cumsum(replacement_weights(importance), 0)
+    total = cum[-1]
+    draws = torch.arange(k, device=importance.device)
+    r = philox_block(seed, counter, draws)
+    t = (unit_double(r[0], r[1]) * total.to(torch.float64)).to(torch.int64)
+    t = torch.minimum(t, total - 1)
+    return torch.searchsorted(cum, t, right=True)
+
+
+def percentile_reference(values: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    """F_R(v) = #{h in history : h < v} / #history for each value (float32), NaN history
+    entries ignored; NaN values give NaN; an empty history ranks every value at 1."""
+    h = history[~torch.isnan(history)].to(torch.float64)
+    v = values.to(torch.float64)
+    if h.numel() == 0:
+        out = torch.ones(v.shape, dtype=torch.float32, device=v.device)
+    else:
+        below = torch.searchsorted(torch.sort(h).values, v, side="left")
+        out = below.to(torch.float32) / _f32(float(h.numel())).to(v.device)
+    return torch.where(torch.isnan(v), torch.full_like(out, float("nan")), out)
+
+
+def bernoulli_uniforms(n: int, seed: int, counter: int, device=None) -> torch.Tensor:
+    """Uniforms in [0, 1) (float32) for the percentile rule's keep decisions."""
+    r = philox_block(seed, counter, torch.arange(n, device=device))
+    return unit_float(r[WORD_BERNOULLI])
