@@ -89,11 +89,12 @@ print(f"fastsel: building the CPU kernels for ISA '{isa}', CUDA: {with_cuda}", f
 sources = [
     "csrc/ops.cpp",
     "csrc/cpu/score_kernel.cpp",
+    "csrc/cpu/select_kernel.cpp",
 ]
 extension = CppExtension
 compile_args = {"cxx": cxx_flags}
 if with_cuda:
-    sources += ["csrc/cuda/score_kernel.cu", "csrc/cuda/ops_cuda.cu"]
+    sources += ["csrc/cuda/score_kernel.cu", "csrc/cuda/ops_cuda.cu", "csrc/cuda/select_kernel.cu"]
     extension = CUDAExtension
     compile_args = {
         "cxx": cxx_flags + ["-DFASTSEL_WITH_CUDA"],

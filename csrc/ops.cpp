@@ -43,6 +43,10 @@ TORCH_LIBRARY(fastsel, m) {
 TORCH_LIBRARY_IMPL(fastsel, CPU, m) {
   m.impl("score_forward", &fastsel::cpu::score_forward);
   m.impl("score_backward", &fastsel::cpu::score_backward);
+  m.impl("select_topk", &fastsel::cpu::select_topk);
+  m.impl("sample_without_replacement", &fastsel::cpu::sample_without_replacement);
+  m.impl("sample_with_replacement", &fastsel::cpu::sample_with_replacement);
+  m.impl("percentile", &fastsel::cpu::percentile);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

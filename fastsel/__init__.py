@@ -2,12 +2,32 @@
 
 from fastsel._extension import CPU_EXTENSION_AVAILABLE, build_info
 from fastsel.ops import BACKENDS, MMS_MODES, Scores, available_backends, score
+from fastsel.selection import (
+    POLICIES,
+    SCORE_DIRECTIONS,
+    History,
+    Selection,
+    importance_weights,
+    percentile,
+    sample,
+    select,
+    select_topk,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "score",
     "Scores",
+    "select",
+    "select_topk",
+    "sample",
+    "percentile",
+    "importance_weights",
+    "Selection",
+    "History",
+    "SCORE_DIRECTIONS",
+    "POLICIES",
     "available_backends",
     "build_info",
     "BACKENDS",

@@ -17,4 +17,12 @@ at::Tensor score_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                           const at::Tensor& target, const at::Tensor& lse,
                           int64_t ignore_index);
 
+// Selection ops (schemas and semantics in csrc/ops.cpp, select_kernel.cpp).
+at::Tensor select_topk(const at::Tensor& scores, int64_t k, bool largest);
+at::Tensor sample_without_replacement(const at::Tensor& importance, int64_t k, int64_t seed,
+                                      int64_t counter);
+at::Tensor sample_with_replacement(const at::Tensor& importance, int64_t k, int64_t seed,
+                                   int64_t counter);
+at::Tensor percentile(const at::Tensor& values, const at::Tensor& history);
+
 }  // namespace fastsel::cpu

@@ -27,4 +27,15 @@ at::Tensor score_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                           const at::Tensor& target, const at::Tensor& lse,
                           int64_t ignore_index);
 
+// Selection ops (csrc/cuda/select_kernel.cu; schemas and semantics in csrc/ops.cpp, per-
+// element math in fastsel/selection_keys.h): the same indices as the CPU kernels and
+// fastsel/reference.py for the same inputs and seed. Asynchronous, no host
+// synchronisation; int64 indices, float32 fractions for percentile.
+at::Tensor select_topk(const at::Tensor& scores, int64_t k, bool largest);
+at::Tensor sample_without_replacement(const at::Tensor& importance, int64_t k, int64_t seed,
+                                      int64_t counter);
+at::Tensor sample_with_replacement(const at::Tensor& importance, int64_t k, int64_t seed,
+                                   int64_t counter);
+at::Tensor percentile(const at::Tensor& values, const at::Tensor& history);
+
 }  // namespace fastsel::cuda

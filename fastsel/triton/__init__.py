@@ -29,3 +29,14 @@ if TRITON_AVAILABLE:
     from fastsel.triton.score_forward import score_forward_triton
 
     __all__ += ["score_forward_triton", "score_backward_triton", "mms_exact_triton"]
+
+# Selection ops (METHODS.md section 2): per-element keys of
+# csrc/include/fastsel/selection_keys.h (device helpers in ``selection_math``).
+if TRITON_AVAILABLE:
+    from fastsel.triton.percentile_count import percentile_triton
+    from fastsel.triton.race_keys import race_keys_triton
+    from fastsel.triton.rank_keys import rank_keys_triton
+    from fastsel.triton.replacement_draws import replacement_draws_triton
+
+    __all__ += ["rank_keys_triton", "race_keys_triton", "replacement_draws_triton",
+                "percentile_triton"]
