@@ -18,7 +18,7 @@ import torch
 
 from fastsel import reference
 from fastsel._extension import CPU_EXTENSION_AVAILABLE
-from fastsel.ops import _resolve_backend, score
+from fastsel.ops import BACKENDS, _resolve_backend, score
 from fastsel.reference import Scores
 
 __all__ = [
@@ -166,6 +166,8 @@ def _resolve_seed(seed: Optional[int], counter: int, generator: Optional[torch.G
 
 
 def _selection_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     resolved = _resolve_backend(backend, device)
     if resolved == "triton":
         from fastsel import _triton_select_ops  # noqa: F401  (registers the ops on first use)
