@@ -10,6 +10,12 @@
   ``SoftmaxState`` / ``Top2`` with the same reduction tree as ``csrc/cuda/row_group.cuh``
   and finalizing gives the scores of the one-thread ``push`` path that the CPU tests
   compare with the reference.
+* ``test_selection_keys_header_matches_reference_on_host``: ``csrc/include/fastsel/
+  selection_keys.h`` (the per-element math of the selection ops, shared by the CPU and
+  CUDA kernels) compiled as host C++ with ``-ffp-contract=off``: Philox4x32-10 passes
+  Random123's known-answer vectors, and Philox, the uniforms, ``neg_log_unit``, the rank
+  and race keys, the draw targets and the integer weights of sampling with replacement
+  agree bit for bit with ``fastsel/reference.py`` on a few thousand inputs each.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CSRC = REPO_ROOT / "csrc"
 CUDA_DIR = CSRC / "cuda"
 CUDA_SOURCES = sorted(p.name for p in CUDA_DIR.glob("*.cu"))
-EXPECTED_CUDA_SOURCES = ("score_kernel.cu", "ops_cuda.cu")
+EXPECTED_CUDA_SOURCES = ("score_kernel.cu", "ops_cuda.cu", "select_kernel.cu")
 ARCHS = ("sm_80", "sm_90")
 CXX_STD = "c++17"  # the standard setup.py compiles the C++ sources with
 COMPILE_TIMEOUT_S = 1200
@@ -265,3 +271,344 @@ def test_row_scores_header_merge_on_host(tmp_path):
     )
     ran = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, f"merged per-thread states disagree with one pass:\n{ran.stdout}{ran.stderr}"
+
+
+# ---- host check of selection_keys.h against fastsel/reference.py ------------------------
+
+_SELECTION_KEYS_PROGRAM = r"""
+// Prints the per-element math of selection_keys.h (compiled as plain host C++, as the CPU
+// kernels use it) for a few thousand inputs; the Python side recomputes every line with
+// fastsel/reference.py and compares bits. Also checks Philox4x32-10 against the
+// known-answer vectors of Random123 (kat_vectors), exiting with 1 on a mismatch.
+// All numbers are printed in hex; floats as their bit patterns.
+#include "fastsel/selection_keys.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+using namespace fastsel;
+
+static float f32(uint32_t bits) { return bits_to_float(bits); }
+static uint64_t f64_bits(double x) {
+  union { double d; uint64_t u; } v{x};
+  return v.u;
+}
+static double f64(uint64_t bits) {
+  union { uint64_t u; double d; } v{bits};
+  return v.d;
+}
+
+static std::mt19937_64 rng(20240611);
+static uint32_t rand32() { return static_cast<uint32_t>(rng()); }
+// A positive normal float32 with a uniformly random exponent in [lo, hi] (biased).
+static uint32_t rand_positive_bits(uint32_t lo, uint32_t hi) {
+  const uint32_t exponent = lo + static_cast<uint32_t>(rng() % (hi - lo + 1));
+  return (exponent << 23) | (rand32() & 0x007FFFFFu);
+}
+
+static const uint32_t kSpecialFloats[] = {
+    0x00000000u, 0x80000000u,              // +0, -0
+    0x3F800000u, 0xBF800000u,              // 1, -1
+    0x7F800000u, 0xFF800000u,              // +inf, -inf
+    0x7FC00000u, 0xFFC00000u, 0x7F800001u, 0xFFFFFFFFu,  // NaNs, both signs, payloads
+    0x00000001u, 0x80000001u, 0x007FFFFFu, 0x00800000u,  // subnormals, smallest normal
+    0x7F7FFFFFu, 0xFF7FFFFFu,              // +-FLT_MAX
+    0x3F000000u, 0x40000000u, 0x0DA24260u, 0x7149F2CAu,  // 0.5, 2, 1e-30, 1e30
+};
+
+static void print_philox(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  const Philox4x32 r = philox4x32_10(c0, c1, c2, c3, k0, k1);
+  std::printf("philox %x %x %x %x %x %x %x %x %x %x\n", c0, c1, c2, c3, k0, k1, r.x[0], r.x[1], r.x[2], r.x[3]);
+}
+
+// Checks the header against the known answers and prints the three lines, so that the
+// Python side holds the reference's Philox to them as well.
+static int kat_vectors() {
+  struct Kat { uint32_t c[4], k[2], out[4]; };
+  const Kat kats[] = {
+      {{0, 0, 0, 0}, {0, 0}, {0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}},
+      {{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu}, {0xffffffffu, 0xffffffffu},
+       {0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}},
+      {{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}, {0xa4093822u, 0x299f31d0u},
+       {0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}},
+  };
+  int bad = 0;
+  for (const Kat& t : kats) {
+    const Philox4x32 r = philox4x32_10(t.c[0], t.c[1], t.c[2], t.c[3], t.k[0], t.k[1]);
+    for (int w = 0; w < 4; ++w) {
+      if (r.x[w] != t.out[w]) {
+        std::fprintf(stderr,
+                     "Philox KAT mismatch: ctr %08x %08x %08x %08x key %08x %08x word %d: %08x, "
+                     "expected %08x\n",
+                     t.c[0], t.c[1], t.c[2], t.c[3], t.k[0], t.k[1], w, r.x[w], t.out[w]);
+        ++bad;
+      }
+    }
+    print_philox(t.c[0], t.c[1], t.c[2], t.c[3], t.k[0], t.k[1]);
+  }
+  return bad;
+}
+
+int main() {
+  const int kat_failures = kat_vectors();
+  for (int i = 0; i < 200; ++i) print_philox(rand32(), rand32(), rand32(), rand32(), rand32(), rand32());
+
+  // Uniforms from one word, and -log(u) of the open-interval ones.
+  std::vector<uint32_t> words = {0u,          1u,          0x1FFu,      0x200u,      0xFFu,
+                                 0x100u,      0x7FFFFFFFu, 0x80000000u, 0xFFFFFE00u, 0xFFFFFFFFu};
+  for (int i = 0; i < 2000; ++i) words.push_back(rand32());
+  for (uint32_t w : words) {
+    std::printf("unit %x %x %x\n", w, float_to_bits(open_unit_float(w)), float_to_bits(unit_float(w)));
+  }
+  std::vector<uint32_t> units;  // bit patterns of u in (0, 1)
+  for (uint32_t w : words) units.push_back(float_to_bits(open_unit_float(w)));
+  for (int i = 0; i < 1000; ++i) units.push_back(rand_positive_bits(1, 126));  // [2^-126, 1)
+  for (uint32_t e = 100; e <= 126; e += 2) {  // mantissas around the sqrt(2) split of m
+    for (uint32_t m = 0x3504F0u; m <= 0x3504F6u; ++m) units.push_back((e << 23) | m);
+  }
+  for (uint32_t u : units) std::printf("neglog %x %x\n", u, float_to_bits(neg_log_unit(f32(u))));
+
+  // Rank keys: every kind of float32 and float64 bit pattern, both directions.
+  std::vector<uint32_t> scores(std::begin(kSpecialFloats), std::end(kSpecialFloats));
+  for (int i = 0; i < 3000; ++i) scores.push_back(rand32());
+  for (uint32_t x : scores) {
+    for (int largest = 0; largest < 2; ++largest) {
+      std::printf("rank %x %d %x\n", x, largest, rank_key_bits(f32(x), largest != 0));
+    }
+  }
+  std::vector<uint64_t> scores64;
+  for (uint32_t x : kSpecialFloats) scores64.push_back(f64_bits(static_cast<double>(f32(x))));
+  scores64.push_back(0xFFF8000000000001ull);  // a negative NaN with a payload
+  for (int i = 0; i < 1000; ++i) scores64.push_back(rng());
+  for (uint64_t x : scores64) {
+    for (int largest = 0; largest < 2; ++largest) {
+      std::printf("rank64 %llx %d %llx\n", static_cast<unsigned long long>(x), largest,
+                  static_cast<unsigned long long>(rank_key_bits64(f64(x), largest != 0)));
+    }
+  }
+
+  // Race keys of whole importance vectors (item i uses Philox element i).
+  const uint64_t kMaxSeed = (uint64_t(1) << 63) - 1;
+  const uint64_t seeds_counters[][2] = {{0, 0}, {1, 0}, {0, 1}, {kMaxSeed, kMaxSeed},
+                                        {0x243f6a8885a308d3ull, 0x13198a2e03707344ull},
+                                        {12345, uint64_t(1) << 32}, {(uint64_t(1) << 32) + 7, 5}};
+  for (const auto& sc : seeds_counters) {
+    std::vector<uint32_t> w(std::begin(kSpecialFloats), std::end(kSpecialFloats));
+    for (int i = 0; i < 500; ++i) {
+      w.push_back(i % 5 == 0 ? 0x3F800000u : rand_positive_bits(1, 254));
+    }
+    std::shuffle(w.begin(), w.end(), rng);
+    std::printf("race %llx %llx ", static_cast<unsigned long long>(sc[0]),
+                static_cast<unsigned long long>(sc[1]));
+    for (size_t i = 0; i < w.size(); ++i) std::printf("%s%x", i ? "," : "", w[i]);
+    std::printf(" ");
+    for (size_t i = 0; i < w.size(); ++i) {
+      std::printf("%s%x", i ? "," : "", race_key_bits(f32(w[i]), sc[0], sc[1], i));
+    }
+    std::printf("\n");
+  }
+
+  // Draw targets, including element indices beyond 32 bits.
+  const int64_t totals[] = {1, 2, 3, 1000, 123456789, (int64_t(1) << 52) - 1, int64_t(1) << 52,
+                            (int64_t(1) << 53) - 1};
+  std::vector<uint64_t> draws;
+  for (uint64_t j = 0; j < 100; ++j) draws.push_back(j);
+  for (uint64_t j : {0xFFFFFFFFull, 0x100000000ull, (1ull << 40) + 3, 1ull << 62}) draws.push_back(j);
+  for (const auto& sc : seeds_counters) {
+    for (int64_t total : totals) {
+      for (uint64_t j : draws) {
+        std::printf("target %llx %llx %llx %llx %llx\n", static_cast<unsigned long long>(sc[0]),
+                    static_cast<unsigned long long>(sc[1]), static_cast<unsigned long long>(total),
+                    static_cast<unsigned long long>(j),
+                    static_cast<unsigned long long>(replacement_target(sc[0], sc[1], j, total)));
+      }
+    }
+  }
+
+  // Integer weights of sampling with replacement: scale from the largest importance as
+  // reference.replacement_weights (and the CPU/CUDA kernels) do, then quantized_importance.
+  std::vector<std::vector<uint32_t>> vectors;
+  for (int n : {1, 2, 7, 100, 1000, 4097}) {
+    std::vector<uint32_t> w;
+    for (int i = 0; i < n; ++i) {
+      const uint64_t kind = rng() % 10;  // 10% zeros, 10% finite negatives, else 2^-37 .. 2^14
+      w.push_back(kind == 0   ? 0u
+                  : kind == 1 ? (rand_positive_bits(1, 254) | 0x80000000u)
+                              : rand_positive_bits(90, 140));
+    }
+    vectors.push_back(w);
+  }
+  vectors.push_back(std::vector<uint32_t>(33, 0x3F800000u));                    // all equal
+  vectors.push_back({0x40000000u, 0x3F800000u, 0x00000001u, 0x3F000000u});      // max a power of two
+  vectors.push_back({0x00000001u, 0x00000003u, 0x007FFFFFu, 0x00000000u});      // subnormal max
+  vectors.push_back({0x7F7FFFFFu, 0x7F000000u, 0x3F800000u, 0x00800000u});      // FLT_MAX
+  vectors.push_back({0x00000000u, 0x80000000u, 0x00000000u});                   // all zero
+  for (const auto& w : vectors) {
+    float max_w = f32(w[0]);
+    for (uint32_t b : w) max_w = std::max(max_w, f32(b));
+    int bit_length = 0;
+    for (uint64_t rest = w.size(); rest != 0; rest >>= 1) ++bit_length;
+    int exponent = 0;
+    std::frexp(max_w, &exponent);
+    const double scale = std::ldexp(1.0, (52 - bit_length) - exponent);
+    std::printf("quant ");
+    for (size_t i = 0; i < w.size(); ++i) std::printf("%s%x", i ? "," : "", w[i]);
+    std::printf(" ");
+    for (size_t i = 0; i < w.size(); ++i) {
+      std::printf("%s%llx", i ? "," : "",
+                  static_cast<unsigned long long>(quantized_importance(f32(w[i]), scale)));
+    }
+    std::printf("\n");
+  }
+  return kat_failures == 0 ? 0 : 1;
+}
+"""
+
+
+def _signed(bits: int, width: int) -> int:
+    """The two's complement value of an unsigned ``width``-bit pattern."""
+    return bits - (1 << width) if bits >= 1 << (width - 1) else bits
+
+
+def _floats32(bits: list[int]):
+    """float32 tensor with the given bit patterns."""
+    import torch
+
+    return torch.tensor([_signed(b, 32) for b in bits], dtype=torch.int32).view(torch.float32)
+
+
+def _floats64(bits: list[int]):
+    """float64 tensor with the given bit patterns."""
+    import torch
+
+    return torch.tensor([_signed(b, 64) for b in bits], dtype=torch.int64).view(torch.float64)
+
+
+def _bits32(x) -> list[int]:
+    """Bit patterns (unsigned) of a float32 tensor."""
+    import torch
+
+    return [b & 0xFFFFFFFF for b in x.view(torch.int32).tolist()]
+
+
+class _Comparison:
+    """Counts and examples of disagreements between the header (host C++) and the reference."""
+
+    def __init__(self):
+        self.count = 0
+        self.examples: list[str] = []
+        self.checked: dict[str, int] = {}
+
+    def compare(self, what: str, inputs: list, got: list[int], want: list[int], context: str = "") -> None:
+        """Element-wise comparison of the header's values ``got`` for ``inputs`` with the
+        reference's ``want``; ``what`` names the function (counts are kept per function)."""
+        self.checked[what] = self.checked.get(what, 0) + len(got)
+        assert len(got) == len(want), f"{what}: {len(got)} values from C++, {len(want)} from the reference"
+        for x, g, w in zip(inputs, got, want):
+            if g != w:
+                self.count += 1
+                if len(self.examples) < 20:
+                    x = f"{x:#x}" if isinstance(x, int) else x
+                    self.examples.append(f"{what}{context} of {x}: header {g:#x}, reference {w:#x}")
+
+
+def _compare_with_reference(output: str) -> _Comparison:
+    import torch
+
+    from fastsel import reference as ref
+
+    lines: dict[str, list[list[str]]] = {}
+    for line in output.splitlines():
+        tag, *fields = line.split()
+        lines.setdefault(tag, []).append(fields)
+    bad = _Comparison()
+
+    # Philox4x32-10, word by word (the reference's 16-bit-split multiply in int64).
+    for f in lines["philox"]:
+        c0, c1, c2, c3, k0, k1, *out = (int(x, 16) for x in f)
+        words = ref.philox4x32_10(*(torch.tensor([c]) for c in (c0, c1, c2, c3)), k0, k1)
+        bad.compare("philox4x32_10", [f"ctr ({c0:#x}, {c1:#x}, {c2:#x}, {c3:#x}) key ({k0:#x}, {k1:#x})"] * 4,
+                    out, [int(w) for w in words])
+
+    rows = [[int(x, 16) for x in f] for f in lines["unit"]]
+    words = torch.tensor([r[0] for r in rows])
+    bad.compare("open_unit_float", [r[0] for r in rows], [r[1] for r in rows],
+                _bits32(ref.open_unit_float(words)))
+    bad.compare("unit_float", [r[0] for r in rows], [r[2] for r in rows], _bits32(ref.unit_float(words)))
+
+    rows = [[int(x, 16) for x in f] for f in lines["neglog"]]
+    bad.compare("neg_log_unit", [r[0] for r in rows], [r[1] for r in rows],
+                _bits32(ref.neg_log_unit(_floats32([r[0] for r in rows]))))
+
+    for largest in (False, True):
+        rows = [[int(x, 16) for x in f] for f in lines["rank"] if int(f[1]) == largest]
+        keys = ref.rank_key_bits(_floats32([r[0] for r in rows]), largest)
+        bad.compare("rank_key_bits", [r[0] for r in rows], [r[2] for r in rows], keys.tolist(),
+                    f"(largest={largest})")
+        # float64: the header's uint64 key with its top bit flipped, read as a signed int64,
+        # is the reference's key (the same order in int64 arithmetic).
+        rows = [[int(x, 16) for x in f] for f in lines["rank64"] if int(f[1]) == largest]
+        keys = ref.rank_key_bits(_floats64([r[0] for r in rows]), largest)
+        flipped = [_signed(r[2] ^ (1 << 63), 64) for r in rows]
+        bad.compare("rank_key_bits64", [r[0] for r in rows], flipped, keys.tolist(), f"(largest={largest})")
+
+    for f in lines["race"]:
+        seed, counter = int(f[0], 16), int(f[1], 16)
+        w = [int(x, 16) for x in f[2].split(",")]
+        got = [int(x, 16) for x in f[3].split(",")]
+        want = ref.race_key_bits(_floats32(w), seed, counter).tolist()
+        bad.compare("race_key_bits", [f"importance bits {b:#x} at index {i}" for i, b in enumerate(w)],
+                    got, want, f"(seed={seed:#x}, counter={counter:#x})")
+
+    groups: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
+    for f in lines["target"]:
+        seed, counter, total, draw, t = (int(x, 16) for x in f)
+        groups.setdefault((seed, counter, total), []).append((draw, t))
+    for (seed, counter, total), pairs in groups.items():
+        # reference.sample_with_replacement_reference's draw targets, for these draws.
+        r = ref.philox_block(seed, counter, torch.tensor([d for d, _ in pairs]))
+        total_t = torch.tensor(total)
+        t = (ref.unit_double(r[0], r[1]) * total_t.to(torch.float64)).to(torch.int64)
+        t = torch.minimum(t, total_t - 1)
+        bad.compare("replacement_target", [f"draw {d:#x}" for d, _ in pairs], [t_ for _, t_ in pairs],
+                    t.tolist(), f"(seed={seed:#x}, counter={counter:#x}, total={total})")
+
+    for f in lines["quant"]:
+        w = [int(x, 16) for x in f[0].split(",")]
+        got = [int(x, 16) for x in f[1].split(",")]
+        want = ref.replacement_weights(_floats32(w)).tolist()
+        bad.compare("quantized_importance", [f"importance bits {b:#x}" for b in w], got, want, f"(N={len(w)})")
+    return bad
+
+
+def test_selection_keys_header_matches_reference_on_host(tmp_path):
+    """selection_keys.h compiled as host C++ (-ffp-contract=off, as the CPU kernels): Philox
+    against Random123's known answers, and the keys, uniforms, -log, draw targets and
+    integer weights bit for bit against fastsel/reference.py. The CUDA kernels run the same
+    header with __fmul_rn & co., which round as these host operations."""
+    pytest.importorskip("torch")
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++ / c++ / $CXX)")
+    src = tmp_path / "selection_keys_dump.cpp"
+    exe = tmp_path / "selection_keys_dump"
+    src.write_text(_SELECTION_KEYS_PROGRAM)
+    cmd = [cxx, f"-std={CXX_STD}", "-O2", "-ffp-contract=off", "-Wall", "-Wextra",
+           f"-I{CSRC / 'include'}", str(src), "-o", str(exe)]
+    built = _run(cmd)
+    assert built.returncode == 0, (
+        f"selection_keys.h does not compile as host C++:\n$ {shlex.join(cmd)}\n{built.stderr}"
+    )
+    ran = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, f"Philox4x32-10 fails Random123's known-answer test:\n{ran.stderr}"
+    bad = _compare_with_reference(ran.stdout)
+    assert bad.count == 0, (
+        f"{bad.count} values of selection_keys.h differ from fastsel/reference.py:\n"
+        + "\n".join(bad.examples)
+    )
+    for what, count in bad.checked.items():
+        assert count >= 500, f"only {count} values of {what} were compared"

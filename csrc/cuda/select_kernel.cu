@@ -14,7 +14,9 @@
 //   * float64 scores have 64-bit keys, which leave no room for the index; they are sorted
 //     with a stable sort instead (see select_topk);
 //   * sampling with replacement finds each draw in integer prefix sums, which are exact
-//     whatever order at::cumsum adds in.
+//     whatever order at::cumsum adds in;
+//   * percentile sorts the history as integer rank keys (NaN last whatever its sign, see
+//     SortableRankKey) and counts the entries below each value by binary search.
 //
 // Everything is asynchronous: no .item(), no host synchronisation. Quantities that depend
 // on the data (the largest importance, the total weight, the number of non-NaN history
@@ -74,8 +76,9 @@ unsigned int blocks_for(int64_t n) {
 // float32 for float32/half/bf16 (exact conversions) and in float64 for float64, so the
 // order of the keys is the order of the values with -0 == +0, and NaN (any sign, any
 // payload) gets the largest key of the type, after +inf. at::sort of the floats themselves
-// would not do: CUDA's radix sort puts a NaN with the sign bit set (the default NaN of
-// x86 CPUs) first.
+// would not do: beyond its small-input bitonic path, CUDA's torch.sort is a radix sort of
+// the raw bits that puts a NaN with the sign bit set (x86's default NaN, e.g. from 0/0 on
+// the CPU) before -inf (pytorch/pytorch#190781).
 template <typename scalar_t>
 struct SortableRankKey {
   using compare_t = float;
@@ -393,9 +396,13 @@ at::Tensor percentile(const at::Tensor& values_in, const at::Tensor& history_in)
   const at::Tensor history = history_in.to(compare_type);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, compare_type, "fastsel_percentile_cuda", [&] {
     using Key = SortableRankKey<scalar_t>;
+    // The history as ascending sortable keys: its non-NaN entries in order, then its NaNs.
+    // The reference drops the NaNs before sorting; here they sort last and the kernel counts
+    // the entries before the first NaN key, on the device.
     at::Tensor sorted_history;  // undefined for an empty history: the kernel reads nothing
     if (history_size > 0) {
-      at::Tensor keys = at::empty({history_size}, history.options().dtype(c10::CppTypeToScalarType<typename Key::key_t>::value));
+      constexpr at::ScalarType key_dtype = c10::CppTypeToScalarType<typename Key::key_t>::value;
+      at::Tensor keys = at::empty({history_size}, history.options().dtype(key_dtype));
       sortable_rank_keys_kernel<scalar_t><<<blocks_for(history_size), kSelectBlockThreads, 0, stream>>>(
           history.const_data_ptr<scalar_t>(), history.stride(0), history_size, /*largest=*/false,
           keys.mutable_data_ptr<typename Key::key_t>());
@@ -413,3 +420,6 @@ at::Tensor percentile(const at::Tensor& values_in, const at::Tensor& history_in)
 }
 
 }  // namespace fastsel::cuda
+
+#undef FASTSEL_FOR_EACH_ELEMENT
+#undef FASTSEL_DISPATCH_FLOAT32_OR_NARROWER
