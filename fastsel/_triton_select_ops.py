@@ -110,10 +110,11 @@ def triton_percentile(values: torch.Tensor, history: torch.Tensor) -> torch.Tens
     op = "triton_percentile"
     _check_1d(op, "values", values)
     _check_1d(op, "history", history)
+    # Integer inputs: float64, as the reference compares (exact up to 2^53).
     if not values.dtype.is_floating_point:
-        values = values.to(torch.float32)
+        values = values.to(torch.float64)
     if not history.dtype.is_floating_point:
-        history = history.to(torch.float32)
+        history = history.to(torch.float64)
     return percentile_triton(values, history)
 
 

@@ -31,7 +31,8 @@ RANK_KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _rank_keys_kernel(packed_ptr, scores_ptr, n, stride, LARGEST: tl.constexpr, BLOCK: tl.constexpr):
+def _rank_keys_kernel(packed_ptr, scores_ptr, n, stride,
+                      LARGEST: tl.constexpr, BLOCK: tl.constexpr):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = index < n
     x = tl.load(scores_ptr + index * stride, mask=mask, other=0.0).to(tl.float32)
@@ -41,13 +42,17 @@ def _rank_keys_kernel(packed_ptr, scores_ptr, n, stride, LARGEST: tl.constexpr, 
 
 def rank_keys_triton(scores: torch.Tensor, largest: bool) -> torch.Tensor:
     """Packed signed (rank key, index) int64 keys [N] of 1-D ``scores`` (float32, float16
-    or bfloat16, any stride; N < 2^32). See the module docstring."""
+    or bfloat16, any stride; N <= 2^32). See the module docstring."""
     if scores.dim() != 1:
         raise ValueError(f"rank_keys_triton: scores must be 1-D, got shape {tuple(scores.shape)}")
     if scores.dtype not in RANK_KEY_DTYPES:
-        raise TypeError(f"rank_keys_triton: scores must be float32, float16 or bfloat16, got {scores.dtype}")
+        raise TypeError("rank_keys_triton: scores must be float32, float16 or bfloat16, got "
+                        f"{scores.dtype}")
     check_device(scores, "rank_keys_triton")
     n = scores.shape[0]
+    if n > 1 << 32:
+        raise ValueError("rank_keys_triton: at most 2^32 elements (the index is packed in "
+                         f"32 bits), got {n}")
     packed = torch.empty(n, dtype=torch.int64, device=scores.device)
     if n == 0:
         return packed

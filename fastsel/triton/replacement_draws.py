@@ -19,18 +19,26 @@ import triton
 import triton.language as tl
 
 from fastsel.triton._launch import check_device, device_guard
-from fastsel.triton.selection_math import EXACT_FP_LAUNCH, elements_per_program, replacement_target
+from fastsel.triton.selection_math import (
+    EXACT_FP_LAUNCH,
+    elements_per_program,
+    replacement_target,
+    split_words,
+)
 
 __all__ = ["replacement_draws_triton"]
 
 
-@triton.jit(do_not_specialize=["seed", "counter"])
-def _replacement_draws_kernel(index_ptr, cum_ptr, n, k, n_search_steps, seed, counter,
-                              BLOCK: tl.constexpr):
+# Seed and counter halves: runtime uint32 arguments, never specialized (one compilation
+# for every seed; see selection_math.split_words).
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "counter_lo", "counter_hi"])
+def _replacement_draws_kernel(index_ptr, cum_ptr, n, k, n_search_steps,
+                              seed_lo: tl.uint32, seed_hi: tl.uint32,
+                              counter_lo: tl.uint32, counter_hi: tl.uint32, BLOCK: tl.constexpr):
     draw = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     draw_mask = draw < k
     total = tl.load(cum_ptr + (n - 1))  # read on the device: no host synchronisation
-    target = replacement_target(seed, counter, draw, total)
+    target = replacement_target(seed_lo, seed_hi, counter_lo, counter_hi, draw, total)
     # Upper bound of target in cum over [lo, hi): the answer is in [0, N - 1] because
     # target < total = cum[N - 1]. Finished lanes (lo == hi) keep their bounds.
     lo = tl.zeros([BLOCK], dtype=tl.int64)
@@ -53,6 +61,8 @@ def replacement_draws_triton(cum: torch.Tensor, k: int, seed: int, counter: int)
         raise ValueError(f"replacement_draws_triton: cum must be a 1-D int64 tensor, got "
                          f"{cum.dtype} of shape {tuple(cum.shape)}")
     check_device(cum, "replacement_draws_triton")
+    seed_lo, seed_hi = split_words(seed)
+    counter_lo, counter_hi = split_words(counter)
     n = cum.shape[0]
     index = torch.empty(k, dtype=torch.int64, device=cum.device)
     if k == 0:
@@ -63,7 +73,8 @@ def replacement_draws_triton(cum: torch.Tensor, k: int, seed: int, counter: int)
     block = elements_per_program(k)
     with device_guard(cum):
         _replacement_draws_kernel[(triton.cdiv(k, block),)](
-            index, cum, n, k, n.bit_length(), seed, counter, BLOCK=block,
+            index, cum, n, k, n.bit_length(), seed_lo, seed_hi, counter_lo, counter_hi,
+            BLOCK=block,
             **EXACT_FP_LAUNCH,
         )
     return index

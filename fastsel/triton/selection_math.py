@@ -11,16 +11,19 @@ Triton:
   high half, which is ``mulhilo32`` of the header. ``>>`` on an unsigned tensor is a
   logical shift. Literals >= 2^31 (the Philox constants, masks) are typed ``uint32`` by
   Triton, so no operand is promoted to a signed or wider type by accident.
-* Seeds and counters arrive as kernel integer arguments, which Triton types from their
-  value (``int32`` below 2^31, ``int64`` above): every helper widens them to ``int64``
-  first and splits them into ``uint32`` halves (truncating casts), as ``philox_block``.
+* Seeds and counters (< 2^63) are passed to the kernels as their two uint32 halves
+  (``split_words``), in parameters annotated ``tl.uint32`` and excluded from
+  specialization: one compiled variant for every seed, and no 64-bit shift of a value
+  whose width depends on how it was typed (see ``split_words``).
 * Floating point: every float operation is a single IEEE round-to-nearest operation, as
   in the header. Two things would break that on a GPU and are excluded:
     - contraction of ``a * b + c`` into an FMA (one rounding instead of two): Triton fuses
       by default, so **every kernel calling these helpers must be launched with
       ``enable_fp_fusion=False``** (it turns off LLVM's contraction and passes
-      ``--fmad=false`` to ptxas), the counterpart of ``-ffp-contract=off`` on the CPU and
-      ``__fmul_rn`` / ``__fadd_rn`` in CUDA;
+      ``--fmad=false`` to ptxas; the PTX then holds ``mul.rn.f32`` / ``add.rn.f32``, which
+      ptxas never contracts), the counterpart of ``-ffp-contract=off`` on the CPU and
+      ``__fmul_rn`` / ``__fadd_rn`` in CUDA. ``EXACT_FP_LAUNCH`` holds that option;
+      tests/triton/test_triton_select.py compiles the kernels to PTX to check it;
     - Triton's ``/`` on float32, which is the approximate ``div.full.f32`` (2 ulp):
       divisions use ``tl.math.div_rn`` (``div.rn.f32``, correctly rounded), as
       ``FASTSEL_DIV`` / ``__fdiv_rn``.
@@ -74,30 +77,20 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def low_word(x):
-    """Low 32 bits of an integer scalar / tensor as ``uint32`` (widened to int64 first)."""
-    return x.to(tl.int64).to(tl.uint32)
-
-
-@triton.jit
-def high_word(x):
-    """Bits 32..63 of an integer scalar / tensor as ``uint32`` (widened to int64 first, so
-    an ``int32``-typed argument is not shifted by its full width)."""
-    return (x.to(tl.int64) >> 32).to(tl.uint32)
-
-
-@triton.jit
-def philox_block(seed, counter, index):
+def philox_block(seed_lo, seed_hi, counter_lo, counter_hi, index):
     """The four random words of element ``index`` (int64 tensor) in call ``counter`` under
-    ``seed`` (integers in [0, 2^63)): counter = (index lo, index hi, counter lo, counter hi),
-    key = (seed lo, seed hi) (header: ``philox_block``)."""
+    ``seed`` (header: ``philox_block``): counter = (index lo, index hi, counter lo,
+    counter hi), key = (seed lo, seed hi). Seed and counter come as their uint32 halves
+    (``split_words`` on the host, kernel parameters annotated ``tl.uint32``; the casts
+    below are no-ops when compiled, but the interpreter ignores the annotation and types
+    each argument from its value: see ``split_words``)."""
     index = index.to(tl.int64)
     zero = tl.zeros(index.shape, dtype=tl.uint32)
-    c0 = low_word(index)
-    c1 = high_word(index)
-    c2 = zero + low_word(counter)  # broadcast the call counter to the block
-    c3 = zero + high_word(counter)
-    return philox4x32_10(c0, c1, c2, c3, low_word(seed), high_word(seed))
+    c0 = index.to(tl.uint32)  # truncation: the low word
+    c1 = (index >> 32).to(tl.uint32)
+    c2 = zero + counter_lo.to(tl.uint32)  # broadcast the call counter to the block
+    c3 = zero + counter_hi.to(tl.uint32)
+    return philox4x32_10(c0, c1, c2, c3, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
 
 
 @triton.jit
@@ -152,12 +145,12 @@ def neg_log_unit(u):
 
 
 @triton.jit
-def race_key_bits(w, seed, counter, index):
+def race_key_bits(w, seed_lo, seed_hi, counter_lo, counter_hi, index):
     """Exponential-race key of importance ``w`` (float32) for element ``index`` (header:
     ``race_key_bits``): the bits of E / w with E = -log(open uniform of Philox word 2,
     ``kWordRaceTime``), a non-negative float, so unsigned order is numeric order; all ones
     when w is not positive (zero importance, also NaN), after every positive importance."""
-    _, _, race_word, _ = philox_block(seed, counter, index)
+    _, _, race_word, _ = philox_block(seed_lo, seed_hi, counter_lo, counter_hi, index)
     e = neg_log_unit(open_unit_float(race_word))
     has_key = w > 0.0
     # The header returns before dividing when w <= 0; lanes compute in lockstep here, so
@@ -198,12 +191,12 @@ def pack_key_index_signed(key, index):
 
 
 @triton.jit
-def replacement_target(seed, counter, draw, total):
+def replacement_target(seed_lo, seed_hi, counter_lo, counter_hi, draw, total):
     """Draw ``draw`` (int64 tensor) of sampling with replacement: t = trunc(u total) with
     u = ``unit_double`` of Philox words 0 (low) and 1 (high), clamped to total - 1 (header:
     ``replacement_target``). ``total`` (int64, < 2^53) converts exactly; the product is one
     correctly rounded float64 multiplication and the conversion truncates (t >= 0)."""
-    w0, w1, _, _ = philox_block(seed, counter, draw)
+    w0, w1, _, _ = philox_block(seed_lo, seed_hi, counter_lo, counter_hi, draw)
     u = unit_double(w0, w1)
     t = (u * total.to(tl.float64)).to(tl.int64)
     return tl.minimum(t, total - 1)
@@ -213,6 +206,22 @@ def replacement_target(seed, counter, draw, total):
 
 # Every selection kernel is launched with these options: no FMA contraction (see above).
 EXACT_FP_LAUNCH = {"enable_fp_fusion": False}
+
+
+def split_words(x: int) -> tuple[int, int]:
+    """(low, high) uint32 halves of a seed or counter in [0, 2^63), for kernel parameters
+    annotated ``tl.uint32``.
+
+    Why halves: Triton types a Python int argument from its value. Compiled, the
+    annotation fixes the type. The interpreter (Triton 3.8) ignores it and, for a value in
+    [2^31, 2^32), declares the argument int64 while storing it in a uint32 numpy array, so
+    a 64-bit ``x >> 32`` in the kernel would shift a 32-bit number by its full width and
+    return garbage. Halves are below 2^32 and only ever truncated to uint32 in the kernel
+    (``philox_block``), which is exact under either typing.
+    """
+    if not 0 <= x < 1 << 63:
+        raise ValueError(f"seeds and counters must be in [0, 2^63), got {x}")
+    return x & 0xFFFFFFFF, x >> 32
 
 GPU_BLOCK = 1024
 INTERPRETER_MAX_BLOCK = 1 << 13
