@@ -276,13 +276,32 @@ def neg_log_unit(u: torch.Tensor) -> torch.Tensor:
     return -log_u
 
 
+def _pow2f(p: torch.Tensor) -> torch.Tensor:
+    """2^p (float32) for integer p in [-126, 127], from the exponent bits (exact)."""
+    return ((p + 127) << 23).to(torch.int32).view(torch.float32)
+
+
+def race_scale(w: torch.Tensor) -> torch.Tensor:
+    """[2^a, 2^b] (float32) with 2^(a+b) = 2^-e, max(w) = f 2^e, a = floor(-e / 2): the
+    common power-of-two factor that puts the largest importance in [0.5, 1) before the
+    race divides by it (see the header's race_scale). Computed on w's device; [1, 1] when
+    nothing is positive."""
+    top = w.to(torch.float32).max() if w.numel() else torch.zeros((), device=w.device)
+    e = torch.frexp(top).exponent.to(torch.int64)
+    s = torch.where(top > 0, -e, torch.zeros_like(e))
+    a = torch.div(s, 2, rounding_mode="floor")
+    return torch.stack([_pow2f(a), _pow2f(s - a)])
+
+
 def race_key_bits(importance: torch.Tensor, seed: int, counter: int) -> torch.Tensor:
-    """Exponential-race keys: the float32 bits of E_i / w_i (int64 in [0, 2^32)); all
-    ones for zero importance. ``importance`` is used in float32."""
+    """Exponential-race keys: the float32 bits of E_i / (w_i 2^s) (int64 in [0, 2^32)),
+    2^s = race_scale; all ones for zero importance. ``importance`` is used in float32."""
     w = importance.to(torch.float32)
+    scale = race_scale(w)
     index = torch.arange(w.numel(), device=w.device)
     word = philox_block(seed, counter, index)[WORD_RACE_TIME]
-    key = neg_log_unit(open_unit_float(word)) / w
+    scaled = (w * scale[0]) * scale[1]
+    key = neg_log_unit(open_unit_float(word)) / scaled
     bits = key.view(torch.int32).to(torch.int64) & _U32
     return torch.where(w > 0, bits, torch.full_like(bits, _U32))
 

@@ -47,8 +47,8 @@ class Selection(NamedTuple):
 
     ``indices`` [k] int64 into the batch (best first for top-k, in race order for
     sampling without replacement, in draw order with replacement); ``weights`` [k]
-    float32, the unbiased importance weights ``1 / (N P(i))`` normalised to mean 1 for
-    sampling, ones otherwise; ``scores``: the full ``Scores`` for ``select``, the input
+    float32: for sampling, the importance weights ``1 / (N P(i))`` normalised to mean 1
+    over the selection (``importance_weights``), ones otherwise; ``scores``: the full ``Scores`` for ``select``, the input
     tensor for the other ops.
     """
 
@@ -228,7 +228,14 @@ def select_topk(scores: torch.Tensor, k: int, largest: bool = True, *, backend: 
 
 def importance_weights(importance: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``1 / (N P(i))`` for the selected ``indices``, P ∝ importance, normalised to mean 1
-    over the selection (N and the sum of importances cancel): float32 [k]."""
+    over the selection (N and the sum of importances cancel): float32 [k].
+
+    Before normalisation, ``mean_j f(x_j) / (N P(j))`` over draws with replacement is an
+    unbiased estimate of the population mean of f. Normalising makes it the
+    self-normalised estimator: consistent and scale-free (a weighted loss keeps the
+    magnitude of an unweighted one), but biased by O(1/k) (for k = 1 every weight is 1).
+    Without replacement, 1 / (N P(i)) is the usual approximation of the inverse inclusion
+    probability, close to it when k is small against N."""
     if indices.numel() == 0:
         return torch.ones(0, dtype=torch.float32, device=importance.device)
     inv = 1.0 / importance.detach().to(torch.float32)[indices].to(torch.float64)

@@ -74,15 +74,16 @@ inline __m256 neg_log_unit_avx2(__m256 u) {
   return _mm256_xor_ps(log_u, _mm256_set1_ps(-0.0f));  // negation is exact
 }
 
-// race_key_bits(w[j], seed, counter, index0 + j) for j in [0, 8); index0 % 8 == 0.
-inline void race_key_bits_avx2(const float* w, uint64_t index0, uint64_t seed, uint64_t counter,
-                               uint32_t* key) {
+// race_key_bits(w[j], scale, seed, counter, index0 + j) for j in [0, 8); index0 % 8 == 0.
+inline void race_key_bits_avx2(const float* w, RaceScale scale, uint64_t index0, uint64_t seed,
+                               uint64_t counter, uint32_t* key) {
   const __m256i word = philox_word2_avx2(index0, seed, counter);
   // open_unit_float: (2 (word >> 9) + 1) 2^-24
   const __m256i odd = _mm256_add_epi32(_mm256_slli_epi32(_mm256_srli_epi32(word, 9), 1), _mm256_set1_epi32(1));
   const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(odd), _mm256_set1_ps(5.9604644775390625e-8f));
   const __m256 wv = _mm256_loadu_ps(w);
-  const __m256 race = _mm256_div_ps(neg_log_unit_avx2(u), wv);
+  const __m256 scaled = _mm256_mul_ps(_mm256_mul_ps(wv, _mm256_set1_ps(scale.a)), _mm256_set1_ps(scale.b));
+  const __m256 race = _mm256_div_ps(neg_log_unit_avx2(u), scaled);
   const __m256 positive = _mm256_cmp_ps(wv, _mm256_setzero_ps(), _CMP_GT_OQ);
   const __m256i bits = _mm256_blendv_epi8(_mm256_set1_epi32(-1), _mm256_castps_si256(race),
                                           _mm256_castps_si256(positive));

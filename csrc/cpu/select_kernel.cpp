@@ -261,21 +261,23 @@ at::Tensor sample_without_replacement(const at::Tensor& importance, int64_t k, i
   check_seed(seed, counter, op);
   const at::Tensor w32 = importance_f32(importance);
   const float* w = w32.const_data_ptr<float>();
-  check_importance_values(summarize_importance(w, n), importance, k, /*replacement=*/false);
+  const ImportanceSummary summary = summarize_importance(w, n);
+  check_importance_values(summary, importance, k, /*replacement=*/false);
   if (k == 0) return at::empty({0}, importance.options().dtype(at::kLong));
+  const RaceScale scale = race_scale(summary.max);
   std::vector<uint64_t> packed(n);
   const uint64_t s = static_cast<uint64_t>(seed), c = static_cast<uint64_t>(counter);
   at::parallel_for(0, n, 1 << 13, [&](int64_t b, int64_t e) {
     int64_t i = b;
 #if defined(FASTSEL_HAS_RACE_KEYS_AVX2)
-    for (; i < e && i % 8 != 0; ++i) packed[i] = pack_key_index(race_key_bits(w[i], s, c, i), i);
+    for (; i < e && i % 8 != 0; ++i) packed[i] = pack_key_index(race_key_bits(w[i], scale, s, c, i), i);
     alignas(32) uint32_t key[8];
     for (; i + 8 <= e; i += 8) {
-      race_key_bits_avx2(w + i, static_cast<uint64_t>(i), s, c, key);
+      race_key_bits_avx2(w + i, scale, static_cast<uint64_t>(i), s, c, key);
       for (int j = 0; j < 8; ++j) packed[i + j] = pack_key_index(key[j], i + j);
     }
 #endif
-    for (; i < e; ++i) packed[i] = pack_key_index(race_key_bits(w[i], s, c, i), i);
+    for (; i < e; ++i) packed[i] = pack_key_index(race_key_bits(w[i], scale, s, c, i), i);
   });
   return k_smallest_indices(packed, k, importance.options());
 }

@@ -145,9 +145,11 @@ def neg_log_unit(u):
 
 
 @triton.jit
-def race_key_bits(w, seed_lo, seed_hi, counter_lo, counter_hi, index):
+def race_key_bits(w, scale_a, scale_b, seed_lo, seed_hi, counter_lo, counter_hi, index):
     """Exponential-race key of importance ``w`` (float32) for element ``index`` (header:
-    ``race_key_bits``): the bits of E / w with E = -log(open uniform of Philox word 2,
+    ``race_key_bits``): the bits of E / ((w scale_a) scale_b), the two power-of-two
+    factors of ``race_scale`` (computed once per call from the largest importance, so
+    that tiny importances do not overflow the key), E = -log(open uniform of Philox word 2,
     ``kWordRaceTime``), a non-negative float, so unsigned order is numeric order; all ones
     when w is not positive (zero importance, also NaN), after every positive importance."""
     _, _, race_word, _ = philox_block(seed_lo, seed_hi, counter_lo, counter_hi, index)
@@ -155,7 +157,8 @@ def race_key_bits(w, seed_lo, seed_hi, counter_lo, counter_hi, index):
     has_key = w > 0.0
     # The header returns before dividing when w <= 0; lanes compute in lockstep here, so
     # those divide by 1 instead (their result is discarded) rather than by 0 or NaN.
-    bits = tl.math.div_rn(e, tl.where(has_key, w, 1.0)).to(tl.uint32, bitcast=True)
+    scaled = (w * scale_a) * scale_b
+    bits = tl.math.div_rn(e, tl.where(has_key, scaled, 1.0)).to(tl.uint32, bitcast=True)
     return tl.where(has_key, bits, KEY_LAST)
 
 

@@ -223,7 +223,7 @@ def test_rank_keys_match_reference_bits(n, largest):
 def test_race_keys_match_reference_bits(n, seed, counter):
     w = torch.rand(n, generator=torch.Generator().manual_seed(n))
     w[::4] = 0.0
-    w[1::4] = 1e-45  # subnormal: E / w overflows to +inf (still before the zeros)
+    w[1::4] = 1e-45  # subnormal: a key that would overflow without the common scale
     key, index = unpack(race_keys_triton(w, seed, counter))
     assert torch.equal(index, torch.arange(n))
     assert torch.equal(key, ref.race_key_bits(w, seed, counter))
@@ -461,7 +461,7 @@ _PTX_CHECK = textwrap.dedent("""
 
     kernels = {
         "race_keys": ptx(_race_keys_kernel, {"packed_ptr": "*i64", "importance_ptr": "*fp32",
-            "n": "i32", "stride": "i32", "seed_lo": "u32", "seed_hi": "u32", "counter_lo": "u32",
+            "scale_ptr": "*fp32", "n": "i32", "stride": "i32", "seed_lo": "u32", "seed_hi": "u32", "counter_lo": "u32",
             "counter_hi": "u32", "BLOCK": "constexpr"},
             {"BLOCK": 1024}),
         "rank_keys": ptx(_rank_keys_kernel, {"packed_ptr": "*i64", "scores_ptr": "*bf16",
@@ -541,3 +541,16 @@ def test_public_api_triton_rejects_bad_importance():
         fastsel.sample(torch.tensor([1.0, -2.0]), 1, seed=0, backend="triton")
     with pytest.raises(ValueError, match=r"k = 2 exceeds the number of nonzero importances \(1\)"):
         fastsel.sample(torch.tensor([1.0, 0.0]), 2, seed=0, backend="triton")
+
+
+@pytest.mark.parametrize("magnitude", [1e-45, 1e-39, 1e-30, 3e38])
+def test_race_keys_of_tiny_and_huge_importances_match_reference(magnitude):
+    """All importances tiny (E / w would overflow float32 without race_scale) or huge:
+    the keys stay finite, distinct and bit-equal to the reference."""
+    g = torch.Generator().manual_seed(1)
+    w = (torch.rand(200, generator=g) + 0.5).mul(magnitude).to(torch.float32)
+    w[::7] = 0.0
+    key, _ = unpack(race_keys_triton(w, 5, 9))
+    assert torch.equal(key, ref.race_key_bits(w, 5, 9))
+    finite = key[w > 0]
+    assert bool((finite < 0x7F800000).all()), "positive importances must get finite keys"

@@ -146,14 +146,45 @@ FASTSEL_SK_HD float neg_log_unit(float u) {
   return -log_u;
 }
 
-// Race key bits of an item with importance w >= 0 (float32): the bits of E / w, a
+// 2^p as a float32 for p in [-126, 127], built in the exponent bits (exact).
+FASTSEL_SK_HD float pow2f(int32_t p) { return bits_to_float(static_cast<uint32_t>(p + 127) << 23); }
+
+// The race keys divide by the importance, and E / w overflows float32 for w below ~1e-38:
+// every such item would tie at +inf and be taken in index order, not at random. So every
+// importance is first multiplied by the same power of two 2^s, s = -e where
+// max_importance = f 2^e (frexp, f in [0.5, 1)), which puts the largest in [0.5, 1) and
+// changes no probability. 2^s is applied as two factors 2^a 2^b (a = floor(s / 2)), each a
+// normal float32 for every finite positive maximum; each product is one IEEE rounding.
+struct RaceScale {
+  float a, b;
+};
+
+FASTSEL_SK_HD RaceScale race_scale(float max_importance) {
+  if (!(max_importance > 0.0f)) return RaceScale{1.0f, 1.0f};
+  const uint32_t bits = float_to_bits(max_importance);
+  int32_t e;  // frexp exponent, from the bits (subnormals: from the leading one)
+  if ((bits >> 23) != 0) {
+    e = static_cast<int32_t>(bits >> 23) - 126;
+  } else {
+    int32_t lead = 22;
+    while (((bits >> lead) & 1u) == 0u) --lead;
+    e = lead - 148;
+  }
+  const int32_t s = -e;
+  const int32_t a = (s >= 0) ? s / 2 : -((-s + 1) / 2);  // floor(s / 2)
+  return RaceScale{pow2f(a), pow2f(s - a)};
+}
+
+// Race key bits of an item with importance w >= 0 (float32): the bits of E / (w 2^s), a
 // non-negative float, so unsigned order is numeric order. Zero importance gets the
-// all-ones key, after every positive importance (even one whose E / w overflows to inf).
-FASTSEL_SK_HD uint32_t race_key_bits(float w, uint64_t seed, uint64_t counter, uint64_t index) {
+// all-ones key, after every positive importance (even one whose key overflows to inf).
+FASTSEL_SK_HD uint32_t race_key_bits(float w, RaceScale scale, uint64_t seed, uint64_t counter,
+                                     uint64_t index) {
   if (!(w > 0.0f)) return 0xFFFFFFFFu;
   const Philox4x32 r = philox_block(seed, counter, index);
   const float e = neg_log_unit(open_unit_float(r.x[kWordRaceTime]));
-  return float_to_bits(FASTSEL_DIV(e, w));
+  const float scaled = FASTSEL_MUL(FASTSEL_MUL(w, scale.a), scale.b);
+  return float_to_bits(FASTSEL_DIV(e, scaled));
 }
 
 // Rank key of a float32 score: smaller key = better. Order-preserving map of the float
