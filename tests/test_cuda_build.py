@@ -14,8 +14,10 @@
   selection_keys.h`` (the per-element math of the selection ops, shared by the CPU and
   CUDA kernels) compiled as host C++ with ``-ffp-contract=off``: Philox4x32-10 passes
   Random123's known-answer vectors, and Philox, the uniforms, ``neg_log_unit``, the rank
-  and race keys, the draw targets and the integer weights of sampling with replacement
-  agree bit for bit with ``fastsel/reference.py`` on a few thousand inputs each.
+  keys, ``race_scale`` (of single maxima, and of the max of each race vector), the race
+  keys (importance vectors with NaN, mixed magnitudes, all tiny down to 1e-45, all huge up
+  to FLT_MAX), the draw targets and the integer weights of sampling with replacement agree
+  bit for bit with ``fastsel/reference.py`` on a few thousand inputs each.
 """
 
 from __future__ import annotations
@@ -288,6 +290,7 @@ _SELECTION_KEYS_PROGRAM = r"""
 #include <cstdint>
 #include <cstdio>
 #include <random>
+#include <utility>
 #include <vector>
 
 using namespace fastsel;
@@ -391,25 +394,88 @@ int main() {
     }
   }
 
-  // Race keys of whole importance vectors (item i uses Philox element i).
+  // The race scale of single maxima: normal, subnormal, powers of two (normal and
+  // subnormal), zeros, negatives and NaN (+inf is outside the domain: the public API
+  // rejects infinite importance).
+  std::vector<uint32_t> maxima = {0x00000000u, 0x80000000u, 0x00000001u, 0x00000002u, 0x00000003u,
+                                  0x007FFFFFu, 0x00800000u, 0x00800001u, 0x3F000000u, 0x3F7FFFFFu,
+                                  0x3F800000u, 0x7F7FFFFFu, 0x7F000000u, 0xBF800000u, 0xFF7FFFFFu,
+                                  0x80000001u, 0x7FC00000u, 0xFFC00000u, 0x7F800001u};
+  for (uint32_t e = 1; e <= 254; ++e) maxima.push_back(e << 23);           // 2^(e - 127)
+  for (uint32_t b = 0; b < 23; ++b) maxima.push_back(1u << b);             // 2^(b - 149)
+  for (uint32_t e = 1; e <= 254; ++e) maxima.push_back((e << 23) | 0x007FFFFFu);  // just below
+  for (int i = 0; i < 1500; ++i) maxima.push_back(rand_positive_bits(1, 254));
+  for (int i = 0; i < 500; ++i) maxima.push_back((rand32() & 0x007FFFFFu) | 1u);  // subnormal
+  for (int i = 0; i < 200; ++i) maxima.push_back(rand_positive_bits(1, 254) | 0x80000000u);
+  for (uint32_t m : maxima) {
+    const RaceScale scale = race_scale(f32(m));
+    std::printf("rscale %x %x %x\n", m, float_to_bits(scale.a), float_to_bits(scale.b));
+  }
+
+  // Race keys of whole importance vectors (item i uses Philox element i), scaled by
+  // race_scale of the vector's maximum (torch.max's: NaN if any entry is NaN).
   const uint64_t kMaxSeed = (uint64_t(1) << 63) - 1;
   const uint64_t seeds_counters[][2] = {{0, 0}, {1, 0}, {0, 1}, {kMaxSeed, kMaxSeed},
                                         {0x243f6a8885a308d3ull, 0x13198a2e03707344ull},
                                         {12345, uint64_t(1) << 32}, {(uint64_t(1) << 32) + 7, 5}};
+  const uint32_t kTiny = 0x000AE398u;  // 1e-39f (subnormal)
+  const uint32_t kHuge = 0x7F61B1E6u;  // 3e38f
   for (const auto& sc : seeds_counters) {
+    std::vector<std::pair<const char*, std::vector<uint32_t>>> cases;
     std::vector<uint32_t> w(std::begin(kSpecialFloats), std::end(kSpecialFloats));
-    for (int i = 0; i < 500; ++i) {
-      w.push_back(i % 5 == 0 ? 0x3F800000u : rand_positive_bits(1, 254));
+    for (int i = 0; i < 500; ++i) w.push_back(i % 5 == 0 ? 0x3F800000u : rand_positive_bits(1, 254));
+    cases.push_back({"specials", w});  // NaN inside: unit scale
+    w.clear();
+    for (int i = 0; i < 300; ++i) {  // every exponent, no NaN/inf: max somewhere near FLT_MAX
+      w.push_back(i % 10 == 0 ? 0u : i % 7 == 0 ? 0x80000000u : rand_positive_bits(1, 254));
     }
-    std::shuffle(w.begin(), w.end(), rng);
-    std::printf("race %llx %llx ", static_cast<unsigned long long>(sc[0]),
-                static_cast<unsigned long long>(sc[1]));
-    for (size_t i = 0; i < w.size(); ++i) std::printf("%s%x", i ? "," : "", w[i]);
-    std::printf(" ");
-    for (size_t i = 0; i < w.size(); ++i) {
-      std::printf("%s%x", i ? "," : "", race_key_bits(f32(w[i]), sc[0], sc[1], i));
+    cases.push_back({"mixed", w});
+    w.clear();
+    for (int i = 0; i < 300; ++i) {  // 1e-45 .. 1e2, and zeros
+      const uint64_t kind = rng() % 6;
+      w.push_back(kind == 0 ? 0x00000001u : kind == 1 ? 0u : kind == 2 ? kTiny
+                  : kind == 3 ? (rand32() & 0x007FFFFFu) | 1u : rand_positive_bits(1, 133));
     }
-    std::printf("\n");
+    cases.push_back({"mixed", w});
+    w.clear();
+    for (int i = 0; i < 200; ++i) w.push_back(i % 3 == 0 ? kTiny : i % 3 == 1 ? 0x00000001u : 0u);
+    cases.push_back({"tiny", w});  // 1e-39 and 1e-45: E / w alone overflows
+    w.assign(150, 0x00000001u);
+    cases.push_back({"tiny", w});  // all 1e-45
+    w.assign(150, kTiny);
+    w[17] = 0u;
+    cases.push_back({"tiny", w});  // all 1e-39 but one zero
+    w.clear();
+    for (int i = 0; i < 200; ++i) w.push_back((rand32() & 0x007FFFFFu) | 1u);
+    cases.push_back({"tiny", w});  // random subnormals
+    w.clear();
+    for (int i = 0; i < 200; ++i) {
+      w.push_back(i % 4 == 0 ? kHuge : i % 4 == 1 ? 0x7F7FFFFFu : i % 4 == 2 ? rand_positive_bits(250, 254) : 0u);
+    }
+    cases.push_back({"huge", w});  // 3e38, FLT_MAX: E / w alone underflows
+    w.assign(150, kHuge);
+    cases.push_back({"huge", w});  // all 3e38
+    for (auto& [name, v] : cases) {
+      std::shuffle(v.begin(), v.end(), rng);
+      float max_w = f32(v[0]);
+      for (uint32_t b : v) {
+        const float x = f32(b);
+        if (std::isnan(x) || std::isnan(max_w)) {
+          max_w = std::nanf("");
+        } else if (x > max_w) {
+          max_w = x;
+        }
+      }
+      const RaceScale scale = race_scale(max_w);
+      std::printf("race %s %llx %llx %x %x ", name, static_cast<unsigned long long>(sc[0]),
+                  static_cast<unsigned long long>(sc[1]), float_to_bits(scale.a), float_to_bits(scale.b));
+      for (size_t i = 0; i < v.size(); ++i) std::printf("%s%x", i ? "," : "", v[i]);
+      std::printf(" ");
+      for (size_t i = 0; i < v.size(); ++i) {
+        std::printf("%s%x", i ? "," : "", race_key_bits(f32(v[i]), scale, sc[0], sc[1], i));
+      }
+      std::printf("\n");
+    }
   }
 
   // Draw targets, including element indices beyond 32 bits.
@@ -515,6 +581,12 @@ class _Comparison:
                     x = f"{x:#x}" if isinstance(x, int) else x
                     self.examples.append(f"{what}{context} of {x}: header {g:#x}, reference {w:#x}")
 
+    def fail(self, message: str) -> None:
+        """A failed check that is not a header/reference comparison."""
+        self.count += 1
+        if len(self.examples) < 20:
+            self.examples.append(message)
+
 
 def _compare_with_reference(output: str) -> _Comparison:
     import torch
@@ -556,13 +628,37 @@ def _compare_with_reference(output: str) -> _Comparison:
         flipped = [_signed(r[2] ^ (1 << 63), 64) for r in rows]
         bad.compare("rank_key_bits64", [r[0] for r in rows], flipped, keys.tolist(), f"(largest={largest})")
 
+    rows = [[int(x, 16) for x in f] for f in lines["rscale"]]
+    for m, a, b in rows:
+        want = _bits32(ref.race_scale(_floats32([m])))
+        bad.compare("race_scale", [f"max bits {m:#x}"] * 2, [a, b], want)
+
+    kinds: dict[str, int] = {}
     for f in lines["race"]:
-        seed, counter = int(f[0], 16), int(f[1], 16)
-        w = [int(x, 16) for x in f[2].split(",")]
-        got = [int(x, 16) for x in f[3].split(",")]
-        want = ref.race_key_bits(_floats32(w), seed, counter).tolist()
+        kind, seed, counter = f[0], int(f[1], 16), int(f[2], 16)
+        kinds[kind] = kinds.get(kind, 0) + 1
+        scale = [int(f[3], 16), int(f[4], 16)]
+        w = [int(x, 16) for x in f[5].split(",")]
+        got = [int(x, 16) for x in f[6].split(",")]
+        w32 = _floats32(w)
+        context = f"({kind}, seed={seed:#x}, counter={counter:#x})"
+        bad.compare("race_scale", [f"max of {kind} importance"] * 2, scale, _bits32(ref.race_scale(w32)), context)
+        want = ref.race_key_bits(w32, seed, counter).tolist()
         bad.compare("race_key_bits", [f"importance bits {b:#x} at index {i}" for i, b in enumerate(w)],
-                    got, want, f"(seed={seed:#x}, counter={counter:#x})")
+                    got, want, context)
+        if kind in ("tiny", "huge"):
+            # The cases the scale is for: unscaled, E / w overflows to inf (tiny) or
+            # underflows towards 0 (huge); scaled, every positive importance of these
+            # vectors (all within a factor 2^23 of their max) races with a finite, non-zero key.
+            if scale == [0x3F800000, 0x3F800000]:
+                bad.fail(f"race_scale of the max of a {kind} importance vector is 1 {context}")
+            degenerate = [i for i, (b, k) in enumerate(zip(w, got)) if b != 0 and k in (0, 0x7F800000)]
+            if degenerate:
+                bad.fail(f"{len(degenerate)} positive {kind} importances got key 0 or inf {context}, "
+                         f"e.g. index {degenerate[0]}: importance bits {w[degenerate[0]]:#x}")
+    for kind in ("specials", "mixed", "tiny", "huge"):
+        if not kinds.get(kind):
+            bad.fail(f"no {kind} race vector was checked")
 
     groups: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
     for f in lines["target"]:

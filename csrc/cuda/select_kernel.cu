@@ -19,8 +19,9 @@
 //     SortableRankKey) and counts the entries below each value by binary search.
 //
 // Everything is asynchronous: no .item(), no host synchronisation. Quantities that depend
-// on the data (the largest importance, the total weight, the number of non-NaN history
-// entries) stay on the device and are read by the kernels.
+// on the data (the largest importance, which sets the race keys' power-of-two scale and the
+// integer weights' shift, the total weight, the number of non-NaN history entries) stay on
+// the device and are read by the kernels.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cumsum.h>
@@ -153,15 +154,20 @@ __global__ void sortable_rank_keys_kernel(const scalar_t* __restrict__ x, int64_
   }
 }
 
-// packed[i] = (race key of item i, i): race_key_bits is the float32 bits of E_i / w_i with
-// E_i = -log(u_i) from Philox word kWordRaceTime of element i; importance is used in
-// float32 (the reference's importance.to(float32); double -> float rounds to nearest).
+// packed[i] = (race key of item i, i): race_key_bits is the float32 bits of
+// E_i / ((w_i 2^a) 2^b) with E_i = -log(u_i) from Philox word kWordRaceTime of element i and
+// (2^a, 2^b) = race_scale(max importance), the power of two that keeps E / w from
+// overflowing for tiny importances; importance is used in float32 (the reference's
+// importance.to(float32); double -> float rounds to nearest). Every thread derives the
+// (same) scale from the device-resident maximum, as replacement_weights_kernel does.
 template <typename scalar_t>
 __global__ void packed_race_keys_kernel(const scalar_t* __restrict__ importance, int64_t stride, int64_t n,
-                                        uint64_t seed, uint64_t counter, int64_t* __restrict__ packed) {
+                                        const scalar_t* __restrict__ max_importance, uint64_t seed,
+                                        uint64_t counter, int64_t* __restrict__ packed) {
+  const RaceScale scale = race_scale(static_cast<float>(*max_importance));
   FASTSEL_FOR_EACH_ELEMENT(i, n) {
     const float w = static_cast<float>(importance[i * stride]);
-    const uint32_t key = race_key_bits(w, seed, counter, static_cast<uint64_t>(i));
+    const uint32_t key = race_key_bits(w, scale, seed, counter, static_cast<uint64_t>(i));
     packed[i] = pack_key_index_signed(key, static_cast<uint64_t>(i));
   }
 }
@@ -327,11 +333,17 @@ at::Tensor sample_without_replacement(const at::Tensor& importance, int64_t k, i
 
   const c10::cuda::CUDAGuard device_guard(importance.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // The maximum stays on the device (a 0-d tensor, as in sample_with_replacement); max of
+  // the stored dtype converted to float32 equals max of the float32 values (the reference's
+  // race_scale(importance.to(float32))), rounding to nearest being monotonic; a NaN
+  // propagates as in torch.max and gives the unit scale in both.
+  const at::Tensor max_importance = at::max(importance);
   at::Tensor packed = at::empty({n}, importance.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, importance.scalar_type(),
                                   "fastsel_sample_without_replacement_cuda", [&] {
     packed_race_keys_kernel<scalar_t><<<blocks_for(n), kSelectBlockThreads, 0, stream>>>(
-        importance.const_data_ptr<scalar_t>(), importance.stride(0), n, static_cast<uint64_t>(seed),
+        importance.const_data_ptr<scalar_t>(), importance.stride(0), n,
+        max_importance.const_data_ptr<scalar_t>(), static_cast<uint64_t>(seed),
         static_cast<uint64_t>(counter), packed.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -160,8 +160,10 @@ struct RaceScale {
 };
 
 FASTSEL_SK_HD RaceScale race_scale(float max_importance) {
-  if (!(max_importance > 0.0f)) return RaceScale{1.0f, 1.0f};
   const uint32_t bits = float_to_bits(max_importance);
+  // Nothing positive, or an infinite maximum (rejected by the public API; torch.frexp
+  // gives exponent 0 for it, as the reference does): no scaling.
+  if (!(max_importance > 0.0f) || bits >= 0x7F800000u) return RaceScale{1.0f, 1.0f};
   int32_t e;  // frexp exponent, from the bits (subnormals: from the leading one)
   if ((bits >> 23) != 0) {
     e = static_cast<int32_t>(bits >> 23) - 126;
