@@ -35,8 +35,10 @@ test: build
 test-fast: build
 	$(PY) -m pytest -q -x -m "not slow" tests --ignore=tests/triton
 
+# Both microbenchmarks: fastsel.score, then the selection ops (bench/README.md).
 bench: build
 	$(PY) bench/bench_score.py
+	$(PY) bench/bench_select.py
 
 clean:
 	rm -rf build fastsel/_C*.so *.egg-info $(STAMP_BUILD)
