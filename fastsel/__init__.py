@@ -2,6 +2,10 @@
 
 from fastsel._extension import CPU_EXTENSION_AVAILABLE, build_info
 from fastsel.ops import BACKENDS, MMS_MODES, Scores, available_backends, score
+from fastsel import strategies
+from fastsel.data import Indexed
+from fastsel.sampler import Costs, ScoreSampler
+from fastsel.selector import BatchSelector
 from fastsel.selection import (
     POLICIES,
     SCORE_DIRECTIONS,
@@ -19,6 +23,11 @@ __version__ = "0.1.0"
 __all__ = [
     "score",
     "Scores",
+    "strategies",
+    "Indexed",
+    "ScoreSampler",
+    "BatchSelector",
+    "Costs",
     "select",
     "select_topk",
     "sample",

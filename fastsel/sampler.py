@@ -1,0 +1,255 @@
+"""``ScoreSampler``: epoch-level selection as a batch sampler for any ``DataLoader``.
+
+    data = fastsel.Indexed(train_set)
+    sampler = fastsel.ScoreSampler(data, fastsel.strategies.InfoBatch(), batch_size=128, epochs=E)
+    for x, y, idx in DataLoader(data, batch_sampler=sampler):
+        s = fastsel.score(model(x), y)
+        (s.loss * sampler.weights(idx)).mean().backward(); opt.step(); opt.zero_grad()
+        sampler.update(idx, s)
+
+Each ``iter(sampler)`` (one per epoch, as a DataLoader does) asks the strategy for the
+epoch's plan, from the scores recorded by ``update`` during earlier epochs; no extra
+forward pass is spent on scoring unless the strategy says so (DynaMS).
+
+Resume: ``state_dict()`` holds the current epoch's plan and the number of batches already
+trained (``update`` calls), the score table and the strategy's state; a run restored with
+``load_state_dict`` yields exactly the remaining batches and weights of the uninterrupted
+run.
+
+DDP: with ``torch.distributed`` initialised (or ``num_replicas``/``rank`` given), every
+rank computes the same global plan and takes every ``num_replicas``-th sample of it
+(padded by wrapping, like ``DistributedSampler``), and ``update`` all-gathers the indices
+and scores, so every rank keeps the same table and therefore the same future plans.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from fastsel.reference import Scores
+from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy
+
+__all__ = ["ScoreSampler", "Costs"]
+
+
+class Costs:
+    """Samples forwarded for scoring only, and samples forwarded and backpropagated for
+    training (METHODS.md section 4 of the project's methods: steps alone hide scoring)."""
+
+    def __init__(self):
+        self.scored = 0
+        self.trained = 0
+        self.steps = 0
+
+    def as_dict(self) -> dict:
+        return {"scored": self.scored, "trained": self.trained, "steps": self.steps}
+
+    def load(self, d: dict) -> None:
+        self.scored, self.trained, self.steps = int(d["scored"]), int(d["trained"]), int(d["steps"])
+
+    def __repr__(self) -> str:
+        return f"Costs(scored={self.scored}, trained={self.trained}, steps={self.steps})"
+
+
+def _world(num_replicas: Optional[int], rank: Optional[int]) -> tuple[int, int]:
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if rank is None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if not isinstance(num_replicas, int) or num_replicas < 1:
+        raise ValueError(f"num_replicas must be a positive int, got {num_replicas!r}")
+    if not isinstance(rank, int) or not 0 <= rank < num_replicas:
+        raise ValueError(f"rank must be in [0, {num_replicas}), got {rank!r}")
+    return num_replicas, rank
+
+
+class ScoreSampler(torch.utils.data.Sampler):
+    """Batch sampler whose epochs follow an epoch-level ``Strategy``.
+
+    Args:
+        data: the (``Indexed``) dataset; only its length is used, and it is passed to
+            strategies that score the whole set themselves (DynaMS).
+        strategy: a strategy supporting the epoch style.
+        batch_size: samples per batch on each rank.
+        epochs: the planned number of epochs (schedules such as InfoBatch's annealing use it).
+        seed: every random decision is a function of (seed, epoch).
+        drop_last: drop each epoch's last incomplete batch.
+        num_replicas, rank: DDP layout; default from ``torch.distributed`` if initialised.
+    """
+
+    def __init__(self, data: Any, strategy: Strategy, *, batch_size: int, epochs: int, seed: int = 0,
+                 drop_last: bool = False, num_replicas: Optional[int] = None, rank: Optional[int] = None):
+        try:
+            n = len(data)
+        except TypeError:
+            raise TypeError(f"data must have a length (__len__), got {type(data).__name__}") from None
+        if not isinstance(strategy, Strategy):
+            raise TypeError(f"strategy must be a fastsel.strategies.Strategy, got {type(strategy).__name__}")
+        strategy.check_style("epoch")
+        for name, v in (("batch_size", batch_size), ("epochs", epochs)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        self.data = data
+        self.n = n
+        self.strategy = strategy
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.seed = seed
+        self.drop_last = drop_last
+        self.num_replicas, self.rank = _world(num_replicas, rank)
+        self.table = ScoreTable(n, strategy.table_fields)
+        self.costs = Costs()
+        self.epoch = 0
+        self._plan: Optional[EpochPlan] = None  # the current epoch's plan, once made
+        self._consumed = 0                      # batches of this epoch passed to update()
+        self._exhausted = False                 # every batch of this epoch handed out
+        self._hooks: list[Callable[[dict], None]] = []
+        self.stats: dict = {}
+
+    # ---- the plan ----
+    def _current_plan(self) -> EpochPlan:
+        if self._plan is None:
+            plan = self.strategy.plan_epoch(self.epoch, self.table, seed=self.seed, epochs=self.epochs,
+                                            data=self.data)
+            self._check_plan(plan)
+            self._plan = plan
+            self.costs.scored += getattr(self.strategy, "last_scored", 0)
+        return self._plan
+
+    def _check_plan(self, plan: EpochPlan) -> None:
+        idx = plan.indices
+        if idx.dtype != torch.int64 or idx.dim() != 1:
+            raise RuntimeError(f"{type(self.strategy).__name__}.plan_epoch returned indices that are not 1-D int64")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
+            raise RuntimeError(f"{type(self.strategy).__name__}.plan_epoch returned indices outside [0, {self.n})")
+        if plan.weights.shape != (self.n,):
+            raise RuntimeError(f"{type(self.strategy).__name__}.plan_epoch returned weights of shape "
+                               f"{tuple(plan.weights.shape)}, expected ({self.n},)")
+
+    def _rank_indices(self, plan: EpochPlan) -> torch.Tensor:
+        idx = plan.indices
+        if self.num_replicas == 1 or idx.numel() == 0:
+            return idx
+        per_rank = -(-idx.numel() // self.num_replicas)
+        total = per_rank * self.num_replicas
+        if total > idx.numel():  # pad by wrapping so every rank gets as many batches
+            idx = torch.cat([idx, idx[: total - idx.numel()].repeat(-(-(total - idx.numel()) // idx.numel()))[: total - idx.numel()]])
+        return idx[self.rank::self.num_replicas]
+
+    def _batches(self) -> list[torch.Tensor]:
+        mine = self._rank_indices(self._current_plan())
+        batches = list(mine.split(self.batch_size))
+        if self.drop_last and batches and batches[-1].numel() < self.batch_size:
+            batches.pop()
+        return batches
+
+    def _advance_epoch(self) -> None:
+        self.epoch += 1
+        self._plan = None
+        self._consumed = 0
+        self._exhausted = False
+
+    def __len__(self) -> int:
+        if self._plan is not None and self._exhausted and self._consumed >= len(self._batches()):
+            self._advance_epoch()
+        return len(self._batches())
+
+    def __iter__(self):
+        # An epoch ends when the next one starts, not when its last batch is handed out: a
+        # DataLoader with workers fetches batches ahead, and the last ones still need the
+        # epoch's weights and count towards its progress when they are trained.
+        if self._plan is not None and (self._exhausted or self._consumed >= len(self._batches())):
+            self._advance_epoch()
+        batches = self._batches()
+        self._exhausted = False
+        for b in batches[self._consumed:]:  # skips the trained ones after a mid-epoch resume
+            yield b.tolist()
+        self._exhausted = True
+
+    # ---- training-loop calls ----
+    def weights(self, indices: torch.Tensor) -> torch.Tensor:
+        """Loss weights [B] of these samples for the current epoch (float32, on the
+        indices' device)."""
+        if self._plan is None:
+            raise RuntimeError("sampler.weights() needs the current epoch's plan: iterate the sampler "
+                               "(DataLoader(data, batch_sampler=sampler)) before asking for weights")
+        idx = self._check_indices(indices, "weights")
+        return self._plan.weights[idx.cpu()].to(indices.device)
+
+    def _check_indices(self, indices, where: str) -> torch.Tensor:
+        if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{where}: indices must be a 1-D int64 tensor (the dataset indices of the batch, "
+                             f"from fastsel.Indexed), got {indices!r:.80}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.n):
+            raise IndexError(f"{where}: indices must be in [0, {self.n}), got values in "
+                             f"[{int(indices.min())}, {int(indices.max())}]")
+        return indices.long()
+
+    def update(self, indices: torch.Tensor, scores: Scores) -> None:
+        """Records the training forward's scores of the batch's samples (all ranks' under DDP)."""
+        idx = self._check_indices(indices, "update")
+        if not isinstance(scores, Scores):
+            raise TypeError(f"update: scores must be the fastsel.Scores of the batch, got {type(scores).__name__}")
+        if scores.loss.shape != idx.shape:
+            raise ValueError(f"update: scores are for {scores.loss.numel()} samples but indices has {idx.numel()}")
+        if scores.loss.device != indices.device:
+            raise ValueError(f"update: indices are on {indices.device} but scores on {scores.loss.device}; "
+                             "pass the indices on the scores' device")
+        values = self.table.extract(scores)
+        idx, values = self._gather(idx, values)
+        self.table.update_values(idx, values, self.epoch)
+        self._consumed += 1
+        self.costs.trained += idx.numel()
+        self.costs.steps += 1
+        self.stats = {"epoch": self.epoch, "step": self.costs.steps, "samples": idx.numel(),
+                      "mean_loss": float(values["loss"].mean()) if "loss" in values and idx.numel() else float("nan")}
+        for hook in self._hooks:
+            hook(self.stats)
+
+    def _gather(self, idx: torch.Tensor, values: dict) -> tuple[torch.Tensor, dict]:
+        if self.num_replicas == 1 or not (dist.is_available() and dist.is_initialized()):
+            return idx, values
+        # Batches can differ in size (the last one): pad to the largest with index -1.
+        size = torch.tensor([idx.numel()], device=idx.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.num_replicas)]
+        dist.all_gather(sizes, size)
+        longest = int(max(s.item() for s in sizes))
+        def padded(t, fill):
+            out = torch.full((longest,), fill, dtype=t.dtype, device=t.device)
+            out[: t.numel()] = t
+            return out
+        def gather(t, fill):
+            parts = [torch.empty(longest, dtype=t.dtype, device=t.device) for _ in range(self.num_replicas)]
+            dist.all_gather(parts, padded(t, fill))
+            return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+        return gather(idx, -1), {f: gather(v.to(torch.float32), float("nan")) for f, v in values.items()}
+
+    def add_hook(self, hook: Callable[[dict], None]) -> None:
+        """Calls ``hook(stats)`` after every ``update`` (e.g. to log the batch's mean loss)."""
+        self._hooks.append(hook)
+
+    # ---- state ----
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch, "consumed": self._consumed, "seed": self.seed, "n": self.n,
+            "plan": None if self._plan is None else (self._plan.indices.clone(), self._plan.weights.clone()),
+            "table": self.table.state_dict(), "strategy": self.strategy.state_dict(),
+            "costs": self.costs.as_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n"] != self.n:
+            raise ValueError(f"sampler state is for {state['n']} samples, this sampler has {self.n}")
+        self.epoch = int(state["epoch"])
+        self._consumed = int(state["consumed"])
+        self.seed = int(state["seed"])
+        self._plan = None if state["plan"] is None else EpochPlan(*state["plan"])
+        self._exhausted = False
+        self.table.load_state_dict(state["table"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.costs.load(state["costs"])

@@ -1,0 +1,148 @@
+"""``BatchSelector``: in-batch selection for any training loop.
+
+    selector = fastsel.BatchSelector(model, fastsel.strategies.MMS(keep=64), head=model.fc)
+    for x, y in DataLoader(train_set, batch_size=640, shuffle=True):
+        xb, yb, w = selector(x, y)
+        (fastsel.score(model(xb), yb).loss * w).mean().backward(); opt.step(); opt.zero_grad()
+
+Each call scores the candidate batch in inference mode (``model.eval()`` and
+``torch.inference_mode()``: no BatchNorm running-statistic update, no autograd graph; the
+model's train/eval mode is restored afterwards), lets the strategy choose, and returns the
+chosen samples with their loss weights. The selector never owns the model, the optimizer
+or the loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from fastsel.ops import score
+from fastsel.sampler import Costs
+from fastsel.strategies.base import Strategy
+
+__all__ = ["BatchSelector", "scoring_forward"]
+
+STAT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def scoring_forward(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
+    """``model(inputs)`` in inference mode with the model in eval mode, restoring the mode
+    of every submodule afterwards (BatchNorm running statistics stay untouched)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return model(inputs)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _index(batch: Any, idx: torch.Tensor) -> Any:
+    """``batch[idx]`` for a tensor, or for each tensor of a tuple / list / dict."""
+    if isinstance(batch, torch.Tensor):
+        return batch[idx.to(batch.device)]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_index(b, idx) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _index(v, idx) for k, v in batch.items()}
+    raise TypeError(f"cannot select samples from a {type(batch).__name__}; inputs must be a tensor "
+                    "or a tuple/list/dict of tensors with the batch in dimension 0")
+
+
+class BatchSelector:
+    """Scores a candidate batch and returns the samples the strategy keeps.
+
+    Args:
+        model: maps the inputs to logits [N, C].
+        strategy: a strategy supporting the in-batch style.
+        head: the final ``nn.Linear`` (its weight [C, D] is needed for MMS).
+        seed: random strategies draw from (seed, step); ``step`` counts calls.
+        mms: ``"exact"`` or ``"top2"`` for strategies that rank by MMS.
+        backend: the ``fastsel.score`` backend.
+
+    ``selector(x, y)`` returns ``(x_sel, y_sel, weights)``. ``costs`` counts samples
+    scored and samples returned for training; ``stats`` describes the last call (score
+    quantiles, selected vs rest mean loss); ``add_hook(fn)`` calls ``fn(stats)`` each step.
+    """
+
+    def __init__(self, model: torch.nn.Module, strategy: Strategy, *, head: Optional[torch.nn.Module] = None,
+                 seed: int = 0, mms: str = "exact", backend: str = "auto"):
+        if not callable(model):
+            raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
+        if not isinstance(strategy, Strategy):
+            raise TypeError(f"strategy must be a fastsel.strategies.Strategy, got {type(strategy).__name__}")
+        strategy.check_style("batch")
+        if strategy.needs_head:
+            weight = getattr(head, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                raise ValueError(f"{type(strategy).__name__} needs the classifier head: pass head=model.fc "
+                                 "(a module whose .weight is [C, D])")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        self.model = model
+        self.strategy = strategy
+        self.head = head
+        self.seed = seed
+        self.mms = mms
+        self.backend = backend
+        self.step = 0
+        self.costs = Costs()
+        self.stats: dict = {}
+        self._hooks: list[Callable[[dict], None]] = []
+
+    def __call__(self, inputs: Any, target: torch.Tensor):
+        if not isinstance(target, torch.Tensor) or target.dim() != 1:
+            raise ValueError(f"target must be a 1-D tensor of class indices, got {target!r:.80}")
+        logits = scoring_forward(self.model, inputs) if isinstance(self.model, torch.nn.Module) else self.model(inputs)
+        if logits.dim() != 2 or logits.shape[0] != target.shape[0]:
+            raise ValueError(f"model output must be logits [N, C] with N = {target.shape[0]} (the batch), "
+                             f"got shape {tuple(logits.shape)}")
+        weight = self.head.weight.detach() if self.strategy.needs_head else None
+        with torch.inference_mode():
+            scores = score(logits, target.to(logits.device), weight=weight, mms=self.mms, backend=self.backend)
+        sel = self.strategy.choose(scores, step=self.step, seed=self.seed, inputs=inputs, targets=target)
+        idx = sel.indices
+        n = target.shape[0]
+        self._record(scores, idx, n)
+        self.step += 1
+        # Outside inference mode: the weights take part in the training loss.
+        weights = sel.weights.clone().to(target.device) if sel.weights.is_inference() else sel.weights.to(target.device)
+        return _index(inputs, idx), target[idx.to(target.device)], weights
+
+    def _record(self, scores, idx: torch.Tensor, n: int) -> None:
+        self.costs.scored += n
+        self.costs.trained += idx.numel()
+        self.costs.steps += 1
+        chosen = torch.zeros(n, dtype=torch.bool, device=scores.loss.device)
+        chosen[idx.to(chosen.device)] = True
+        loss = scores.loss.float()
+        stats = {"step": self.step, "candidates": n, "selected": idx.numel(),
+                 "mean_loss_selected": float(loss[chosen].mean()) if idx.numel() else float("nan"),
+                 "mean_loss_rest": float(loss[~chosen].mean()) if idx.numel() < n else float("nan")}
+        q = torch.tensor(STAT_QUANTILES, device=loss.device)
+        for field in ("loss", "mms", "margin"):
+            values = getattr(scores, field)
+            if values is not None and values.numel():
+                finite = values[torch.isfinite(values)].float()
+                if finite.numel():
+                    stats[f"{field}_quantiles"] = dict(zip(STAT_QUANTILES, finite.quantile(q).tolist()))
+        self.stats = stats
+        for hook in self._hooks:
+            hook(stats)
+
+    def add_hook(self, hook: Callable[[dict], None]) -> None:
+        """Calls ``hook(stats)`` after every selection (e.g. to log MMS quantiles)."""
+        self._hooks.append(hook)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "strategy": self.strategy.state_dict(),
+                "costs": self.costs.as_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.seed = int(state["seed"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.costs.load(state["costs"])

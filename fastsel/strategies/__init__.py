@@ -1,0 +1,12 @@
+"""Selection strategies (the methods of the project's METHODS.md section 3), each usable
+in the in-batch style (``fastsel.BatchSelector``), the epoch style
+(``fastsel.ScoreSampler``), or both, as its ``styles`` attribute says."""
+
+from fastsel.strategies.base import TABLE_FIELDS, EpochPlan, ScoreTable, Strategy, StyleError
+from fastsel.strategies.in_batch import MMS, HardLoss, MaxEntropy, TopScore, Uniform
+from fastsel.strategies.infobatch import InfoBatch
+
+__all__ = [
+    "Strategy", "StyleError", "EpochPlan", "ScoreTable", "TABLE_FIELDS",
+    "TopScore", "MMS", "HardLoss", "MaxEntropy", "Uniform", "InfoBatch",
+]

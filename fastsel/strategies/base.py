@@ -1,0 +1,178 @@
+"""What every selection strategy implements, and the per-sample score table that the
+epoch-level strategies read.
+
+Two integration styles (a strategy declares which it supports in ``styles``):
+
+* ``"batch"`` (``fastsel.BatchSelector``): a large candidate batch is scored in inference
+  mode and ``Strategy.choose`` picks the samples to train on, with their weights.
+* ``"epoch"`` (``fastsel.ScoreSampler``): scores from the training forward are stored in
+  a ``ScoreTable``; at the start of each epoch ``Strategy.plan_epoch`` decides which
+  samples the epoch visits, in which order, and with which loss weights.
+
+Randomness is always a pure function of ``(seed, step or epoch)``: a resumed run repeats
+the uninterrupted one exactly, and every DDP rank computes the same decisions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+
+from fastsel.reference import Scores
+from fastsel.selection import Selection
+
+__all__ = ["Strategy", "EpochPlan", "ScoreTable", "TABLE_FIELDS", "seeded_generator", "StyleError"]
+
+
+class StyleError(ValueError):
+    """A strategy used in an integration style it does not support."""
+
+
+def _prob_margin(s: Scores) -> torch.Tensor:
+    # p_(1) - p_(2) = p_(1) (1 - exp(-(z_(1) - z_(2)))) (METHODS.md section 1)
+    return s.confidence * -torch.expm1(-s.margin)
+
+
+# Per-sample quantities a ScoreTable can store, computed from the training forward's Scores.
+TABLE_FIELDS: dict[str, Callable[[Scores], torch.Tensor]] = {
+    "loss": lambda s: s.loss,
+    "entropy": lambda s: s.entropy,
+    "margin": lambda s: s.margin,
+    "true_margin": lambda s: s.true_margin,
+    "grad_norm": lambda s: s.grad_norm,
+    "confidence": lambda s: s.confidence,
+    "prob_margin": _prob_margin,
+    "p_wrong": lambda s: -torch.expm1(-s.loss),  # 1 - p_y
+}
+
+
+def seeded_generator(seed: int, stream: int) -> torch.Generator:
+    """A CPU generator determined by (seed, stream), e.g. stream = epoch or step."""
+    g = torch.Generator()
+    g.manual_seed((seed * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9 + 1) % (1 << 63))
+    return g
+
+
+class EpochPlan(NamedTuple):
+    """One epoch of an epoch-level strategy: ``indices`` [M] int64, the samples to visit in
+    order (M may be below N: the rest are skipped); ``weights`` [N] float32, the loss
+    weight of each sample during this epoch."""
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+
+
+class ScoreTable:
+    """The latest value, running sum and count of per-sample scores for N samples (CPU).
+
+    ``update(indices, scores, epoch)`` stores ``TABLE_FIELDS[f](scores)`` for each field.
+    Never-seen samples hold NaN and ``last_epoch`` -1.
+    """
+
+    def __init__(self, n: int, fields: tuple[str, ...] = ("loss",)):
+        unknown = set(fields) - set(TABLE_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown table fields {sorted(unknown)}; known: {sorted(TABLE_FIELDS)}")
+        self.n = n
+        self.fields = tuple(dict.fromkeys(fields))
+        self.last = {f: torch.full((n,), float("nan")) for f in self.fields}
+        self.total = {f: torch.zeros(n, dtype=torch.float64) for f in self.fields}
+        self.count = torch.zeros(n, dtype=torch.int64)
+        self.last_epoch = torch.full((n,), -1, dtype=torch.int64)
+
+    def values(self, field: str) -> torch.Tensor:
+        return self.last[field]
+
+    def running_mean(self, field: str) -> torch.Tensor:
+        """Mean of every value observed so far per sample (NaN if never seen)."""
+        return (self.total[field] / self.count).to(torch.float32)
+
+    def seen(self) -> torch.Tensor:
+        return self.count > 0
+
+    def update_values(self, indices: torch.Tensor, values: dict[str, torch.Tensor], epoch: int) -> None:
+        idx = indices.to("cpu", torch.int64)
+        for f in self.fields:
+            v = values[f].detach().to("cpu", torch.float32)
+            self.last[f][idx] = v
+            self.total[f].index_add_(0, idx, v.to(torch.float64))
+        self.count.index_add_(0, idx, torch.ones_like(idx))
+        self.last_epoch[idx] = epoch
+
+    def extract(self, scores: Scores) -> dict[str, torch.Tensor]:
+        return {f: TABLE_FIELDS[f](scores).detach() for f in self.fields}
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "fields": self.fields, "last": {f: t.clone() for f, t in self.last.items()},
+                "total": {f: t.clone() for f, t in self.total.items()}, "count": self.count.clone(),
+                "last_epoch": self.last_epoch.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n"] != self.n or tuple(state["fields"]) != self.fields:
+            raise ValueError(f"score table state is for n={state['n']} fields={tuple(state['fields'])}, "
+                             f"this table has n={self.n} fields={self.fields}")
+        for f in self.fields:
+            self.last[f].copy_(state["last"][f])
+            self.total[f].copy_(state["total"][f])
+        self.count.copy_(state["count"])
+        self.last_epoch.copy_(state["last_epoch"])
+
+
+class Strategy:
+    """Base class. Subclasses set ``styles`` and implement ``choose`` (batch style) and/or
+    ``plan_epoch`` (epoch style); they keep any state in attributes listed by
+    ``state_dict``.
+
+    Attributes:
+        styles: the integration styles supported, among ``"batch"`` and ``"epoch"``.
+        needs_head: whether scoring needs the classifier weight (``mms``).
+        table_fields: the ``ScoreTable`` fields an epoch strategy reads.
+        unbiased: whether the returned weights make the training loss an unbiased (or
+            self-normalised) estimate of the full-data loss.
+    """
+
+    styles: tuple[str, ...] = ()
+    needs_head: bool = False
+    table_fields: tuple[str, ...] = ("loss",)
+    unbiased: bool = False
+
+    # ---- batch style ----
+    def choose(self, scores: Scores, *, step: int, seed: int, inputs: Any = None,
+               targets: Optional[torch.Tensor] = None) -> Selection:
+        raise StyleError(f"{type(self).__name__} does not support the in-batch style (BatchSelector); "
+                         f"it supports: {', '.join(self.styles) or 'nothing'}")
+
+    # ---- epoch style ----
+    def plan_epoch(self, epoch: int, table: ScoreTable, *, seed: int, epochs: int,
+                   data: Any = None) -> EpochPlan:
+        raise StyleError(f"{type(self).__name__} does not support the epoch style (ScoreSampler); "
+                         f"it supports: {', '.join(self.styles) or 'nothing'}")
+
+    def check_style(self, style: str) -> None:
+        if style not in self.styles:
+            where = {"batch": "the in-batch style (BatchSelector)", "epoch": "the epoch style (ScoreSampler)"}[style]
+            raise StyleError(f"{type(self).__name__} does not support {where}; "
+                             f"it supports: {', '.join(self.styles) or 'nothing'}")
+
+    # ---- state ----
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def full_plan(n: int, seed: int, epoch: int) -> EpochPlan:
+    """Every sample once, in a seeded random order, weight 1."""
+    order = torch.randperm(n, generator=seeded_generator(seed, epoch))
+    return EpochPlan(order, torch.ones(n))
+
+
+def keep_in_batch(k: int, n: int) -> None:
+    if k > n:
+        raise ValueError(f"keep = {k} exceeds the candidate batch ({n} samples)")
