@@ -113,7 +113,9 @@ class BatchSelector:
         return _index(inputs, idx), target[idx.to(target.device)], weights
 
     def _record(self, scores, idx: torch.Tensor, n: int) -> None:
-        self.costs.scored += n
+        # The candidates' scoring forward, plus any forward a strategy runs itself (the
+        # irreducible-loss model of RHO-LOSS reports it as last_scored).
+        self.costs.scored += n + int(getattr(self.strategy, "last_scored", 0) or 0)
         self.costs.trained += idx.numel()
         self.costs.steps += 1
         chosen = torch.zeros(n, dtype=torch.bool, device=scores.loss.device)
@@ -129,6 +131,9 @@ class BatchSelector:
                 finite = values[torch.isfinite(values)].float()
                 if finite.numel():
                     stats[f"{field}_quantiles"] = dict(zip(STAT_QUANTILES, finite.quantile(q).tolist()))
+        strategy_stats = getattr(self.strategy, "stats", None)
+        if callable(strategy_stats):  # e.g. whether an importance sampler has switched on
+            stats["strategy"] = strategy_stats()
         self.stats = stats
         for hook in self._hooks:
             hook(stats)

@@ -4,9 +4,13 @@ in the in-batch style (``fastsel.BatchSelector``), the epoch style
 
 from fastsel.strategies.base import TABLE_FIELDS, EpochPlan, ScoreTable, Strategy, StyleError
 from fastsel.strategies.in_batch import MMS, HardLoss, MaxEntropy, TopScore, Uniform
+from fastsel.strategies.importance import CDFSampling, UpperBoundIS
 from fastsel.strategies.infobatch import InfoBatch
+from fastsel.strategies.rho_loss import RhoLoss
+from fastsel.strategies.selective_backprop import SelectiveBackprop
 
 __all__ = [
     "Strategy", "StyleError", "EpochPlan", "ScoreTable", "TABLE_FIELDS",
     "TopScore", "MMS", "HardLoss", "MaxEntropy", "Uniform", "InfoBatch",
+    "CDFSampling", "UpperBoundIS", "RhoLoss", "SelectiveBackprop",
 ]

@@ -1,0 +1,277 @@
+"""In-batch importance sampling: CDF sampling (Knutsson, Unnebäck, Jönsson & Eilertsen
+2023) and upper-bound importance sampling (Katharopoulos & Fleuret 2018)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+
+from fastsel.reference import Scores
+from fastsel.selection import Selection, sample
+from fastsel.strategies.base import Strategy, keep_in_batch
+
+__all__ = ["CDFSampling", "UpperBoundIS"]
+
+# Relative floor given to zero importances when a draw without replacement needs more
+# samples than there are positive importances (see ``_importance``).
+_ZERO_FLOOR = 1e-12
+
+
+def _check_keep(keep) -> None:
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise ValueError(f"keep must be a positive int, got {keep!r}")
+
+
+def _check_by(by, allowed: tuple[str, ...]) -> None:
+    if by not in allowed:
+        raise ValueError(f"by must be one of {allowed}, got {by!r}")
+
+
+def _importance(values: torch.Tensor) -> torch.Tensor:
+    """Non-negative float32 importances from a score: NaN (rows whose target is
+    ``ignore_index`` have NaN ``grad_norm``, invalid rows NaN everything) become 0."""
+    v = values.detach().to(torch.float32)
+    return torch.nan_to_num(v, nan=0.0).clamp_min(0.0)
+
+
+def _uniform(n: int, k: int, device, *, seed: int, step: int) -> Selection:
+    """``k`` of ``n`` candidates uniformly without replacement, weights ones."""
+    sel = sample(torch.ones(n, device=device), k, seed=seed, counter=step)
+    return Selection(sel.indices, torch.ones(k, dtype=torch.float32, device=device), None)
+
+
+def _proportional(importance: torch.Tensor, k: int, *, replacement: bool, seed: int, step: int) -> Selection:
+    """``k`` draws with P ∝ importance (``fastsel.sample``), with the degenerate cases
+    handled: all-zero importances give a uniform draw; without replacement, when fewer
+    than ``k`` importances are positive, the zero ones are raised to 1e-12 × the largest
+    so that the draw can be completed (they then come after every positive one with
+    overwhelming probability)."""
+    n = importance.numel()
+    positive = int((importance > 0).sum())
+    if positive == 0:
+        importance = torch.ones_like(importance)
+    elif not replacement and positive < k:
+        importance = importance.clamp_min(float(importance.max()) * _ZERO_FLOOR)
+    return sample(importance, k, replacement=replacement, seed=seed, counter=step)
+
+
+class CDFSampling(Strategy):
+    """CDF importance sampling (Knutsson, Unnebäck, Jönsson & Eilertsen 2023, "CDF-based
+    importance sampling and visualization for neural network training", VCBM,
+    doi:10.2312/vcbm.20231212).
+
+    In-batch style only (``fastsel.BatchSelector``). From the scored candidate batch (1024
+    in the paper: the selector's batch, the user's choice) draw ``keep`` (paper: 128)
+    samples with probability proportional to the importance ``by`` (``"loss"`` or
+    ``"grad_norm"``), by ``fastsel.sample`` seeded with ``(seed, step)``: without
+    replacement by default (the exponential race), or by inverting the cumulative sum
+    with ``replacement=True`` (the paper's code inverts the CDF with replacement).
+
+    The sampling switches on once the running mean of the candidate batches' mean loss
+    falls below ``switch_ratio`` (paper: 0.75) times its initial value (the first
+    candidate batch's mean loss); before that each step keeps a uniform random ``keep``
+    of the candidates (seeded, without replacement). The running mean is an exponential
+    moving average with factor ``smoothing`` (0.9), started at the initial value. Once
+    on, the sampling stays on (the paper switches once). The paper measures the loss on
+    held-out batches; here it is the candidate batch's loss, which the selector computes
+    anyway. ``switch_ratio=None`` samples from the first step.
+
+    Weights: ones by default (the paper trains on the drawn samples unweighted, so the
+    loss is biased towards hard samples: ``unbiased`` is False); ``reweight=True``
+    returns fastsel's importance weights 1 / (N P(i)) normalised to mean 1
+    (``fastsel.importance_weights``; self-normalised, ``unbiased`` True). NaN scores
+    count as importance 0; an all-zero candidate batch is drawn uniformly; without
+    replacement, when fewer than ``keep`` importances are positive (e.g. ``grad_norm``
+    saturating at 0 in float32 for confident correct predictions), the zero ones are
+    raised to 1e-12 × the largest so the draw can be completed (they come last).
+
+    State (``state_dict``): the initial and running loss and whether the sampling is on
+    (``active``); ``stats()`` reports them.
+    """
+
+    styles = ("batch",)
+
+    def __init__(self, keep: int = 128, *, by: str = "loss", replacement: bool = False,
+                 switch_ratio: Optional[float] = 0.75, smoothing: float = 0.9, reweight: bool = False):
+        _check_keep(keep)
+        _check_by(by, ("loss", "grad_norm"))
+        if not isinstance(replacement, bool):
+            raise TypeError(f"replacement must be a bool, got {replacement!r}")
+        if switch_ratio is not None and (not isinstance(switch_ratio, (int, float)) or isinstance(switch_ratio, bool)
+                                         or not switch_ratio > 0 or not math.isfinite(switch_ratio)):
+            raise ValueError(f"switch_ratio must be a positive number or None, got {switch_ratio!r}")
+        if not isinstance(smoothing, (int, float)) or isinstance(smoothing, bool) or not 0 <= smoothing < 1:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
+        if not isinstance(reweight, bool):
+            raise TypeError(f"reweight must be a bool, got {reweight!r}")
+        self.keep = keep
+        self.by = by
+        self.replacement = replacement
+        self.switch_ratio = switch_ratio
+        self.smoothing = float(smoothing)
+        self.reweight = reweight
+        self.unbiased = reweight
+        self.initial_loss: Optional[float] = None
+        self.running_loss: Optional[float] = None
+        self.active = switch_ratio is None
+
+    def _observe(self, loss: torch.Tensor) -> None:
+        finite = loss[torch.isfinite(loss)]
+        if finite.numel() == 0:
+            return
+        mean = float(finite.double().mean())
+        if self.initial_loss is None:
+            self.initial_loss = self.running_loss = mean
+        else:
+            self.running_loss = self.smoothing * self.running_loss + (1.0 - self.smoothing) * mean
+        if not self.active and self.running_loss < self.switch_ratio * self.initial_loss:
+            self.active = True
+
+    def choose(self, scores: Scores, *, step: int, seed: int, inputs: Any = None,
+               targets: Optional[torch.Tensor] = None) -> Selection:
+        values = getattr(scores, self.by).detach()
+        n = values.numel()
+        keep_in_batch(self.keep, n)
+        self._observe(scores.loss.detach())
+        if not self.active:
+            sel = _uniform(n, self.keep, values.device, seed=seed, step=step)
+            return Selection(sel.indices, sel.weights, scores)
+        sel = _proportional(_importance(values), self.keep, replacement=self.replacement, seed=seed, step=step)
+        weights = sel.weights if self.reweight else torch.ones(self.keep, dtype=torch.float32, device=values.device)
+        return Selection(sel.indices, weights, scores)
+
+    def stats(self) -> dict:
+        return {"active": self.active, "initial_loss": self.initial_loss, "running_loss": self.running_loss}
+
+    def state_dict(self) -> dict:
+        return {"initial_loss": self.initial_loss, "running_loss": self.running_loss, "active": self.active}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.initial_loss = None if state["initial_loss"] is None else float(state["initial_loss"])
+        self.running_loss = None if state["running_loss"] is None else float(state["running_loss"])
+        self.active = bool(state["active"])
+
+
+class UpperBoundIS(Strategy):
+    """Upper-bound importance sampling (Katharopoulos & Fleuret 2018, "Not all samples are
+    created equal: deep learning with importance sampling", ICML).
+
+    In-batch style only (``fastsel.BatchSelector``). The paper presamples B = ``presample``
+    × b candidates (presample = 3) uniformly, scores them with the upper bound of the
+    per-sample gradient norm, ``grad_norm`` = ‖softmax(z) − onehot(y)‖ (``by="loss"`` is
+    the paper's loss-based comparison), and draws b = ``keep`` of them WITH replacement
+    with P(i) = g_i = s_i / Σ_j s_j. The weights 1 / (B g_i) make the gradient estimate
+    unbiased; here they are normalised to mean 1 over the draw (``fastsel.sample`` /
+    ``fastsel.importance_weights``, the self-normalised estimator; ``unbiased`` is True).
+    The candidate batch is the selector's batch, the user's choice: make it
+    ``candidate_batch`` = presample × keep samples (e.g. ``DataLoader(batch_size=
+    strategy.candidate_batch)``).
+
+    The switch (the paper's variance-reduction estimator; the authors'
+    ``VarianceReductionCondition``): with g the normalised scores of the candidate batch
+    and u = 1/B the uniform distribution,
+
+        tau = 1 / sqrt(1 − ‖g − u‖² / ‖g‖²)   (= sqrt(B ‖g‖²), since Σ g = 1),
+
+    the equivalent batch-size increment of sampling by g instead of uniformly (1 for
+    uniform scores, up to sqrt(B) when one sample dominates). tau is smoothed by an
+    exponential moving average with factor ``momentum`` (a_tau = 0.9), started at 0 as
+    in the authors' code, updated with each candidate batch, and importance sampling is
+    on for a step when that average exceeds ``tau_threshold``; while off, a uniform
+    random ``keep`` of the candidates is kept (without replacement) with weights 1.
+
+    Default threshold, derived as in the paper (its eq. 29): with t_f the forward time of
+    one sample and t_b = ``backward_cost`` × t_f its backward time (paper: t_b ≈ 2 t_f, a
+    forward is ~1/3 of forward + backward), one importance-sampling step costs
+    B t_f + b (t_f + t_b) and gives the variance of a uniform batch of tau b, which
+    would cost tau b (t_f + t_b). Importance sampling pays when
+    tau > (B t_f + b (t_f + t_b)) / (b (t_f + t_b)) = (B + (1 + r) b) / ((1 + r) b),
+    r = ``backward_cost``: (B + 3b) / (3b) = 2 for B = 3b. ``tau_threshold=None`` (the
+    default) computes this from the actual candidate batch size B of each step.
+
+    Difference from the paper: while off, the paper trains on a uniform batch and
+    estimates tau from the scores of that training batch, saving the presampling
+    forward; ``BatchSelector`` always scores the whole candidate batch, so tau comes from
+    the B candidates at every step and the off phase does not save that forward.
+
+    State (``state_dict``): the moving average of tau; ``stats()`` reports tau, the last
+    threshold and whether the last step sampled (``active``). Zero or NaN scores count
+    as importance 0; an all-zero candidate batch has tau = 1 and is drawn uniformly.
+    """
+
+    styles = ("batch",)
+    unbiased = True
+
+    def __init__(self, keep: int = 128, *, presample: float = 3.0, tau_threshold: Optional[float] = None,
+                 backward_cost: float = 2.0, momentum: float = 0.9, by: str = "grad_norm"):
+        _check_keep(keep)
+        _check_by(by, ("grad_norm", "loss"))
+        if not isinstance(presample, (int, float)) or isinstance(presample, bool) or not presample > 1:
+            raise ValueError(f"presample must be a number > 1 (the candidate batch is presample × keep), "
+                             f"got {presample!r}")
+        if tau_threshold is not None and (not isinstance(tau_threshold, (int, float))
+                                          or isinstance(tau_threshold, bool) or not tau_threshold >= 1):
+            raise ValueError(f"tau_threshold must be a number >= 1 or None, got {tau_threshold!r}")
+        if not isinstance(backward_cost, (int, float)) or isinstance(backward_cost, bool) or not backward_cost >= 0:
+            raise ValueError(f"backward_cost must be a number >= 0, got {backward_cost!r}")
+        if not isinstance(momentum, (int, float)) or isinstance(momentum, bool) or not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.keep = keep
+        self.presample = float(presample)
+        self.tau_threshold = tau_threshold
+        self.backward_cost = float(backward_cost)
+        self.momentum = float(momentum)
+        self.by = by
+        self.tau = 0.0
+        self.active = False
+        self.last_threshold: Optional[float] = None
+
+    @property
+    def candidate_batch(self) -> int:
+        """The candidate batch size the paper uses: presample × keep."""
+        return int(round(self.presample * self.keep))
+
+    def threshold(self, n: int) -> float:
+        """The tau threshold for a candidate batch of ``n`` samples."""
+        if self.tau_threshold is not None:
+            return float(self.tau_threshold)
+        c = (1.0 + self.backward_cost) * self.keep
+        return (n + c) / c
+
+    @staticmethod
+    def equivalent_batch_increment(importance: torch.Tensor) -> float:
+        """tau = 1 / sqrt(1 − ‖g − u‖² / ‖g‖²) of one candidate batch (1 if all zero)."""
+        s = importance.detach().to(torch.float64)
+        total = float(s.sum())
+        if s.numel() == 0 or total == 0:
+            return 1.0
+        g = s / total
+        # Σ (g − u)² = Σ g² − 1/B because Σ g = 1, so the ratio under the root is (1/B) / Σ g².
+        return math.sqrt(s.numel() * float((g * g).sum()))
+
+    def choose(self, scores: Scores, *, step: int, seed: int, inputs: Any = None,
+               targets: Optional[torch.Tensor] = None) -> Selection:
+        importance = _importance(getattr(scores, self.by))
+        n = importance.numel()
+        keep_in_batch(self.keep, n)
+        self.tau = self.momentum * self.tau + (1.0 - self.momentum) * self.equivalent_batch_increment(importance)
+        self.last_threshold = self.threshold(n)
+        self.active = self.tau > self.last_threshold
+        if self.active and bool((importance > 0).any()):
+            sel = sample(importance, self.keep, replacement=True, seed=seed, counter=step)
+        else:
+            sel = _uniform(n, self.keep, importance.device, seed=seed, step=step)
+        return Selection(sel.indices, sel.weights, scores)
+
+    def stats(self) -> dict:
+        return {"active": self.active, "tau": self.tau, "tau_threshold": self.last_threshold}
+
+    def state_dict(self) -> dict:
+        return {"tau": self.tau, "active": self.active, "last_threshold": self.last_threshold}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tau = float(state["tau"])
+        self.active = bool(state["active"])
+        self.last_threshold = None if state["last_threshold"] is None else float(state["last_threshold"])

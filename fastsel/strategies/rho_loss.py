@@ -1,0 +1,136 @@
+"""RHO-LOSS (Mindermann et al. 2022): train on the candidates with the largest reducible
+holdout loss."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from fastsel.ops import score
+from fastsel.reference import Scores
+from fastsel.selection import Selection, select_topk
+from fastsel.strategies.base import Strategy, keep_in_batch
+
+__all__ = ["RhoLoss"]
+
+
+class RhoLoss(Strategy):
+    """Reducible holdout loss selection (Mindermann, Brauner, Razzak, Sharma, Kirsch, Xu,
+    Höltgen, Gomez, Morisot, Farquhar & Gal 2022, "Prioritized training on points that
+    are learnable, worth learning, and not yet learnt", ICML).
+
+    In-batch style only (``fastsel.BatchSelector``). For each candidate,
+    reducible loss = training loss (the selector's ``scores.loss``, the current model in
+    inference mode) − irreducible loss; the ``keep`` candidates with the largest
+    reducible loss are trained on, weights ones (biased on purpose: ``unbiased`` False).
+    ``keep_fraction`` (paper: 0.1, e.g. 320 of 3200) keeps round(fraction × N) of a
+    candidate batch of N (at least 1); ``keep`` keeps an absolute number instead (give
+    one of the two). Ties go to the lowest index, NaN reducible losses rank last.
+
+    ``irreducible`` gives the irreducible losses of the candidate batch, one of:
+
+    * an ``nn.Module``: the irreducible-loss model (a small model trained on a holdout
+      set). Its logits on the candidate inputs are computed exactly as the selector
+      computes the main model's (``fastsel.selector.scoring_forward``: eval mode,
+      ``torch.inference_mode``, each submodule's train/eval mode restored, so no
+      parameter, gradient or BatchNorm running statistic is touched), and the loss is
+      ``fastsel.score(logits, targets).loss``. The module receives the same ``inputs`` as
+      the main model.
+    * a callable ``(inputs, targets) -> losses [N]``: called under
+      ``torch.inference_mode()``; if it runs a model, putting that model in eval mode is
+      the callable's job (inference mode alone does not stop BatchNorm from updating its
+      running statistics in train mode).
+    * a tensor ``[N_dataset]`` of precomputed irreducible losses (the paper's cheap
+      variant: the irreducible-loss model is evaluated once on the training set). Then
+      ``ids`` is required: a callable ``inputs -> int64 tensor [N]`` returning the dataset
+      indices of the candidate batch, e.g. with ``fastsel.Indexed`` batches
+      ``(x, y, i)`` call ``selector((x, i), y)`` with a model that reads ``inputs[0]``
+      and ``ids=lambda inputs: inputs[1]``.
+
+    No state: the irreducible model or table is the user's to save (``state_dict`` is
+    empty). The irreducible forward is extra scoring cost that ``BatchSelector.costs``
+    does not count.
+    """
+
+    styles = ("batch",)
+
+    def __init__(self, irreducible: Union[torch.nn.Module, Callable[[Any, torch.Tensor], torch.Tensor], torch.Tensor],
+                 *, keep_fraction: Optional[float] = None, keep: Optional[int] = None,
+                 ids: Optional[Callable[[Any], torch.Tensor]] = None):
+        if keep is not None and keep_fraction is not None:
+            raise ValueError("give keep_fraction or keep, not both")
+        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+            raise ValueError(f"keep must be a positive int, got {keep!r}")
+        if keep is None:
+            keep_fraction = 0.1 if keep_fraction is None else keep_fraction
+            if not isinstance(keep_fraction, (int, float)) or isinstance(keep_fraction, bool) or not 0 < keep_fraction <= 1:
+                raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction!r}")
+        if isinstance(irreducible, torch.Tensor):
+            if irreducible.dim() != 1 or not irreducible.dtype.is_floating_point:
+                raise ValueError("an irreducible-loss table must be a 1-D floating point tensor [N_dataset], "
+                                 f"got shape {tuple(irreducible.shape)} and dtype {irreducible.dtype}")
+            if ids is None:
+                raise ValueError("an irreducible-loss table needs ids=, a callable returning the dataset indices "
+                                 "of the candidate batch from its inputs (e.g. ids=lambda inputs: inputs[1])")
+            irreducible = irreducible.detach()
+        elif not callable(irreducible):
+            raise TypeError("irreducible must be an nn.Module, a callable (inputs, targets) -> losses, or a "
+                            f"1-D tensor of per-sample losses, got {type(irreducible).__name__}")
+        if ids is not None and not callable(ids):
+            raise TypeError(f"ids must be a callable inputs -> indices, got {type(ids).__name__}")
+        self.irreducible = irreducible
+        self.keep_fraction = keep_fraction
+        self.keep = keep
+        self.ids = ids
+
+    def n_keep(self, n: int) -> int:
+        """How many of a candidate batch of ``n`` are kept."""
+        if self.keep is not None:
+            return self.keep
+        return max(1, int(round(self.keep_fraction * n)))
+
+    def irreducible_losses(self, inputs: Any, targets: Optional[torch.Tensor], n: int) -> torch.Tensor:
+        """The irreducible losses [n] of the candidate batch."""
+        irr = self.irreducible
+        if isinstance(irr, torch.Tensor):
+            idx = self.ids(inputs)
+            if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"ids(inputs) must return a 1-D int64 tensor of dataset indices, got {idx!r:.80}")
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= irr.numel()):
+                raise IndexError(f"ids(inputs) returned indices outside the irreducible-loss table [0, {irr.numel()})")
+            out = irr[idx.to(irr.device).long()]
+        else:
+            if targets is None:
+                raise ValueError("RhoLoss needs the candidate batch's targets to compute irreducible losses")
+            if isinstance(irr, torch.nn.Module):
+                from fastsel.selector import scoring_forward  # the selector imports the strategies
+
+                logits = scoring_forward(irr, inputs)
+                with torch.inference_mode():
+                    out = score(logits, targets.to(logits.device)).loss
+            else:
+                with torch.inference_mode():
+                    out = irr(inputs, targets)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"the irreducible-loss callable must return a tensor, got {type(out).__name__}")
+        if out.shape != (n,):
+            raise ValueError(f"irreducible losses must have shape ({n},) (one per candidate), "
+                             f"got {tuple(out.shape)}")
+        return out.detach()
+
+    def choose(self, scores: Scores, *, step: int, seed: int, inputs: Any = None,
+               targets: Optional[torch.Tensor] = None) -> Selection:
+        if inputs is None:
+            raise ValueError("RhoLoss needs the candidate batch's inputs (use it through fastsel.BatchSelector, "
+                             "which passes inputs and targets to choose)")
+        loss = scores.loss.detach()
+        n = loss.numel()
+        k = self.n_keep(n)
+        keep_in_batch(k, n)
+        irr = self.irreducible_losses(inputs, targets, n)
+        # A model run on the candidates is a scoring forward too (BatchSelector.costs).
+        self.last_scored = 0 if isinstance(self.irreducible, torch.Tensor) else n
+        reducible = loss.to(torch.float32) - irr.to(loss.device, torch.float32)
+        sel = select_topk(reducible, k, True)
+        return Selection(sel.indices, torch.ones(k, dtype=torch.float32, device=loss.device), scores)
