@@ -102,6 +102,11 @@ class ScoreSampler(torch.utils.data.Sampler):
         self.seed = seed
         self.drop_last = drop_last
         self.num_replicas, self.rank = _world(num_replicas, rank)
+        planned = getattr(strategy, "batch_size", None)  # strategies that plan whole batches
+        if planned is not None and planned != batch_size * self.num_replicas:
+            raise ValueError(f"{type(strategy).__name__} plans batches of {planned} samples but the sampler "
+                             f"draws global batches of {batch_size * self.num_replicas} "
+                             f"(batch_size={batch_size} x {self.num_replicas} replicas): make them equal")
         self.table = ScoreTable(n, strategy.table_fields)
         self.costs = Costs()
         self.epoch = 0

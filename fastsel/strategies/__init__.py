@@ -4,6 +4,9 @@ in the in-batch style (``fastsel.BatchSelector``), the epoch style
 
 from fastsel.strategies.base import TABLE_FIELDS, EpochPlan, ScoreTable, Strategy, StyleError
 from fastsel.strategies.in_batch import MMS, HardLoss, MaxEntropy, TopScore, Uniform
+from fastsel.strategies.budgeted import CSGD, PSGD
+from fastsel.strategies.dynams import DynaMS
+from fastsel.strategies.hard_batches import HardBatches
 from fastsel.strategies.importance import CDFSampling, UpperBoundIS
 from fastsel.strategies.infobatch import InfoBatch
 from fastsel.strategies.rho_loss import RhoLoss
@@ -13,4 +16,5 @@ __all__ = [
     "Strategy", "StyleError", "EpochPlan", "ScoreTable", "TABLE_FIELDS",
     "TopScore", "MMS", "HardLoss", "MaxEntropy", "Uniform", "InfoBatch",
     "CDFSampling", "UpperBoundIS", "RhoLoss", "SelectiveBackprop",
+    "HardBatches", "DynaMS", "PSGD", "CSGD",
 ]

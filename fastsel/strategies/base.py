@@ -78,6 +78,7 @@ class ScoreTable:
         self.fields = tuple(dict.fromkeys(fields))
         self.last = {f: torch.full((n,), float("nan")) for f in self.fields}
         self.total = {f: torch.zeros(n, dtype=torch.float64) for f in self.fields}
+        self.finite = {f: torch.zeros(n, dtype=torch.int64) for f in self.fields}
         self.count = torch.zeros(n, dtype=torch.int64)
         self.last_epoch = torch.full((n,), -1, dtype=torch.int64)
 
@@ -85,8 +86,9 @@ class ScoreTable:
         return self.last[field]
 
     def running_mean(self, field: str) -> torch.Tensor:
-        """Mean of every value observed so far per sample (NaN if never seen)."""
-        return (self.total[field] / self.count).to(torch.float32)
+        """Mean of every finite value observed so far per sample (NaN if none): a NaN score
+        (an ignored target, an invalid row) does not poison the mean for good."""
+        return (self.total[field] / self.finite[field]).to(torch.float32)
 
     def seen(self) -> torch.Tensor:
         return self.count > 0
@@ -96,7 +98,9 @@ class ScoreTable:
         for f in self.fields:
             v = values[f].detach().to("cpu", torch.float32)
             self.last[f][idx] = v
-            self.total[f].index_add_(0, idx, v.to(torch.float64))
+            finite = torch.isfinite(v)
+            self.total[f].index_add_(0, idx, torch.where(finite, v, 0.0).to(torch.float64))
+            self.finite[f].index_add_(0, idx, finite.to(torch.int64))
         self.count.index_add_(0, idx, torch.ones_like(idx))
         self.last_epoch[idx] = epoch
 
@@ -105,7 +109,8 @@ class ScoreTable:
 
     def state_dict(self) -> dict:
         return {"n": self.n, "fields": self.fields, "last": {f: t.clone() for f, t in self.last.items()},
-                "total": {f: t.clone() for f, t in self.total.items()}, "count": self.count.clone(),
+                "total": {f: t.clone() for f, t in self.total.items()},
+                "finite": {f: t.clone() for f, t in self.finite.items()}, "count": self.count.clone(),
                 "last_epoch": self.last_epoch.clone()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -115,6 +120,7 @@ class ScoreTable:
         for f in self.fields:
             self.last[f].copy_(state["last"][f])
             self.total[f].copy_(state["total"][f])
+            self.finite[f].copy_(state["finite"][f])
         self.count.copy_(state["count"])
         self.last_epoch.copy_(state["last_epoch"])
 

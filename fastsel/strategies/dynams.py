@@ -1,0 +1,246 @@
+"""DynaMS (Wang et al., ICLR 2023, "DynaMS: Dynamic Margin Selection for Efficient Deep
+Learning"): train on the samples closest to the decision boundary, re-selected every few
+epochs by scoring the whole training set with a parameter-sharing proxy."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from fastsel.ops import score
+from fastsel.selection import select_topk
+from fastsel.selector import scoring_forward
+from fastsel.strategies.base import TABLE_FIELDS, EpochPlan, ScoreTable, Strategy, full_plan, seeded_generator
+from fastsel.strategies.hard_batches import _check_fraction, _check_int, _count
+
+__all__ = ["DynaMS"]
+
+MARGINS = ("prob_margin", "true_margin", "margin")
+
+
+class _Proxy(torch.nn.Module):
+    """Calls ``proxy(inputs)`` as the forward of a module that holds the model (and the
+    proxy when it is a module), so that ``scoring_forward`` switches every one of their
+    submodules to eval mode and restores each one's mode afterwards."""
+
+    def __init__(self, model: Optional[torch.nn.Module], proxy: Callable[[Any], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.proxy_module = proxy if isinstance(proxy, torch.nn.Module) else None
+        self._call = proxy
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        return self._call(inputs)
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+class DynaMS(Strategy):
+    """Dynamic margin selection (Wang et al., ICLR 2023).
+
+    Every ``refresh`` epochs (R) the whole training set is scored with a parameter-sharing
+    proxy (PSP) and the ``keep`` fraction of samples with the SMALLEST margin, the ones
+    closest to the decision boundary, becomes the training subset until the next
+    refresh; each epoch visits the subset once in a new random order (seeded by
+    ``(seed, epoch)``).
+
+    Schedule: epochs ``0 .. warmup_epochs - 1`` train on the full data (a freshly
+    initialised model's margins carry no information; fastsel's default is one such
+    epoch), then the subset is refreshed at epochs ``warmup_epochs + j * refresh``
+    (j = 0, 1, ...). With ``warmup_epochs=0`` epoch 0 scores the untrained model first.
+
+    Scoring (``score_subset``): ``proxy(inputs)`` on batches of ``score_batch_size``
+    drawn in dataset order from ``score_data`` (default: the sampler's data set), in
+    inference mode with the model (and the proxy, when it is a module) in eval mode,
+    every submodule's train/eval mode restored afterwards (``fastsel.selector.scoring_forward``):
+    no BatchNorm running-statistic update, no autograd graph, no gradient touched.
+    The scoring loader has no shuffling and a seeded generator, so the scores do not
+    depend on worker randomness; note that ``score_data`` is read through its own
+    transforms, so pass an un-augmented ``fastsel.Indexed`` view of the training set as
+    ``score_data`` to score clean inputs (its index ``i`` must be training sample ``i``).
+    Under DDP every rank scores the whole set (the model is identical on every rank),
+    so every rank keeps the same subset.
+
+    Knobs (the paper tunes the selection ratio and the selection interval; the defaults
+    are fastsel's):
+        keep: the fraction of the training set kept, in (0, 1] (default 0.5;
+            ``round(keep * N)``, at least one sample).
+        refresh: epochs between two selections, R >= 1 (default 5).
+        model: the model being trained. The default proxy is the model itself.
+        proxy: the PSP, a callable ``inputs -> logits [B, C]`` that shares the model's
+            parameters (e.g. a narrower slice of it); an ``nn.Module`` or any callable
+            (a plain callable needs ``model=`` so that its mode can be set and restored).
+        by: the margin ranked (smallest first): ``"prob_margin"`` (default, the
+            probability margin p_(1) - p_(2) = confidence * (1 - exp(-margin))),
+            ``"true_margin"`` (z_y - max_{j != y} z_j, negative when misclassified) or
+            ``"margin"`` (z_(1) - z_(2)). NaN margins (e.g. ``ignore_index`` targets for
+            ``true_margin``) rank last.
+        warmup_epochs: full-data epochs before the first selection (default 1).
+        score_batch_size: samples per scoring forward (default 256).
+        score_data: the data set scored (items ``(x, y, index)``, e.g. ``fastsel.Indexed``);
+            default the one the sampler passes.
+        num_workers, collate_fn: of the scoring ``DataLoader``.
+        device: where the scoring inputs go (default: the device of the model's first
+            parameter, else CPU).
+        backend: the ``fastsel.score`` backend.
+
+    Costs: ``last_scored`` is the number of samples forwarded by the last ``plan_epoch``
+    (N on refresh epochs, 0 otherwise); ``ScoreSampler`` adds it to ``costs.scored``.
+
+    Epoch style only. Weights are ones (the subset is not reweighted; ``unbiased =
+    False``). State (``state_dict``): the current subset and the epoch of the last
+    refresh; with the sampler's state (which holds the current plan) and the model's,
+    a resumed run repeats the uninterrupted one exactly.
+    """
+
+    styles = ("epoch",)
+    table_fields = ("loss",)
+    unbiased = False
+
+    def __init__(self, keep: float = 0.5, refresh: int = 5, *, model: Optional[torch.nn.Module] = None,
+                 proxy: Optional[Callable[[Any], torch.Tensor]] = None, by: str = "prob_margin",
+                 warmup_epochs: int = 1, score_batch_size: int = 256, score_data: Any = None,
+                 num_workers: int = 0, collate_fn: Optional[Callable] = None,
+                 device: Union[str, torch.device, None] = None, backend: str = "auto"):
+        _check_fraction("keep", keep)
+        _check_int("refresh", refresh, 1)
+        _check_int("warmup_epochs", warmup_epochs, 0)
+        _check_int("score_batch_size", score_batch_size, 1)
+        _check_int("num_workers", num_workers, 0)
+        if by not in MARGINS:
+            raise ValueError(f"by must be one of {MARGINS}, got {by!r}")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if proxy is None and model is None:
+            raise ValueError("DynaMS scores the whole training set: pass model= (the proxy is then the model "
+                             "itself) and/or proxy= (a callable inputs -> logits sharing the model's parameters)")
+        if proxy is not None and not callable(proxy):
+            raise TypeError(f"proxy must be callable (inputs -> logits), got {type(proxy).__name__}")
+        if proxy is not None and model is None and not isinstance(proxy, torch.nn.Module):
+            raise ValueError("a proxy that is not an nn.Module needs model= as well, so that the model can be "
+                             "put in eval mode for scoring and its mode restored afterwards")
+        if score_data is not None:
+            try:
+                len(score_data)
+            except TypeError:
+                raise TypeError(f"score_data must be a map-style data set with a length, "
+                                f"got {type(score_data).__name__}") from None
+        self.keep = keep
+        self.refresh = refresh
+        self.by = by
+        self.warmup_epochs = warmup_epochs
+        self.score_batch_size = score_batch_size
+        self.num_workers = num_workers
+        self.device = None if device is None else torch.device(device)
+        self.backend = backend
+        self._model = model
+        self._proxy = proxy
+        self._forward = _Proxy(model, proxy if proxy is not None else model)
+        self._score_data = score_data
+        self._collate_fn = collate_fn
+        self._subset: Optional[torch.Tensor] = None  # the current training subset (int64)
+        self._refreshed_at = -1                       # the epoch of the last refresh
+        self.last_scored = 0
+
+    @property
+    def subset(self) -> Optional[torch.Tensor]:
+        """The current training subset (int64 sample indices, smallest margin first), or
+        None before the first selection."""
+        return None if self._subset is None else self._subset.clone()
+
+    @property
+    def refreshed_at(self) -> int:
+        """The epoch of the last selection (-1 before the first)."""
+        return self._refreshed_at
+
+    def is_refresh_epoch(self, epoch: int) -> bool:
+        return epoch >= self.warmup_epochs and (epoch - self.warmup_epochs) % self.refresh == 0
+
+    def _device(self) -> torch.device:
+        if self.device is not None:
+            return self.device
+        for module in (self._model, self._proxy):
+            if isinstance(module, torch.nn.Module):
+                p = next(iter(module.parameters()), None)
+                if p is not None:
+                    return p.device
+        return torch.device("cpu")
+
+    def margins(self, data: Any, *, seed: int = 0, epoch: int = 0) -> torch.Tensor:
+        """Scores the whole of ``data`` with the proxy and returns the margin ``by`` of
+        every sample [N] (float32, CPU). Counts the forwarded samples in
+        ``last_scored``."""
+        n = len(data)
+        values = torch.full((n,), float("nan"))
+        seen = torch.zeros(n, dtype=torch.bool)
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=self.score_batch_size, shuffle=False, num_workers=self.num_workers,
+            collate_fn=self._collate_fn, generator=seeded_generator(seed, epoch))
+        device = self._device()
+        field = TABLE_FIELDS[self.by]
+        forwarded = 0
+        for batch in loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 3:
+                raise ValueError("DynaMS scores items (x, y, index): wrap the data set in fastsel.Indexed, whose "
+                                 f"items are (x, y, i); got a batch of {type(batch).__name__}"
+                                 + (f" with {len(batch)} fields" if isinstance(batch, (tuple, list)) else ""))
+            x, y, idx = batch
+            if not isinstance(idx, torch.Tensor) or idx.dim() != 1:
+                raise ValueError(f"the last field of each item must be the sample index; got {idx!r:.80}")
+            logits = scoring_forward(self._forward, _to(x, device))
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != idx.numel():
+                got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                raise ValueError(f"the proxy must return logits [B, C] with B = {idx.numel()} (the batch), got {got}")
+            with torch.inference_mode():
+                s = score(logits, torch.as_tensor(y).to(logits.device), backend=self.backend)
+                v = field(s).to("cpu", torch.float32)
+            idx = idx.to(torch.int64)
+            values[idx] = v
+            seen[idx] = True
+            forwarded += idx.numel()
+        self.last_scored += forwarded
+        if not bool(seen.all()):
+            raise ValueError(f"scoring covered {int(seen.sum())} of {n} samples: the items' indices must be 0 .. N-1 "
+                             "(use fastsel.Indexed)")
+        return values
+
+    def select(self, margins: torch.Tensor) -> torch.Tensor:
+        """The ``keep`` fraction of samples with the smallest margins (ties: lowest index
+        first; NaN last), smallest first."""
+        return select_topk(margins, _count(self.keep, margins.numel()), largest=False).indices.cpu()
+
+    def plan_epoch(self, epoch: int, table: ScoreTable, *, seed: int, epochs: int,
+                   data: Any = None) -> EpochPlan:
+        self.last_scored = 0
+        n = table.n
+        if epoch < self.warmup_epochs:
+            return full_plan(n, seed, epoch)
+        if self.is_refresh_epoch(epoch) or self._subset is None:
+            source = self._score_data if self._score_data is not None else data
+            if source is None:
+                raise ValueError("DynaMS needs the data set to score: use it through fastsel.ScoreSampler (which "
+                                 "passes it) or pass score_data=")
+            if len(source) != n:
+                raise ValueError(f"the scored data set has {len(source)} samples but the sampler has {n}")
+            self._subset = self.select(self.margins(source, seed=seed, epoch=epoch))
+            self._refreshed_at = epoch
+        order = torch.randperm(self._subset.numel(), generator=seeded_generator(seed, epoch))
+        return EpochPlan(self._subset[order], torch.ones(n))
+
+    def state_dict(self) -> dict:
+        return {"subset": None if self._subset is None else self._subset.clone(),
+                "refreshed_at": self._refreshed_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        subset = state["subset"]
+        self._subset = None if subset is None else subset.clone().to(torch.int64)
+        self._refreshed_at = int(state["refreshed_at"])
