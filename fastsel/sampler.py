@@ -92,7 +92,7 @@ class ScoreSampler(torch.utils.data.Sampler):
         for name, v in (("batch_size", batch_size), ("epochs", epochs)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not isinstance(seed, int) or seed < 0:
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.data = data
         self.n = n
@@ -171,10 +171,12 @@ class ScoreSampler(torch.utils.data.Sampler):
         if self._plan is not None and (self._exhausted or self._consumed >= len(self._batches())):
             self._advance_epoch()
         batches = self._batches()
+        serving = self.epoch
         self._exhausted = False
         for b in batches[self._consumed:]:  # skips the trained ones after a mid-epoch resume
             yield b.tolist()
-        self._exhausted = True
+        if self.epoch == serving:  # not already ended by the update of its last batch
+            self._exhausted = True
 
     # ---- training-loop calls ----
     def weights(self, indices: torch.Tensor) -> torch.Tensor:
@@ -186,10 +188,15 @@ class ScoreSampler(torch.utils.data.Sampler):
         idx = self._check_indices(indices, "weights")
         return self._plan.weights[idx.cpu()].to(indices.device)
 
-    def _check_indices(self, indices, where: str) -> torch.Tensor:
+    def _check_indices(self, indices, where: str, device: Optional[torch.device] = None) -> torch.Tensor:
         if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{where}: indices must be a 1-D int64 tensor (the dataset indices of the batch, "
-                             f"from fastsel.Indexed), got {indices!r:.80}")
+            raise ValueError(f"{where}: indices must be a 1-D int64 (or int32) tensor (the dataset indices of "
+                             f"the batch, from fastsel.Indexed), got {indices!r:.80}")
+        if device is not None and indices.device != device:
+            raise ValueError(f"{where}: indices are on {indices.device} but scores on {device}; "
+                             "pass the indices on the scores' device")
+        if indices.device.type == "meta":
+            raise ValueError(f"{where}: indices are on the meta device: they must hold the batch's dataset indices")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.n):
             raise IndexError(f"{where}: indices must be in [0, {self.n}), got values in "
                              f"[{int(indices.min())}, {int(indices.max())}]")
@@ -197,14 +204,11 @@ class ScoreSampler(torch.utils.data.Sampler):
 
     def update(self, indices: torch.Tensor, scores: Scores) -> None:
         """Records the training forward's scores of the batch's samples (all ranks' under DDP)."""
-        idx = self._check_indices(indices, "update")
         if not isinstance(scores, Scores):
             raise TypeError(f"update: scores must be the fastsel.Scores of the batch, got {type(scores).__name__}")
+        idx = self._check_indices(indices, "update", device=scores.loss.device)
         if scores.loss.shape != idx.shape:
             raise ValueError(f"update: scores are for {scores.loss.numel()} samples but indices has {idx.numel()}")
-        if scores.loss.device != indices.device:
-            raise ValueError(f"update: indices are on {indices.device} but scores on {scores.loss.device}; "
-                             "pass the indices on the scores' device")
         values = self.table.extract(scores)
         idx, values = self._gather(idx, values)
         self.table.update_values(idx, values, self.epoch)
@@ -215,6 +219,10 @@ class ScoreSampler(torch.utils.data.Sampler):
                       "mean_loss": float(values["loss"].mean()) if "loss" in values and idx.numel() else float("nan")}
         for hook in self._hooks:
             hook(self.stats)
+        if self._plan is not None and self._consumed >= len(self._batches()):
+            # Last batch of the epoch trained: the epoch is over (so a checkpoint taken now
+            # says epoch + 1, and a loop resuming from sampler.epoch does not repeat one).
+            self._advance_epoch()
 
     def _gather(self, idx: torch.Tensor, values: dict) -> tuple[torch.Tensor, dict]:
         if self.num_replicas == 1 or not (dist.is_available() and dist.is_initialized()):

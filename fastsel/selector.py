@@ -1,7 +1,7 @@
 """``BatchSelector``: in-batch selection for any training loop.
 
     selector = fastsel.BatchSelector(model, fastsel.strategies.MMS(keep=64), head=model.fc)
-    for x, y in DataLoader(train_set, batch_size=640, shuffle=True):
+    for x, y in DataLoader(train_set, batch_size=640, shuffle=True, drop_last=True):
         xb, yb, w = selector(x, y)
         (fastsel.score(model(xb), yb).loss * w).mean().backward(); opt.step(); opt.zero_grad()
 
@@ -44,6 +44,8 @@ def _index(batch: Any, idx: torch.Tensor) -> Any:
     """``batch[idx]`` for a tensor, or for each tensor of a tuple / list / dict."""
     if isinstance(batch, torch.Tensor):
         return batch[idx.to(batch.device)]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple (kept by default_collate)
+        return type(batch)(*(_index(b, idx) for b in batch))
     if isinstance(batch, (tuple, list)):
         return type(batch)(_index(b, idx) for b in batch)
     if isinstance(batch, dict):
@@ -80,7 +82,7 @@ class BatchSelector:
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
                 raise ValueError(f"{type(strategy).__name__} needs the classifier head: pass head=model.fc "
                                  "(a module whose .weight is [C, D])")
-        if not isinstance(seed, int) or seed < 0:
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.model = model
         self.strategy = strategy

@@ -1,0 +1,721 @@
+"""The end-to-end training harness: does selection beat uniform sampling in wall-clock
+time on real data (Fashion-MNIST)?
+
+One *run* = (model, augmentation, strategy, budget, seed). Every run of a grid trains the
+same model from the same initialisation (per seed) with SGD (momentum 0.9, Nesterov,
+weight decay 5e-4, batches of 128) for exactly ``T = round(budget * T_full)`` optimizer
+steps, where ``T_full = epochs * ceil(N / 128)`` is the full budget (``epochs`` full
+passes over the N training samples). The learning-rate schedule is compressed to the
+budget (Arazo et al. 2021, who follow the budget-aware linear schedule of Li, Yumer &
+Ramanan 2020): a linear warm-up over the first 2% of the T steps to the peak (0.1), then
+a linear decay that reaches 0 after step T (``lr_schedule``).
+
+Every step's loss is ``fastsel.score(model(x), y).loss`` (for mixing augmentations one
+call per label set, combined with the mixing weights; see ``augment``), times the
+strategy's loss weights, averaged over the batch.
+
+Strategies (``STRATEGIES``):
+
+* in-batch (``fastsel.BatchSelector``): a candidate batch drawn without replacement
+  from a seeded shuffle of the training set (a new shuffle each pass; the last
+  incomplete candidate batch of a pass is dropped), augmented, scored in inference
+  mode, and the strategy's choice trained on. Kept samples go through a queue that
+  releases batches of exactly 128 (Selective-Backprop keeps a random number per
+  candidate batch; the fixed-size strategies keep exactly 128). Candidate sizes:
+  MMS / hard-loss / max-entropy 640 -> 128 (the MMS paper: 640 -> 64; we keep the
+  paper's candidate batch and the common training batch of 128), CDF sampling
+  1024 -> 128 (the paper's sizes), upper-bound IS 384 -> 128 (presample 3 b),
+  Selective-Backprop 512 candidates (its expected keep rate is 1/4 with beta = 3, so
+  about one training batch per candidate batch), RHO-LOSS 1280 -> 128 (the paper's
+  10%).
+* epoch (``fastsel.ScoreSampler`` over ``fastsel.Indexed`` data, ``sampler.update``
+  after every step with the training forward's scores): uniform (``Uniform(budget=b)``:
+  each of the ``epochs`` passes visits a fresh random ``b N`` samples, the unif-SGD
+  baseline of Arazo et al.), p-SGD and c-SGD (``budget=b``, the same layout), and the
+  strategies without a budget knob, which run their own epochs (shorter than a full
+  pass) until the T steps are spent: InfoBatch (r = 0.5, delta = 0.875), hard
+  mini-batches (delta = 0.5), DynaMS (keep 0.5, probability margin, one full epoch,
+  then re-selected every 2 of its half-size epochs, i.e. once per N trained samples:
+  with a handful of epochs the default refresh of 5 would never re-select).
+  For those, the sampler's ``epochs`` (the span of epoch-indexed schedules such as
+  InfoBatch's annealing) is re-estimated before each epoch as the current epoch plus
+  the epochs of the last epoch's length that the remaining steps allow.
+
+Clocks and costs (METHODS.md section 4): the training clock (wall and process CPU time)
+runs from the first step to the last and is paused while the test set is evaluated
+(``ceil(evals * budget)`` points, at least 3, evenly spaced in steps, plus step 0). It includes data indexing,
+augmentation, selection (scoring forwards included), epoch planning (DynaMS's whole-set
+scoring included) and RHO-LOSS's irreducible-loss model (trained on a 10% holdout that
+RHO-LOSS then does not train on). Separately timed: ``fastsel.score`` in the training
+step (``score_s``), the selector's scoring forward (``select_fwd_s``), the rest of the
+selector's call (``select_other_s``: its ``fastsel.score`` call, the strategy's choice
+and its statistics), and epoch planning (``plan_s``). Samples scored (forwarded in
+inference mode for selection) and samples trained (forwarded and backpropagated) are
+counted separately.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import time
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import fastsel
+from fastsel.experiments.augment import Targets, get_augmentation
+from fastsel.experiments.models import build_model
+
+__all__ = [
+    "BATCH_SIZE", "DEFAULT_EPOCHS", "DEFAULT_EVALS", "DEFAULT_BUDGETS", "DEFAULT_GRID", "SMOKE_GRID",
+    "STRATEGIES", "StrategySpec", "StrategyUnavailable", "RunSpec", "BenchConfig", "BenchData", "RunResult",
+    "lr_schedule", "eval_steps", "load_data", "run_one", "run_grid", "strategy_available", "make_grid",
+]
+
+BATCH_SIZE = 128
+PEAK_LR = 0.1
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+WARMUP_FRACTION = 0.02
+DEFAULT_EPOCHS = 4          # E_full: the full budget's passes over the training set
+DEFAULT_EVALS = 12          # test-set evaluations of a full-budget run (plus one at step 0)
+DEFAULT_BUDGETS = (1.0, 0.5, 0.3)
+EVAL_BATCH = 256            # inference chunk: evaluation, scoring forwards, whole-set scoring
+MIN_EVALS = 3
+RHO_HOLDOUT_FRACTION = 0.1
+IMPORTANCE_GRID_SAMPLES = 12
+
+# (strategy, augmentation) pairs of the default grid: the issue's eight rows.
+DEFAULT_GRID = (("uniform", "none"), ("uniform", "ricap"), ("mms", "none"), ("cdf", "none"),
+                ("hard_batches", "none"), ("dynams", "none"), ("infobatch", "none"),
+                ("selective_backprop", "none"))
+SMOKE_GRID = (("uniform", "none"), ("mms", "none"))
+
+
+# ----------------------------------------------------------------------------------
+# Strategies, imported lazily by name
+# ----------------------------------------------------------------------------------
+
+class StrategyUnavailable(RuntimeError):
+    """The strategy's class cannot be imported (not written yet, or broken)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategySpec:
+    """How the harness runs one strategy.
+
+    ``target`` is ``"module:Class"``; ``style`` ``"batch"`` or ``"epoch"``;
+    ``candidates`` the candidate batch of the in-batch style; ``epochs`` ``"fixed"`` (the
+    sampler's epochs = E_full, the strategy takes the budget) or ``"adaptive"`` (see the
+    module docstring); ``kwargs(ctx)`` the constructor's arguments.
+    """
+
+    name: str
+    target: str
+    style: str
+    description: str
+    kwargs: Callable[["_Context"], dict] = lambda ctx: {}
+    candidates: int = 0
+    epochs: str = "adaptive"
+
+    def resolve(self) -> type:
+        module, _, cls = self.target.partition(":")
+        try:
+            return getattr(importlib.import_module(module), cls)
+        except (ImportError, AttributeError) as e:
+            raise StrategyUnavailable(f"strategy {self.name!r} needs {module}.{cls}, which cannot be imported: "
+                                      f"{type(e).__name__}: {e}") from None
+
+
+@dataclasses.dataclass
+class _Context:
+    """What a strategy's constructor may need."""
+
+    budget: float
+    batch_size: int
+    model: torch.nn.Module
+    score_data: Any = None
+    irreducible: Optional[torch.Tensor] = None
+
+
+_S = "fastsel.strategies."
+STRATEGIES: dict[str, StrategySpec] = {s.name: s for s in (
+    StrategySpec("uniform", _S + "in_batch:Uniform", "epoch", "uniform: a fresh random budget·N samples per pass",
+                 lambda c: {"budget": c.budget}, epochs="fixed"),
+    StrategySpec("mms", _S + "in_batch:MMS", "batch", "MMS (Weinstein et al.): smallest MMS, 640 -> 128",
+                 lambda c: {"keep": c.batch_size}, candidates=640),
+    StrategySpec("hard_loss", _S + "in_batch:HardLoss", "batch", "hard-example mining: largest loss, 640 -> 128",
+                 lambda c: {"keep": c.batch_size}, candidates=640),
+    StrategySpec("max_entropy", _S + "in_batch:MaxEntropy", "batch", "largest entropy, 640 -> 128",
+                 lambda c: {"keep": c.batch_size}, candidates=640),
+    StrategySpec("cdf", _S + "importance:CDFSampling", "batch",
+                 "CDF sampling (Knutsson et al.): P ∝ loss, 1024 -> 128", lambda c: {"keep": c.batch_size},
+                 candidates=1024),
+    StrategySpec("upper_bound_is", _S + "importance:UpperBoundIS", "batch",
+                 "upper-bound IS (Katharopoulos & Fleuret): 384 -> 128", lambda c: {"keep": c.batch_size},
+                 candidates=3 * BATCH_SIZE),
+    StrategySpec("selective_backprop", _S + "selective_backprop:SelectiveBackprop", "batch",
+                 "Selective-Backprop (Jiang et al.): P(keep) = F_R(loss)^3, 512 candidates, queue of 128",
+                 candidates=512),
+    StrategySpec("rho_loss", _S + "rho_loss:RhoLoss", "batch",
+                 "RHO-LOSS (Mindermann et al.): top 10% reducible loss, 1280 -> 128",
+                 lambda c: {"irreducible": c.irreducible, "keep": c.batch_size, "ids": lambda inputs: inputs[1]},
+                 candidates=10 * BATCH_SIZE),
+    StrategySpec("infobatch", _S + "infobatch:InfoBatch", "epoch", "InfoBatch (Qin et al.): r = 0.5, delta = 0.875"),
+    StrategySpec("hard_batches", _S + "hard_batches:HardBatches", "epoch",
+                 "hard mini-batches (Sahayam et al.): top 50% of batches by stale loss",
+                 lambda c: {"delta": 0.5, "batch_size": c.batch_size}),
+    StrategySpec("dynams", _S + "dynams:DynaMS", "epoch",
+                 "DynaMS (Wang et al.): smallest probability margin, keep 0.5, re-selected every 2 epochs",
+                 lambda c: {"keep": 0.5, "refresh": 2, "model": c.model, "score_data": c.score_data,
+                            "collate_fn": _identity, "score_batch_size": EVAL_BATCH}),
+    StrategySpec("psgd", _S + "budgeted:PSGD", "epoch", "p-SGD (Arazo et al.): P ∝ s + mean(s)",
+                 lambda c: {"budget": c.budget}, epochs="fixed"),
+    StrategySpec("csgd", _S + "budgeted:CSGD", "epoch", "c-SGD (Arazo et al.): P ∝ s(1-s) + mean",
+                 lambda c: {"budget": c.budget}, epochs="fixed"),
+)}
+
+
+def strategy_available(name: str) -> Optional[str]:
+    """None if the strategy can be run, else the reason it cannot."""
+    if name not in STRATEGIES:
+        return f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}"
+    try:
+        STRATEGIES[name].resolve()
+    except StrategyUnavailable as e:
+        return str(e)
+    return None
+
+
+def _identity(batch):
+    return batch
+
+
+# ----------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    strategy: str
+    augment: str = "none"
+    budget: float = 1.0
+    seed: int = 0
+    model: str = "cnn"
+
+    @property
+    def label(self) -> str:
+        """The row name: the strategy, with the augmentation if there is one."""
+        return self.strategy if self.augment == "none" else f"{self.strategy}+{self.augment}"
+
+    @property
+    def is_reference(self) -> bool:
+        """The full-budget uniform run without augmentation (the time-to-accuracy target)."""
+        return self.strategy == "uniform" and self.augment == "none" and self.budget == 1.0
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    epochs: int = DEFAULT_EPOCHS
+    batch_size: int = BATCH_SIZE
+    evals: int = DEFAULT_EVALS
+    subset: Optional[int] = None        # training samples (a fixed random subset), None = all
+    test_subset: Optional[int] = None   # test samples, None = all 10k
+    lr: float = PEAK_LR
+    warmup: float = WARMUP_FRACTION
+    progress: bool = True
+    data_root: Optional[str] = None
+
+
+def make_grid(pairs, budgets, seeds, models=("cnn",)) -> list[RunSpec]:
+    """Runs ordered seed, model, budget (1.0 first), then the given (strategy, augment)
+    order, so that each seed's reference run (uniform at 1.0) comes first."""
+    budgets = sorted(set(budgets), reverse=True)
+    return [RunSpec(s, a, b, seed, m) for seed in seeds for m in models for b in budgets for s, a in pairs]
+
+
+# ----------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class BenchData:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    fill: float            # the normalised value of a black pixel (crop padding)
+    classes: tuple[str, ...]
+
+
+def _subset(n: int, k: Optional[int], seed: int) -> torch.Tensor:
+    if k is None or k >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+def load_data(cfg: BenchConfig) -> BenchData:
+    """Fashion-MNIST (``fastsel.datasets.fashion_mnist``), optionally a fixed random
+    subset of the training and test sets (the same for every run)."""
+    from fastsel.datasets import fashion_mnist
+
+    train = fashion_mnist(cfg.data_root, train=True)
+    test = fashion_mnist(cfg.data_root, train=False)
+    tr = _subset(len(train), cfg.subset, 12345)
+    te = _subset(len(test), cfg.test_subset, 54321)
+    return BenchData(train.images[tr].contiguous(), train.labels[tr].contiguous(), test.images[te].contiguous(),
+                     test.labels[te].contiguous(), float(train.images.min()), tuple(train.classes))
+
+
+class _TensorIndexed(torch.utils.data.Dataset):
+    """``fastsel.Indexed`` over in-memory tensors with a batched ``__getitems__``: a
+    DataLoader with ``collate_fn=_identity`` then yields ``(x, y, indices)`` batches
+    without per-item Python overhead (DynaMS's whole-set scoring)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return self.y.numel()
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], int(i)
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return self.x[idx], self.y[idx], idx
+
+
+# ----------------------------------------------------------------------------------
+# Schedule and evaluation points
+# ----------------------------------------------------------------------------------
+
+def lr_schedule(total_steps: int, peak: float = PEAK_LR, warmup: float = WARMUP_FRACTION) -> list[float]:
+    """The learning rate of optimizer steps 0 .. T-1, followed by the value after the
+    last step (index T, always 0): linear warm-up over W = max(1, ceil(warmup T)) steps
+    to ``peak`` at step W - 1 (its only maximum), then linear decay,
+    lr(t) = peak (T - t) / (T - W + 1), reaching 0 at t = T. A budget's schedule is the
+    full budget's compressed in time: lr_b(t) ≈ lr_full(t T_full / T_b)."""
+    if not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+    w = max(1, math.ceil(warmup * total_steps))
+    return [peak * (t + 1) / w if t < w else peak * (total_steps - t) / (total_steps - w + 1)
+            for t in range(total_steps + 1)]
+
+
+def eval_steps(total_steps: int, evals: int) -> list[int]:
+    """Step counts after which the test set is evaluated: 0, then ``evals`` points evenly
+    spaced up to ``total_steps`` (always included)."""
+    points = {0, total_steps}
+    points.update(round(j * total_steps / evals) for j in range(1, evals + 1))
+    return sorted(points)
+
+
+# ----------------------------------------------------------------------------------
+# One run
+# ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunResult:
+    spec: RunSpec
+    curve: list[dict]                       # one row per evaluation
+    summary: dict                           # run-level numbers
+    mms_trace: list[dict] = dataclasses.field(default_factory=list)
+    importance: Optional[dict] = None       # most / least important samples (the CDF paper's view)
+
+
+class _Clock:
+    """Wall and process-CPU time of the training, pausable around evaluations."""
+
+    def __init__(self):
+        self.wall = 0.0
+        self.cpu = 0.0
+        self._t = None
+
+    def start(self) -> None:
+        self._t = (time.perf_counter(), time.process_time())
+
+    def stop(self) -> None:
+        w, c = self._t
+        self.wall += time.perf_counter() - w
+        self.cpu += time.process_time() - c
+        self._t = None
+
+    @property
+    def elapsed(self) -> float:
+        return self.wall + (time.perf_counter() - self._t[0] if self._t else 0.0)
+
+
+class _ScoringView(torch.nn.Module):
+    """The model as the selector sees it: candidate inputs are a tuple ``(x, positions,
+    labels [N, K], mix weights [N, K])`` (the selector indexes every element, so the
+    chosen samples come back with their dataset positions and mixed labels); the forward
+    runs the model on ``x`` in chunks of ``EVAL_BATCH`` (on this project's CPU about 10%
+    faster per sample than one forward of 640 and 25% than one of 1280: the activations
+    stay in cache) and times itself."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.seconds = 0.0
+
+    def forward(self, inputs):
+        t = time.perf_counter()
+        x = inputs[0]
+        out = torch.cat([self.model(x[i:i + EVAL_BATCH]) for i in range(0, x.shape[0], EVAL_BATCH)])
+        self.seconds += time.perf_counter() - t
+        return out
+
+
+class _Queue:
+    """Selected samples waiting for a full training batch."""
+
+    def __init__(self):
+        self.parts: list[tuple] = []
+        self.size = 0
+
+    def push(self, *tensors) -> None:
+        if tensors[0].shape[0]:
+            self.parts.append(tensors)
+            self.size += tensors[0].shape[0]
+
+    def pop(self, k: int) -> tuple:
+        if len(self.parts) == 1 and self.parts[0][0].shape[0] == k:
+            out = self.parts.pop()
+        else:
+            cat = [torch.cat(ts) for ts in zip(*self.parts)]
+            out = tuple(t[:k] for t in cat)
+            rest = tuple(t[k:] for t in cat)
+            self.parts = [rest] if rest[0].shape[0] else []
+        self.size -= k
+        return out
+
+
+def _dominant_scores(scores: list[fastsel.Scores], ks: list[int], targets: Targets) -> fastsel.Scores:
+    """Per sample, the scores of its dominant label set (see ``augment``)."""
+    if len(scores) == 1:
+        return scores[0]
+    dom = targets.dominant_k()
+    first = int(dom[0])
+    if bool((dom == first).all()):
+        return scores[ks.index(first)]
+    pos = torch.tensor([ks.index(int(k)) if int(k) in ks else 0 for k in range(targets.k)])[dom]
+    fields = []
+    for f in fastsel.Scores._fields:
+        vals = [getattr(s, f) for s in scores]
+        if vals[0] is None:
+            fields.append(None)
+        else:
+            stacked = torch.stack([v.detach() for v in vals])
+            fields.append(stacked.gather(0, pos[None].to(stacked.device)).squeeze(0))
+    return fastsel.Scores(*fields)
+
+
+class _Run:
+    """The state of one training run (model, optimizer, clocks, counters, curve)."""
+
+    def __init__(self, spec: RunSpec, cfg: BenchConfig, data: BenchData, n_full: int):
+        self.spec, self.cfg, self.data = spec, cfg, data
+        torch.manual_seed(spec.seed)
+        self.model = build_model(spec.model, num_classes=len(data.classes))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=MOMENTUM, nesterov=True,
+                                   weight_decay=WEIGHT_DECAY)
+        self.steps_per_epoch = math.ceil(n_full / cfg.batch_size)
+        self.full_steps = cfg.epochs * self.steps_per_epoch
+        self.total = max(1, round(spec.budget * self.full_steps))
+        self.lrs = lr_schedule(self.total, cfg.lr, cfg.warmup)
+        # Evaluations in proportion to the budget: the time to accuracy is resolved to
+        # 1/evals of the full budget's steps at every budget.
+        self.evals = eval_steps(self.total, max(MIN_EVALS, math.ceil(cfg.evals * spec.budget - 1e-9)))
+        self.n_full = n_full
+        self.step = 0
+        self.trained = 0
+        self.extra_scored = 0
+        self.scored_fn: Callable[[], int] = lambda: 0
+        self.clock = _Clock()
+        self.score_s = self.select_s = self.plan_s = self.aux_s = 0.0
+        self.view: Optional[_ScoringView] = None
+        self.curve: list[dict] = []
+        self.bar = None
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total
+
+    def scored(self) -> int:
+        return self.scored_fn() + self.extra_scored
+
+    def evaluate(self) -> None:
+        running = self.clock._t is not None
+        if running:
+            self.clock.stop()
+        model, x, y = self.model, self.data.test_x, self.data.test_y
+        was_training = model.training
+        model.eval()
+        correct, loss = 0, 0.0
+        with torch.inference_mode():
+            for i in range(0, y.numel(), EVAL_BATCH):
+                logits = model(x[i:i + EVAL_BATCH])
+                correct += int((logits.argmax(1) == y[i:i + EVAL_BATCH]).sum())
+                loss += float(F.cross_entropy(logits, y[i:i + EVAL_BATCH], reduction="sum"))
+        model.train(was_training)
+        n = max(1, y.numel())
+        self.curve.append({"step": self.step, "passes": self.trained / self.n_full,
+                           "train_s": self.clock.wall, "train_cpu_s": self.clock.cpu,
+                           "samples_scored": self.scored(), "samples_trained": self.trained,
+                           "test_acc": correct / n, "test_loss": loss / n})
+        if self.bar is not None:
+            self.bar.set_postfix(acc=f"{correct / n:.3f}", refresh=False)
+        if running:
+            self.clock.start()
+
+    def train_step(self, x: torch.Tensor, targets: Targets, weights: Optional[torch.Tensor]) -> fastsel.Scores:
+        for group in self.opt.param_groups:
+            group["lr"] = self.lrs[self.step]
+        logits = self.model(x)
+        ks = [k for k in range(targets.k) if k == 0 or bool(targets.weights[:, k].any())]
+        t = time.perf_counter()
+        scores = [fastsel.score(logits, targets.labels[:, k]) for k in ks]
+        self.score_s += time.perf_counter() - t
+        per_sample = scores[0].loss if targets.k == 1 else sum(targets.weights[:, k] * s.loss for k, s in zip(ks, scores))
+        loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step += 1
+        self.trained += x.shape[0]
+        if self.bar is not None:
+            self.bar.update(1)
+        return _dominant_scores(scores, ks, targets)
+
+    def after_step(self) -> None:
+        """Called once a step is complete (sampler updated): evaluates at the planned points."""
+        if self.step in self._eval_set:
+            self.evaluate()
+
+    def begin(self) -> None:
+        self._eval_set = set(self.evals) - {0}
+        self.evaluate()  # step 0, before the clock starts
+        self.clock.start()
+
+    def end(self) -> None:
+        self.clock.stop()
+
+
+def _seeded(seed: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + stream * 7919 + 17) % (1 << 62))
+
+
+def _train_irreducible(run: _Run, x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
+    """RHO-LOSS's irreducible-loss model: the same architecture trained on the holdout for
+    ``epochs`` passes (no augmentation, the same compressed schedule over its steps)."""
+    torch.manual_seed(run.spec.seed + 1)
+    model = build_model(run.spec.model, num_classes=len(run.data.classes))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
+    bs = run.cfg.batch_size
+    steps = run.cfg.epochs * math.ceil(y.numel() / bs)
+    lrs = lr_schedule(steps, run.cfg.lr, run.cfg.warmup)
+    step, epoch = 0, 0
+    while step < steps:
+        for idx in torch.randperm(y.numel(), generator=_seeded(run.spec.seed, 1000 + epoch)).split(bs):
+            for group in opt.param_groups:
+                group["lr"] = lrs[step]
+            loss = fastsel.score(model(x[idx]), y[idx]).loss.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            run.trained += idx.numel()
+            step += 1
+            if step >= steps:
+                break
+        epoch += 1
+    return model
+
+
+def _losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss of ``model`` (eval mode, inference) on every sample."""
+    was = model.training
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, y.numel(), EVAL_BATCH):
+            out.append(fastsel.score(model(x[i:i + EVAL_BATCH]), y[i:i + EVAL_BATCH]).loss)
+    model.train(was)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _run_batch_style(run: _Run, spec: StrategySpec, x: torch.Tensor, y: torch.Tensor, ctx: _Context,
+                     mms_trace: list) -> None:
+    strategy = spec.resolve()(**spec.kwargs(ctx))
+    run.view = _ScoringView(run.model)
+    selector = fastsel.BatchSelector(run.view, strategy, head=run.model.fc, seed=run.spec.seed)
+    run.scored_fn = lambda: selector.costs.scored
+    if getattr(strategy, "needs_head", False):
+        def hook(stats):
+            q = stats.get("mms_quantiles")
+            if q:
+                mms_trace.append({"step": run.step, "train_s": run.clock.elapsed,
+                                  **{f"q{round(100 * k)}": v for k, v in q.items()}})
+        selector.add_hook(hook)
+    aug = get_augmentation(run.spec.augment, fill=run.data.fill)
+    gen = _seeded(run.spec.seed, 1)
+    bs, cand, n = run.cfg.batch_size, spec.candidates, y.numel()
+    if cand > n:
+        raise ValueError(f"{spec.name} scores candidate batches of {cand} samples but the training set has {n}")
+    queue = _Queue()
+    epoch = 0
+    while not run.done:
+        for c in torch.randperm(n, generator=_seeded(run.spec.seed, 100 + epoch)).split(cand):
+            if c.numel() < cand:
+                break
+            xa, tg = aug(x[c], y[c], gen)
+            t = time.perf_counter()
+            (xs, cs, ls, ws), _, w = selector((xa, c, tg.labels, tg.weights), tg.dominant())
+            run.select_s += time.perf_counter() - t
+            queue.push(xs, ls, ws, w)
+            while queue.size >= bs and not run.done:
+                xb, lb, wb, sw = queue.pop(bs)
+                run.train_step(xb, Targets(lb, wb), sw)
+                run.after_step()
+            if run.done:
+                break
+        epoch += 1
+
+
+def _run_epoch_style(run: _Run, spec: StrategySpec, x: torch.Tensor, y: torch.Tensor, ctx: _Context) -> None:
+    from fastsel.datasets import FashionMNIST
+
+    strategy = spec.resolve()(**spec.kwargs(ctx))
+    data = fastsel.Indexed(FashionMNIST(x, y))
+    bs = run.cfg.batch_size
+    sampler = fastsel.ScoreSampler(data, strategy, batch_size=bs, epochs=run.cfg.epochs, seed=run.spec.seed)
+    run.scored_fn = lambda: sampler.costs.scored
+    aug = get_augmentation(run.spec.augment, fill=run.data.fill)
+    gen = _seeded(run.spec.seed, 1)
+    epoch, last_len, empty = 0, math.ceil(y.numel() / bs), 0
+    while not run.done:
+        if spec.epochs == "adaptive":
+            sampler.epochs = max(1, epoch + math.ceil((run.total - run.step) / max(1, last_len)))
+        t = time.perf_counter()
+        n_batches = len(sampler)  # makes this epoch's plan (DynaMS scores the whole set here)
+        run.plan_s += time.perf_counter() - t
+        for batch in sampler:
+            idx = torch.as_tensor(batch, dtype=torch.int64)
+            xa, tg = aug(x[idx], y[idx], gen)
+            scores = run.train_step(xa, tg, sampler.weights(idx))
+            sampler.update(idx, scores)
+            run.after_step()
+            if run.done:
+                break
+        empty = empty + 1 if n_batches == 0 else 0
+        if empty > 3:
+            raise RuntimeError(f"{spec.name} planned empty epochs {empty} times in a row")
+        last_len = max(1, n_batches)
+        epoch += 1
+
+
+def run_one(spec: RunSpec, cfg: BenchConfig, data: BenchData, *, importance: bool = False,
+            position: int = 1) -> RunResult:
+    """Trains one run and returns its curve and summary. ``importance``: also score the
+    whole training set with the final model and keep the most / least important samples
+    (highest / lowest loss: the CDF paper's importance)."""
+    if spec.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {spec.strategy!r}; known: {', '.join(STRATEGIES)}")
+    sspec = STRATEGIES[spec.strategy]
+    x, y = data.train_x, data.train_y
+    run = _Run(spec, cfg, data, y.numel())
+    mms_trace: list[dict] = []
+    if cfg.progress:
+        from tqdm import tqdm
+        run.bar = tqdm(total=run.total, desc=f"{spec.model} {spec.label} b={spec.budget:g} s={spec.seed}",
+                       unit="step", leave=False, position=position, dynamic_ncols=True)
+    ctx = _Context(spec.budget, cfg.batch_size, run.model)
+    try:
+        run.begin()
+        if spec.strategy == "rho_loss":
+            t = time.perf_counter()
+            perm = torch.randperm(y.numel(), generator=_seeded(spec.seed, 2))
+            h = max(1, round(RHO_HOLDOUT_FRACTION * y.numel()))
+            hold, rest = perm[:h].sort().values, perm[h:].sort().values
+            il = _train_irreducible(run, x[hold], y[hold])
+            x, y = x[rest], y[rest]
+            ctx.irreducible = _losses(il, x, y)
+            run.extra_scored += y.numel()
+            run.aux_s += time.perf_counter() - t
+        if sspec.style == "batch":
+            _run_batch_style(run, sspec, x, y, ctx, mms_trace)
+        else:
+            ctx.score_data = _TensorIndexed(x, y)
+            _run_epoch_style(run, sspec, x, y, ctx)
+        run.end()
+    finally:
+        if run.bar is not None:
+            run.bar.close()
+    # The run's wall-clock: the clock when its last step was complete (its last evaluation).
+    train_s = run.curve[-1]["train_s"]
+    fwd_s = run.view.seconds if run.view is not None else 0.0
+    summary = {
+        "steps": run.step, "full_steps": run.full_steps, "epochs_full": cfg.epochs,
+        "train_samples": data.train_y.numel(), "final_acc": run.curve[-1]["test_acc"],
+        "final_loss": run.curve[-1]["test_loss"], "train_s": train_s, "train_cpu_s": run.curve[-1]["train_cpu_s"],
+        "samples_scored": run.scored(), "samples_trained": run.trained,
+        "score_s": run.score_s, "select_fwd_s": fwd_s, "select_other_s": max(0.0, run.select_s - fwd_s),
+        "plan_s": run.plan_s, "aux_s": run.aux_s,
+        "step_ms": 1000 * train_s / max(1, run.step),
+        "score_pct": 100 * run.score_s / train_s if train_s > 0 else float("nan"),
+        "select_pct": 100 * (run.select_s + run.plan_s) / train_s if train_s > 0 else float("nan"),
+    }
+    result = RunResult(spec, run.curve, summary, mms_trace)
+    if importance:
+        loss = _losses(run.model, data.train_x, data.train_y)
+        k = min(IMPORTANCE_GRID_SAMPLES, loss.numel() // 2)
+        order = torch.argsort(loss, descending=True, stable=True)
+        result.importance = {"run": spec, "most": order[:k], "least": order.flip(0)[:k], "loss": loss}
+    return result
+
+
+def run_grid(specs: list[RunSpec], cfg: BenchConfig, data: Optional[BenchData] = None, *,
+             importance_run: Optional[RunSpec] = None) -> tuple[list[RunResult], dict[str, str]]:
+    """Runs every spec whose strategy is importable; returns the results and the
+    strategies skipped, with the reason."""
+    data = data if data is not None else load_data(cfg)
+    skipped: dict[str, str] = {}
+    runnable = []
+    for s in specs:
+        reason = strategy_available(s.strategy)
+        if reason is None:
+            runnable.append(s)
+        else:
+            skipped[s.strategy] = reason
+    if importance_run is None:
+        importance_run = _pick_importance_run(runnable)
+    results = []
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(runnable), desc="runs", unit="run", position=0, dynamic_ncols=True)
+    try:
+        for s in runnable:
+            if bar is not None:
+                bar.set_postfix_str(f"{s.model} {s.label} b={s.budget:g} seed={s.seed}", refresh=True)
+            results.append(run_one(s, cfg, data, importance=(s == importance_run)))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return results, skipped
+
+
+def _pick_importance_run(specs: list[RunSpec]) -> Optional[RunSpec]:
+    """The run whose final model ranks the training samples for the importance grid: CDF
+    sampling without augmentation at the largest budget, else the first selection run,
+    else the first run."""
+    plain = [s for s in specs if s.augment == "none"]
+    for pick in ([s for s in plain if s.strategy == "cdf"], [s for s in plain if s.strategy != "uniform"], specs):
+        if pick:
+            return max(pick, key=lambda s: (s.budget, -s.seed))
+    return None
