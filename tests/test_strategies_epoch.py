@@ -472,7 +472,7 @@ def test_exact_resume_mid_epoch(name, stop_epoch, stop_batch):
         part += run_epoch(sampler, trainer)
     assert part == full
     assert sampler.costs.as_dict() == full_sampler.costs.as_dict()
-    assert sampler.epoch == full_sampler.epoch == epochs - 1
+    assert sampler.epoch == full_sampler.epoch == epochs  # the last update ended the last epoch
 
 
 def test_dynams_state_dict_holds_subset_and_refresh_epoch():
