@@ -8,7 +8,7 @@ STAMP_DEPS  := $(VENV)/.deps-installed
 STAMP_BUILD := $(VENV)/.ext-built
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: all setup build test test-fast test-triton bench clean
+.PHONY: all setup build test test-fast test-triton bench train-bench clean
 
 all: test
 
@@ -39,6 +39,17 @@ test-fast: build
 bench: build
 	$(PY) bench/bench_score.py
 	$(PY) bench/bench_select.py
+
+# End-to-end benchmark on Fashion-MNIST (bench/train_bench.py, fastsel/experiments): the
+# default grid takes about 17-20 min on 2 quiet cores; results in bench/results/train/.
+# Installs Debian's dataset-fashion-mnist first when it is missing. Options:
+# make train-bench TRAIN_BENCH_ARGS="--smoke" (or "--full", "--strategies uniform,mms", ...).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+train-bench: build
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+		$(SUDO) apt-get install -y -qq dataset-fashion-mnist || \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist); fi
+	$(PY) bench/train_bench.py $(TRAIN_BENCH_ARGS)
 
 clean:
 	rm -rf build fastsel/_C*.so *.egg-info $(STAMP_BUILD)

@@ -173,7 +173,8 @@ def ricap(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, *,
     top = torch.cat([patches[0], patches[1]], dim=3)
     bottom = torch.cat([patches[2], patches[3]], dim=3)
     out = torch.cat([top, bottom], dim=2)
-    return out, Targets(torch.stack(labels, dim=1), torch.tensor(weights, dtype=torch.float32).expand(n, 4).contiguous())
+    mix = torch.tensor(weights, dtype=torch.float32).expand(n, 4).contiguous()
+    return out, Targets(torch.stack(labels, dim=1), mix)
 
 
 AUGMENTATIONS: dict[str, Augmentation] = {"none": none, "crop_flip": crop_flip, "ricap": ricap, "mixup": mixup,
