@@ -88,6 +88,7 @@ print(f"fastsel: building the CPU kernels for ISA '{isa}', CUDA: {with_cuda}", f
 
 sources = [
     "csrc/ops.cpp",
+    "csrc/score_autograd.cpp",
     "csrc/cpu/score_kernel.cpp",
     "csrc/cpu/select_kernel.cpp",
 ]

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from fastsel import reference
-from fastsel._autograd import register_score_autograd, score_backward_fake, score_forward_fake
+from fastsel._autograd import score_backward_fake, score_forward_fake
 from fastsel._extension import CPU_EXTENSION_AVAILABLE, CUDA_EXTENSION_AVAILABLE
 from fastsel.reference import Scores
 
@@ -189,8 +189,8 @@ def score(
                   mms_out if weight is not None else None, lse)
 
 
-# Fake implementations and autograd of the compiled ops (the schemas live in csrc/ops.cpp).
+# Fake implementations of the compiled ops (the schemas live in csrc/ops.cpp; their
+# autograd is registered in C++, csrc/score_autograd.cpp).
 if CPU_EXTENSION_AVAILABLE:
     torch.library.register_fake("fastsel::score_forward")(score_forward_fake)
     torch.library.register_fake("fastsel::score_backward")(score_backward_fake)
-    register_score_autograd("fastsel::score_forward", torch.ops.fastsel.score_backward)
