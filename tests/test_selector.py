@@ -426,3 +426,33 @@ def test_model_output_of_the_wrong_shape(fn):
         selector(x, y)
     assert model.training and model.inner.body[1].training, "mode restored after the error"
     assert selector.costs.steps == 0 and selector.step == 0
+
+
+def test_score_batch_size_slices_the_scoring_forward_and_last_indices():
+    """Slicing the candidate batch gives the selection of one forward (eval mode makes
+    the slices independent); last_indices are the chosen candidate positions."""
+    torch.manual_seed(0)
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU())
+            self.fc = torch.nn.Linear(16, 5)
+
+        def forward(self, x):
+            return self.fc(self.body(x))
+
+    model = Net()
+    calls = []
+    model.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
+    x, y = torch.randn(100, 6), torch.randint(0, 5, (100,))
+    whole = fastsel.BatchSelector(model, fastsel.strategies.MMS(keep=10), head=model.fc)
+    sliced = fastsel.BatchSelector(model, fastsel.strategies.MMS(keep=10), head=model.fc, score_batch_size=32)
+    xa, ya, _ = whole(x, y)
+    assert calls == [100]
+    xb, yb, _ = sliced(x, y)
+    assert calls[1:] == [32, 32, 32, 4]
+    assert torch.equal(whole.last_indices, sliced.last_indices)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert torch.equal(x[sliced.last_indices], xb)
+    with pytest.raises(ValueError, match="score_batch_size must be a positive int"):
+        fastsel.BatchSelector(model, fastsel.strategies.MMS(keep=10), head=model.fc, score_batch_size=0)
