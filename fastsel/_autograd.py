@@ -1,4 +1,6 @@
-"""Autograd of the scoring ops, shared by every backend's custom op.
+"""Autograd of the Triton scoring ops (the compiled ``score_forward`` registers the same
+formula in C++, ``csrc/score_autograd.cpp``), plus the fake implementations shared by
+both.
 
 Only ``loss`` (output 0) is differentiable: d loss_i / d z_i = softmax(z_i) - onehot(y_i),
 recomputed in the backward from the logits and the saved per-row log-sum-exp (output 8),

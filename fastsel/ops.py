@@ -1,4 +1,5 @@
-"""Public scoring op: input validation, backend dispatch, fake impls and autograd.
+"""Public scoring op: input validation, backend dispatch and fake impls (the autograd of
+the compiled op is in ``csrc/score_autograd.cpp``).
 
 ``torch.ops.fastsel.score_forward`` (schema in ``csrc/ops.cpp``) returns, for every row,
 ``(loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse)``;

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from fastsel.reference import Scores
-from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy
+from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, check_strategy_and_seed
 
 __all__ = ["ScoreSampler", "Costs"]
 
@@ -86,14 +86,10 @@ class ScoreSampler(torch.utils.data.Sampler):
             n = len(data)
         except TypeError:
             raise TypeError(f"data must have a length (__len__), got {type(data).__name__}") from None
-        if not isinstance(strategy, Strategy):
-            raise TypeError(f"strategy must be a fastsel.strategies.Strategy, got {type(strategy).__name__}")
-        strategy.check_style("epoch")
+        check_strategy_and_seed(strategy, "epoch", seed)
         for name, v in (("batch_size", batch_size), ("epochs", epochs)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.data = data
         self.n = n
         self.strategy = strategy

@@ -20,7 +20,7 @@ import torch
 
 from fastsel.ops import score
 from fastsel.sampler import Costs
-from fastsel.strategies.base import Strategy
+from fastsel.strategies.base import Strategy, check_strategy_and_seed
 
 __all__ = ["BatchSelector", "scoring_forward"]
 
@@ -37,16 +37,19 @@ def _batch_size(batch: Any) -> int:
     raise TypeError(f"cannot find the batch size of a {type(batch).__name__}")
 
 
-def _slice(batch: Any, start: int, stop: int) -> Any:
+def _map_batch(batch: Any, take) -> Any:
+    """``take(t)`` for a tensor, or for each tensor of a (named)tuple / list / dict, keeping
+    the structure (the batch is in dimension 0 of every tensor)."""
     if isinstance(batch, torch.Tensor):
-        return batch[start:stop]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_slice(b, start, stop) for b in batch))
+        return take(batch)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple (kept by default_collate)
+        return type(batch)(*(_map_batch(b, take) for b in batch))
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_slice(b, start, stop) for b in batch)
+        return type(batch)(_map_batch(b, take) for b in batch)
     if isinstance(batch, dict):
-        return {k: _slice(v, start, stop) for k, v in batch.items()}
-    raise TypeError(f"cannot slice a {type(batch).__name__}")
+        return {k: _map_batch(v, take) for k, v in batch.items()}
+    raise TypeError(f"cannot select samples from a {type(batch).__name__}; inputs must be a tensor "
+                    "or a tuple/list/dict of tensors with the batch in dimension 0")
 
 
 def scoring_forward(model: torch.nn.Module, inputs: Any, chunk_size: Optional[int] = None) -> torch.Tensor:
@@ -63,25 +66,11 @@ def scoring_forward(model: torch.nn.Module, inputs: Any, chunk_size: Optional[in
             n = _batch_size(inputs) if chunk_size else 0
             if not chunk_size or n <= chunk_size:
                 return model(inputs)
-            return torch.cat([model(_slice(inputs, i, min(n, i + chunk_size)))
+            return torch.cat([model(_map_batch(inputs, lambda t, i=i: t[i:i + chunk_size]))
                               for i in range(0, n, chunk_size)])
     finally:
         for m, training in modes:
             m.training = training
-
-
-def _index(batch: Any, idx: torch.Tensor) -> Any:
-    """``batch[idx]`` for a tensor, or for each tensor of a tuple / list / dict."""
-    if isinstance(batch, torch.Tensor):
-        return batch[idx.to(batch.device)]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple (kept by default_collate)
-        return type(batch)(*(_index(b, idx) for b in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_index(b, idx) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _index(v, idx) for k, v in batch.items()}
-    raise TypeError(f"cannot select samples from a {type(batch).__name__}; inputs must be a tensor "
-                    "or a tuple/list/dict of tensors with the batch in dimension 0")
 
 
 class BatchSelector:
@@ -107,16 +96,12 @@ class BatchSelector:
                  score_batch_size: Optional[int] = None):
         if not callable(model):
             raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
-        if not isinstance(strategy, Strategy):
-            raise TypeError(f"strategy must be a fastsel.strategies.Strategy, got {type(strategy).__name__}")
-        strategy.check_style("batch")
+        check_strategy_and_seed(strategy, "batch", seed)
         if strategy.needs_head:
             weight = getattr(head, "weight", None)
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
                 raise ValueError(f"{type(strategy).__name__} needs the classifier head: pass head=model.fc "
                                  "(a module whose .weight is [C, D])")
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.model = model
         self.strategy = strategy
         self.head = head
@@ -153,7 +138,8 @@ class BatchSelector:
         # Outside inference mode: the weights take part in the training loss.
         weights = sel.weights.clone().to(target.device) if sel.weights.is_inference() else sel.weights.to(target.device)
         self.last_indices = idx  # positions in the candidate batch, e.g. to fetch per-sample extras
-        return _index(inputs, idx), target[idx.to(target.device)], weights
+        return (_map_batch(inputs, lambda t: t[idx.to(t.device)]), target[idx.to(target.device)],
+                weights)
 
     def _record(self, scores, idx: torch.Tensor, n: int) -> None:
         # The candidates' scoring forward, plus any forward a strategy runs itself (the

@@ -173,6 +173,15 @@ class Strategy:
         return f"{type(self).__name__}({args})"
 
 
+def check_strategy_and_seed(strategy: Any, style: str, seed: Any) -> None:
+    """The argument checks ScoreSampler (style "epoch") and BatchSelector ("batch") share."""
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"strategy must be a fastsel.strategies.Strategy, got {type(strategy).__name__}")
+    strategy.check_style(style)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+
+
 def full_plan(n: int, seed: int, epoch: int) -> EpochPlan:
     """Every sample once, in a seeded random order, weight 1."""
     order = torch.randperm(n, generator=seeded_generator(seed, epoch))

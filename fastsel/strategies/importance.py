@@ -48,7 +48,6 @@ def _proportional(importance: torch.Tensor, k: int, *, replacement: bool, seed: 
     than ``k`` importances are positive, the zero ones are raised to 1e-12 × the largest
     so that the draw can be completed (they then come after every positive one with
     overwhelming probability)."""
-    n = importance.numel()
     positive = int((importance > 0).sum())
     if positive == 0:
         importance = torch.ones_like(importance)

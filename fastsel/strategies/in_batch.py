@@ -9,7 +9,7 @@ import torch
 
 from fastsel.reference import Scores
 from fastsel.selection import Selection, sample, select_topk
-from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, full_plan, keep_in_batch, seeded_generator
+from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, full_plan, keep_in_batch
 
 __all__ = ["TopScore", "MMS", "HardLoss", "MaxEntropy", "Uniform"]
 

@@ -27,7 +27,7 @@ import triton.language as tl  # noqa: E402
 
 from fastsel import _triton_select_ops  # noqa: E402,F401  (registers torch.ops.fastsel.triton_*)
 from fastsel import reference as ref  # noqa: E402
-from fastsel.triton import percentile_triton, race_keys_triton, rank_keys_triton  # noqa: E402
+from fastsel.triton import race_keys_triton, rank_keys_triton  # noqa: E402
 from fastsel.triton.selection_math import (  # noqa: E402
     neg_log_unit,
     open_unit_float,
