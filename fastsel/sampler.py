@@ -109,6 +109,7 @@ class ScoreSampler(torch.utils.data.Sampler):
         self._plan: Optional[EpochPlan] = None  # the current epoch's plan, once made
         self._consumed = 0                      # batches of this epoch passed to update()
         self._exhausted = False                 # every batch of this epoch handed out
+        self._batch_cache: Optional[tuple[EpochPlan, list[torch.Tensor]]] = None
         self._hooks: list[Callable[[dict], None]] = []
         self.stats: dict = {}
 
@@ -143,11 +144,15 @@ class ScoreSampler(torch.utils.data.Sampler):
         return idx[self.rank::self.num_replicas]
 
     def _batches(self) -> list[torch.Tensor]:
-        mine = self._rank_indices(self._current_plan())
-        batches = list(mine.split(self.batch_size))
-        if self.drop_last and batches and batches[-1].numel() < self.batch_size:
-            batches.pop()
-        return batches
+        """This rank's batches of the current plan, split once per plan (``update`` asks for
+        their number at every step)."""
+        plan = self._current_plan()
+        if self._batch_cache is None or self._batch_cache[0] is not plan:
+            batches = list(self._rank_indices(plan).split(self.batch_size))
+            if self.drop_last and batches and batches[-1].numel() < self.batch_size:
+                batches.pop()
+            self._batch_cache = (plan, batches)
+        return self._batch_cache[1]
 
     def _advance_epoch(self) -> None:
         self.epoch += 1

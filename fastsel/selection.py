@@ -238,7 +238,7 @@ def importance_weights(importance: torch.Tensor, indices: torch.Tensor) -> torch
     probability, close to it when k is small against N."""
     if indices.numel() == 0:
         return torch.ones(0, dtype=torch.float32, device=importance.device)
-    inv = 1.0 / importance.detach().to(torch.float32)[indices].to(torch.float64)
+    inv = 1.0 / importance.detach()[indices].to(torch.float32).to(torch.float64)  # gather k, then convert
     return (inv * (indices.numel() / inv.sum())).to(torch.float32)
 
 

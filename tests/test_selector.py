@@ -456,3 +456,25 @@ def test_score_batch_size_slices_the_scoring_forward_and_last_indices():
     assert torch.equal(x[sliced.last_indices], xb)
     with pytest.raises(ValueError, match="score_batch_size must be a positive int"):
         fastsel.BatchSelector(model, fastsel.strategies.MMS(keep=10), head=model.fc, score_batch_size=0)
+
+
+def test_topscore_follows_score_directions_and_needs_the_head_for_mms():
+    """TopScore(by=...) ranks in the direction of SCORE_DIRECTIONS unless told otherwise,
+    and by="mms" asks the selector for the classifier head (else scores.mms is None)."""
+    torch.manual_seed(3)
+    model = nn.Linear(6, 5)  # a linear model is its own head
+    x, y = torch.randn(50, 6), torch.randint(0, 5, (50,))
+    logits = model(x).detach()
+    s = fastsel.score(logits, y, weight=model.weight.detach())
+    for by in ("margin", "loss", "mms"):
+        strategy = TopScore(8, by=by)
+        assert strategy.needs_head == (by == "mms")
+        selector = fastsel.BatchSelector(model, strategy, head=model)
+        selector(x, y)
+        largest = fastsel.SCORE_DIRECTIONS[by] == "largest"
+        want = fastsel.select_topk(getattr(s, by), 8, largest).indices
+        assert torch.equal(selector.last_indices, want), by
+    with pytest.raises(ValueError, match="needs the classifier head"):
+        fastsel.BatchSelector(model, TopScore(8, by="mms"))
+    with pytest.raises(ValueError, match="by must be one of"):
+        TopScore(8, by="lose")

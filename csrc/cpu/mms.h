@@ -11,9 +11,9 @@
 //   (z_a - z_j) / ||w_a - w_j|| >= (z_a - z_j) / (||w_a - mu|| + max_k ||w_k - mu||).
 // So only classes with z_a - z_j < best (||w_a - mu|| + max_k ||w_k - mu||) can beat
 // the runner-up. A compare sweep over the row (in cache, right after scoring it) finds
-// them, and only their distances, ||w_a - w_j|| from the difference (exact, no
-// cancellation), are computed: O(C) per row plus D per candidate, where a Gram-matrix
-// method pays O(C^2 D) per call whatever N is.
+// them, and only their distances, ||w_a - w_j|| from the difference (no cancellation),
+// are computed: O(C) per row plus D per candidate, where a Gram-matrix method pays
+// O(C^2 D) per call whatever N is.
 //
 // For small C the Gram matrix is the cheaper side (C^2 D is tiny, while a distance costs
 // D per row): the [C, C] inverse distances are computed once per call and each row

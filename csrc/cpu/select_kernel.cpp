@@ -3,21 +3,19 @@
 // fastsel/selection_keys.h, shared with the CUDA kernels).
 //
 // Top-k and sampling without replacement both take the k smallest of N unique 64-bit
-// values (key << 32 | index), returned in ascending order, in three linear passes:
-//   1. a radix histogram of the top 16 bits (per thread, then summed) finds the bucket
-//      that holds the k-th smallest value, and nth_element inside that bucket alone
-//      finds the value T itself;
-//   2. since the values are unique, exactly k of them are <= T: one parallel pass
-//      gathers them in index order;
+// values (key << 32 | index), returned in ascending order:
+//   1. a radix histogram of the top 16 bits (per thread) finds the bucket that holds the
+//      k-th smallest value; a second pass gathers that bucket's values, and nth_element
+//      among them alone finds the value T itself;
+//   2. since the values are unique, exactly k of them are <= T: a counting pass and a
+//      gathering pass collect them in index order;
 //   3. a stable LSD radix sort on the 32-bit key puts them in (key, index) order.
-// Sorting only the k winners, by their key bits, is what makes this cheaper than a
-// comparison-based top-k.
+// The four passes over N are parallel over threads; only the k winners are sorted.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -69,10 +67,16 @@ uint64_t kth_smallest(const uint64_t* v, int64_t n, int64_t k) {
     if (before + count >= k) break;
     before += count;
   }
-  std::vector<uint64_t> candidates;
-  for (int64_t i = 0; i < n; ++i) {
-    if (static_cast<int64_t>(v[i] >> kShift) == bucket) candidates.push_back(v[i]);
-  }
+  // Gather the bucket's values in parallel: each chunk's count is in its histogram.
+  std::vector<int64_t> offset(chunks.count + 1, 0);
+  for (int64_t c = 0; c < chunks.count; ++c) offset[c + 1] = offset[c] + hist[c * kBuckets + bucket];
+  std::vector<uint64_t> candidates(static_cast<size_t>(offset[chunks.count]));
+  for_each_chunk(chunks, [&](int64_t c, int64_t b, int64_t e) {
+    int64_t o = offset[c];
+    for (int64_t i = b; i < e; ++i) {
+      if (static_cast<int64_t>(v[i] >> kShift) == bucket) candidates[o++] = v[i];
+    }
+  });
   const auto nth = candidates.begin() + (k - before - 1);
   std::nth_element(candidates.begin(), nth, candidates.end());
   return *nth;

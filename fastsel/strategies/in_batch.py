@@ -8,23 +8,27 @@ from typing import Any, Optional
 import torch
 
 from fastsel.reference import Scores
-from fastsel.selection import Selection, sample, select_topk
+from fastsel.selection import SCORE_DIRECTIONS, Selection, sample, select_topk
 from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, full_plan, keep_in_batch
 
 __all__ = ["TopScore", "MMS", "HardLoss", "MaxEntropy", "Uniform"]
 
 
 class TopScore(Strategy):
-    """Keeps the ``keep`` candidates with the largest (or smallest) score ``by``."""
+    """Keeps the ``keep`` candidates with the best score ``by``: by default in the direction
+    of ``fastsel.SCORE_DIRECTIONS`` (largest loss, smallest margin, ...), or ``largest``."""
 
     styles = ("batch",)
 
-    def __init__(self, keep: int = 64, *, by: str = "loss", largest: bool = True):
-        if not isinstance(keep, int) or keep < 1:
+    def __init__(self, keep: int = 64, *, by: str = "loss", largest: Optional[bool] = None):
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
             raise ValueError(f"keep must be a positive int, got {keep!r}")
+        if by not in SCORE_DIRECTIONS:
+            raise ValueError(f"by must be one of {sorted(SCORE_DIRECTIONS)}, got {by!r}")
         self.keep = keep
         self.by = by
-        self.largest = largest
+        self.largest = SCORE_DIRECTIONS[by] == "largest" if largest is None else largest
+        self.needs_head = by == "mms"  # the MMS needs the classifier weight
 
     def choose(self, scores: Scores, *, step: int, seed: int, inputs: Any = None,
                targets: Optional[torch.Tensor] = None) -> Selection:
@@ -42,8 +46,6 @@ class MMS(TopScore):
     paper code's runner-up approximation. The paper pairs it with an aggressive
     learning-rate schedule and monitors the batch MMS quantiles (``BatchSelector.stats``).
     """
-
-    needs_head = True
 
     def __init__(self, keep: int = 64):
         super().__init__(keep, by="mms", largest=False)

@@ -49,8 +49,8 @@ class RhoLoss(Strategy):
       and ``ids=lambda inputs: inputs[1]``.
 
     No state: the irreducible model or table is the user's to save (``state_dict`` is
-    empty). The irreducible forward is extra scoring cost that ``BatchSelector.costs``
-    does not count.
+    empty). The irreducible model's forward is counted as scoring cost in
+    ``BatchSelector.costs`` (``last_scored``); a precomputed table costs nothing.
     """
 
     styles = ("batch",)

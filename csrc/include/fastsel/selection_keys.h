@@ -8,7 +8,7 @@
 //   * sampling without replacement (exponential race, Efraimidis & Spirakis 2006): item i
 //     runs an Exp(1) time E_i scaled by 1 / w_i; the first k to finish are a sample with
 //     P(i first) = w_i / sum w, then the same among the rest, and so on.
-//     key = E_i / w_i in float32, zero importance ranks after everything.
+//     key = E_i / (w_i 2^s) in float32 (race_scale), zero importance ranks last.
 //   * sampling with replacement: draw t uniformly from [0, sum q) and take the first i
 //     with cumsum(q)_i > t, where q are the importances quantized to integers: integer
 //     prefix sums are exact in any order, so every backend finds the same index.
