@@ -363,18 +363,37 @@ def select(
         sel = sample(values, k, replacement=replacement, seed=seed, counter=counter,
                      generator=generator, backend=backend)
         return Selection(sel.indices, sel.weights, scores)
-    if not isinstance(beta, (int, float)) or beta < 0:
-        raise ValueError(f"beta must be a number >= 0, got {beta!r}")
-    if not isinstance(s_min, (int, float)) or not 0 <= s_min <= 1:
-        raise ValueError(f"s_min must be in [0, 1], got {s_min!r}")
+    check_percentile_rule(beta, s_min)
     seed, counter = _resolve_seed(seed, counter, generator)
-    f = percentile(values, history, backend=backend)
-    keep_probability = torch.clamp_min(f.pow(float(beta)), float(s_min))
+    idx = percentile_keep(values, history, beta=beta, s_min=s_min, seed=seed, counter=counter,
+                          backend=backend)
+    return Selection(idx, torch.ones(idx.numel(), dtype=torch.float32, device=values.device), scores)
+
+
+def check_percentile_rule(beta, s_min) -> None:
+    """The knobs of the percentile rule: beta >= 0, s_min in [0, 1]."""
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta >= 0:
+        raise ValueError(f"beta must be a number >= 0, got {beta!r}")
+    if not isinstance(s_min, (int, float)) or isinstance(s_min, bool) or not 0 <= s_min <= 1:
+        raise ValueError(f"s_min must be in [0, 1], got {s_min!r}")
+
+
+def keep_probability(f: torch.Tensor, beta: float, s_min: float) -> torch.Tensor:
+    """Selective-Backprop's P(keep) = max(s_min, F^beta) for percentiles F."""
+    return torch.clamp_min(f.pow(float(beta)), float(s_min))
+
+
+def percentile_keep(values: torch.Tensor, history: Union[torch.Tensor, History], *, beta: float,
+                    s_min: float, seed: int, counter: int, backend: str = "auto") -> torch.Tensor:
+    """Indices kept by the percentile rule: a Bernoulli draw per value with P(keep) =
+    max(s_min, F_R(v)^beta), uniforms from (seed, counter). A ``History`` then receives
+    the values (after the percentiles are taken)."""
+    p = keep_probability(percentile(values, history, backend=backend), beta, s_min)
     u = reference.bernoulli_uniforms(values.numel(), seed, counter, device=values.device)
-    idx = (u < keep_probability).nonzero().squeeze(1)
+    idx = (u < p).nonzero().squeeze(1)
     if isinstance(history, History):
         history.push(values)
-    return Selection(idx, torch.ones(idx.numel(), dtype=torch.float32, device=values.device), scores)
+    return idx
 
 
 def _register_fakes() -> None:

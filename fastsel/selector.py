@@ -114,7 +114,8 @@ class BatchSelector:
         self.last_indices: Optional[torch.Tensor] = None
         self.step = 0
         self.costs = Costs()
-        self.stats: dict = {}
+        self._stats: Optional[dict] = None
+        self._pending = None  # what the last call's stats are computed from, when read
         self._hooks: list[Callable[[dict], None]] = []
 
     def __call__(self, inputs: Any, target: torch.Tensor):
@@ -147,25 +148,41 @@ class BatchSelector:
         self.costs.scored += n + int(getattr(self.strategy, "last_scored", 0) or 0)
         self.costs.trained += idx.numel()
         self.costs.steps += 1
-        chosen = torch.zeros(n, dtype=torch.bool, device=scores.loss.device)
-        chosen[idx.to(chosen.device)] = True
-        loss = scores.loss.float()
-        stats = {"step": self.step, "candidates": n, "selected": idx.numel(),
-                 "mean_loss_selected": float(loss[chosen].mean()) if idx.numel() else float("nan"),
-                 "mean_loss_rest": float(loss[~chosen].mean()) if idx.numel() < n else float("nan")}
-        q = torch.tensor(STAT_QUANTILES, device=loss.device)
-        for field in ("loss", "mms", "margin"):
-            values = getattr(scores, field)
-            if values is not None and values.numel():
-                finite = values[torch.isfinite(values)].float()
-                if finite.numel():
-                    stats[f"{field}_quantiles"] = dict(zip(STAT_QUANTILES, finite.quantile(q).tolist()))
         strategy_stats = getattr(self.strategy, "stats", None)
-        if callable(strategy_stats):  # e.g. whether an importance sampler has switched on
-            stats["strategy"] = strategy_stats()
-        self.stats = stats
-        for hook in self._hooks:
-            hook(stats)
+        # The statistics need a few device-to-host copies: they are computed when read (or
+        # for hooks), not on every step of a loop that never looks at them.
+        self._pending = (self.step, scores, idx, n,
+                         strategy_stats() if callable(strategy_stats) else None)
+        self._stats = None
+        if self._hooks:
+            stats = self.stats
+            for hook in self._hooks:
+                hook(stats)
+
+    @property
+    def stats(self) -> dict:
+        """The last call's statistics: step, candidates, selected, mean loss of the selected
+        and of the rest, loss / mms / margin quantiles, and the strategy's own stats."""
+        if self._stats is None and self._pending is not None:
+            step, scores, idx, n, strategy_stats = self._pending
+            chosen = torch.zeros(n, dtype=torch.bool, device=scores.loss.device)
+            chosen[idx.to(chosen.device)] = True
+            loss = scores.loss.float()
+            stats = {"step": step, "candidates": n, "selected": idx.numel(),
+                     "mean_loss_selected": float(loss[chosen].mean()) if idx.numel() else float("nan"),
+                     "mean_loss_rest": float(loss[~chosen].mean()) if idx.numel() < n else float("nan")}
+            q = torch.tensor(STAT_QUANTILES, device=loss.device)
+            for field in ("loss", "mms", "margin"):
+                values = getattr(scores, field)
+                if values is not None and values.numel():
+                    finite = values[torch.isfinite(values)].float()
+                    if finite.numel():
+                        stats[f"{field}_quantiles"] = dict(zip(STAT_QUANTILES, finite.quantile(q).tolist()))
+            if strategy_stats is not None:  # e.g. whether an importance sampler has switched on
+                stats["strategy"] = strategy_stats
+            self._stats = stats
+            self._pending = None
+        return self._stats if self._stats is not None else {}
 
     def add_hook(self, hook: Callable[[dict], None]) -> None:
         """Calls ``hook(stats)`` after every selection (e.g. to log MMS quantiles)."""

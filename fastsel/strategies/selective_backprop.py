@@ -9,7 +9,7 @@ import torch
 
 from fastsel import reference
 from fastsel.reference import Scores
-from fastsel.selection import History, Selection, percentile
+from fastsel.selection import History, Selection, check_percentile_rule, keep_probability, percentile, percentile_keep
 from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, full_plan, seeded_generator
 
 __all__ = ["SelectiveBackprop"]
@@ -58,10 +58,7 @@ class SelectiveBackprop(Strategy):
 
     def __init__(self, *, beta: float = 3.0, s_min: float = 0.0, history_size: int = 1024,
                  staleness: Optional[int] = None):
-        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta >= 0:
-            raise ValueError(f"beta must be a number >= 0, got {beta!r}")
-        if not isinstance(s_min, (int, float)) or isinstance(s_min, bool) or not 0 <= s_min <= 1:
-            raise ValueError(f"s_min must be in [0, 1], got {s_min!r}")
+        check_percentile_rule(beta, s_min)
         if not isinstance(history_size, int) or isinstance(history_size, bool) or history_size < 1:
             raise ValueError(f"history_size must be a positive int, got {history_size!r}")
         if staleness is not None and (not isinstance(staleness, int) or isinstance(staleness, bool) or staleness < 1):
@@ -73,9 +70,6 @@ class SelectiveBackprop(Strategy):
         self.styles = ("batch",) if staleness is None else ("batch", "epoch")
         self.history: Optional[History] = None
         self.last_keep_rate: Optional[float] = None
-
-    def _keep_probability(self, f: torch.Tensor) -> torch.Tensor:
-        return torch.clamp_min(f.pow(self.beta), self.s_min)
 
     def _history_on(self, device: torch.device) -> History:
         if self.history is None:
@@ -91,11 +85,8 @@ class SelectiveBackprop(Strategy):
                targets: Optional[torch.Tensor] = None) -> Selection:
         values = scores.loss.detach()
         n = values.numel()
-        history = self._history_on(values.device)
-        keep_probability = self._keep_probability(percentile(values, history))
-        u = reference.bernoulli_uniforms(n, seed, step, device=values.device)
-        idx = (u < keep_probability).nonzero().squeeze(1)
-        history.push(values)
+        idx = percentile_keep(values, self._history_on(values.device), beta=self.beta, s_min=self.s_min,
+                              seed=seed, counter=step)
         self.last_keep_rate = idx.numel() / n if n else None
         return Selection(idx, torch.ones(idx.numel(), dtype=torch.float32, device=values.device), scores)
 
@@ -111,9 +102,9 @@ class SelectiveBackprop(Strategy):
             self.last_keep_rate = 1.0
             return full_plan(n, seed, epoch)
         f = percentile(loss, loss[seen], backend="torch")  # NaN for never-scored samples
-        keep_probability = torch.where(seen, self._keep_probability(f), torch.ones_like(f))
+        p = torch.where(seen, keep_probability(f, self.beta, self.s_min), torch.ones_like(f))
         u = reference.bernoulli_uniforms(n, seed, epoch)
-        kept = (u < keep_probability).nonzero().squeeze(1)
+        kept = (u < p).nonzero().squeeze(1)
         order = kept[torch.randperm(kept.numel(), generator=seeded_generator(seed, epoch))]
         self.last_keep_rate = kept.numel() / n if n else None
         return EpochPlan(order, torch.ones(n))
