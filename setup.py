@@ -4,9 +4,10 @@ Build with ``pip install --no-build-isolation -e .`` so the extension is compile
 against the torch already installed (a build-isolated torch could differ).
 
 The vector ISA is decided at build time from the building CPU:
-``FASTSEL_CPU_ISA=auto|avx2|none`` (default auto). With AVX2 + FMA the kernels use
-``at::vec::Vectorized<float>`` on 256-bit registers; otherwise the same source compiles
-against its portable fallback.
+``FASTSEL_CPU_ISA=auto|avx512|avx2|none`` (default auto: the widest the CPU has). The
+kernels use ``at::vec::Vectorized<float>`` on 512-bit registers with AVX-512 (F, BW, VL,
+DQ), on 256-bit registers with AVX2 + FMA, and otherwise the same source compiles against
+ATen's portable fallback. The extension runs only on CPUs with the ISA it was built for.
 
 CUDA: ``FASTSEL_BUILD_CUDA=auto|0|1`` (default auto). The CUDA kernels (csrc/cuda) are
 compiled only when torch is a CUDA build and a CUDA toolkit of the same major version is
@@ -39,14 +40,16 @@ def _cpu_flags() -> set:
 
 def _vector_isa() -> str:
     choice = os.environ.get("FASTSEL_CPU_ISA", "auto").lower()
-    if choice not in ("auto", "avx2", "none"):
-        sys.exit(f"FASTSEL_CPU_ISA must be auto, avx2 or none, got {choice!r}")
+    if choice not in ("auto", "avx512", "avx2", "none"):
+        sys.exit(f"FASTSEL_CPU_ISA must be auto, avx512, avx2 or none, got {choice!r}")
     if choice != "auto":
         return choice
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "none"
     flags = _cpu_flags()
-    return "avx2" if {"avx2", "fma", "f16c"} <= flags else "none"
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return "none"
+    return "avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else "avx2"
 
 
 def _build_cuda() -> bool:
@@ -79,7 +82,10 @@ with_cuda = _build_cuda()
 # other backends, so no multiply-add may be fused behind the code's back.
 cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-ffp-contract=off"]
 if isa == "avx2":
-    cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DFASTSEL_ISA_AVX2"]
+    cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
+elif isa == "avx512":
+    cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                  "-DCPU_CAPABILITY_AVX512"]
 cxx_flags.append(f'-DFASTSEL_BUILD_ISA="{isa}"')
 if sys.platform.startswith("linux"):
     cxx_flags += ["-fopenmp"]

@@ -312,6 +312,77 @@ def test_nan_and_posinf_rows(backend, dtype, c):
         torch.testing.assert_close(got_f, getattr(alone, name), rtol=1e-6, atol=1e-6)
 
 
+def _rows_with_hidden_invalid_entries(c: int) -> tuple[torch.Tensor, list[int]]:
+    """Rows whose NaN / +inf sit where a vectorized kernel could miss them.
+
+    The CPU kernel finds NaN and +inf without a pass of its own (score_row_vectorized in
+    csrc/cpu/score_kernel.cpp); these rows put them before and after the maximum, in the
+    same vector lane as the maximum (offsets 8, 16, 32 cover 8- and 16-lane vectors),
+    in a leading block of -inf, in every column block of wide rows, and mix ties at a
+    maximum that a later block supersedes (a valid row the kernel hands to its scalar
+    path). Returns the rows and the indices of the invalid ones.
+    """
+    g = torch.Generator().manual_seed(c)
+    base = torch.randn(c, generator=g, dtype=torch.float64)
+    top = int(base.argmax())
+    rows, invalid = [], []
+
+    def add(entries, is_invalid=True):
+        z = base.clone()
+        for j, v in entries:
+            z[j % c] = v
+        rows.append(z)
+        if is_invalid:
+            invalid.append(len(rows) - 1)
+
+    block = 4096
+    for j in sorted({0, 1, top - 1, top + 1, top + 8, top + 16, top + 32, c // 2, c - 1}):
+        add([(j, NAN)])
+        add([(top, 50.0), (j if j != top else top + 1, NAN)])  # NaN next to a clear maximum
+    for j in range(0, c, block):  # every column block
+        add([(j + 5, NAN)])
+        add([(j + 3, INF)])
+        add([(j + 3, INF), (j + 7, NAN)])
+    # A NaN in the lane of a larger element: pass 1 can lose that element.
+    add([(top + 16, 60.0), (top + 32, NAN)])
+    add([(top + 8, 60.0), (top + 16, NAN), (top + 24, 1.0)])
+    # Ties at the maximum (valid) and a NaN among them (invalid).
+    add([(top, 70.0), (top + 16, 70.0)], is_invalid=False)
+    add([(top, 70.0), (top + 16, 70.0), (top + 32, NAN)])
+    if c > block:
+        lead = base.clone()
+        lead[:block] = -INF
+        lead[17] = NAN
+        rows.append(lead)  # NaN in a leading block of -inf
+        invalid.append(len(rows) - 1)
+        tie = base.clone()
+        tie[3], tie[9] = 40.0, 40.0  # tied maximum of the first block ...
+        tie[c - 2] = 45.0  # ... superseded by a later block (valid)
+        rows.append(tie)
+        one = base.clone()
+        one[3] = 40.0
+        one[c - 2] = 45.0
+        one[c - 1] = NAN  # a superseded single maximum, NaN in the last block
+        rows.append(one)
+        invalid.append(len(rows) - 1)
+    return torch.stack(rows), invalid
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=lambda d: dtype_ids[d])
+@pytest.mark.parametrize("c", [40, 200, 1000, 4096 + 37, 3 * 4096 + 5])
+def test_invalid_entries_found_anywhere(backend, dtype, c):
+    z, invalid = _rows_with_hidden_invalid_entries(c)
+    logits = z.to(dtype)
+    target = random_target(z.shape[0], c, seed=c)
+    w = torch.randn(c, 3, generator=torch.Generator().manual_seed(1))
+    s = score_and_check(logits, target, backend, weight=w, msg=f"hidden NaN/inf C={c}")
+    assert s.pred.tolist() == torch.argmax(logits, dim=1).tolist()
+    valid = [i for i in range(z.shape[0]) if i not in invalid]
+    for name in ("entropy", "margin", "grad_norm", "confidence", "mms", "lse"):
+        assert torch.isnan(getattr(s, name)[invalid]).all(), name
+        assert not torch.isnan(getattr(s, name)[valid]).any(), name
+
+
 # --------------------------------------------------------------------------------------
 # ignore_index
 # --------------------------------------------------------------------------------------

@@ -79,9 +79,9 @@ template <typename T, typename Visit>
 inline void for_each_at_least(const T* x, int64_t n, T threshold, Visit&& visit) {
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float>) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(FASTSEL_X86_AVX2)
     const __m256 thr = _mm256_set1_ps(threshold);
-    for (; j + kLanes <= n; j += kLanes) {
+    for (; j + 8 <= n; j += 8) {
       int bits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), thr, _CMP_GE_OQ));
       while (bits) {
         visit(j + __builtin_ctz(bits));

@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
 #include "fastsel/selection_keys.h"
@@ -92,4 +92,4 @@ inline void race_key_bits_avx2(const float* w, RaceScale scale, uint64_t index0,
 
 }  // namespace fastsel::cpu
 
-#endif  // CPU_CAPABILITY_AVX2
+#endif  // __AVX2__ && __FMA__

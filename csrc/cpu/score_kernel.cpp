@@ -36,139 +36,201 @@ using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, 
 // ---- vectorized passes --------------------------------------------------------------
 
 // exp(t) for t in [kExpFloor, 0]. Cody-Waite reduction t = n ln2 + r, |r| <= ln2 / 2,
-// a degree-5 polynomial for exp(r) and 2^n built in the exponent bits: ~12 instructions
-// where a general exp spends ~20 on range checks. Relative error ~2e-7 (a few ulps).
-// At the floor n = -127, whose exponent bits are all zero: the result is exactly 0 for
-// t < -87.68 (where exp is below FLT_MIN anyway), so -inf logits, clamped to the floor,
-// get exactly zero probability.
+// then exp(r) by a degree-5 polynomial and 2^n: ~12 instructions where a general exp
+// spends ~20 on range checks. The coefficients are a minimax fit of exp on
+// [-ln2/2, ln2/2] (relative error 7.5e-8; ~2.2e-7 after float32 rounding of the
+// evaluation), 40x more accurate than the Taylor coefficients at the same cost.
+//   AVX2: 2^n is built in the exponent bits. At the floor n = -127, whose exponent bits
+//     are all zero, so the result is exactly 0 for t < -87.68 (where exp is below
+//     FLT_MIN anyway).
+//   AVX-512: vscalefps multiplies by 2^n in one instruction (the shift, add and multiply
+//     of the AVX2 path) and underflows gradually; at the floor -104 the result,
+//     below 2^-150, rounds to exactly 0.
+// Either way (and in the portable build) -inf logits, clamped to the floor, get exactly
+// zero probability.
+#if defined(FASTSEL_VEC512)
+constexpr float kExpFloor = -104.0f;
+#else
 constexpr float kExpFloor = -88.0f;
+#endif
+constexpr float kExpC0 = 1.000000119e+00f, kExpC1 = 9.999997020e-01f, kExpC2 = 4.999889433e-01f,
+                kExpC3 = 1.666757464e-01f, kExpC4 = 4.191537574e-02f, kExpC5 = 8.297646418e-03f;
+constexpr float kLog2e = 1.44269504f;
+constexpr float kLn2Hi = 0.693359375f;     // ln 2 = kLn2Hi + kLn2Lo; n * kLn2Hi is exact
+constexpr float kLn2Lo = -2.12194440e-4f;
 
 inline Vec exp_nonpositive(const Vec& t) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(FASTSEL_VEC512)
+  const __m512 x = t;
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpC5);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC0));
+  return _mm512_scalef_ps(p, n);
+#elif defined(FASTSEL_VEC256)
   const __m256 x = t;
-  const __m256 n = _mm256_round_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), _mm256_set1_ps(0.5f)),
+  const __m256 n = _mm256_round_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(kLog2e), _mm256_set1_ps(0.5f)),
                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);   // ln2 high part (exact)
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);        // ln2 low part
-  __m256 p = _mm256_set1_ps(1.0f / 120);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpC5);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC0));
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-#else
-  return t.exp_u20();
+#else  // portable: ATen's exp, zeroed at the floor, where it would give exp(-88) ~ 6e-39
+  return Vec::blendv(t.exp_u20(), Vec(0.f), t <= Vec(kExpFloor));
 #endif
 }
 
-// Pass 1 over a block: per-lane top-2 values (as a multiset, so ties count twice) and a
-// running sum that turns NaN or +inf into a non-finite value (flagging the row).
+// Pass 1 over a block: per-lane top-2 values (as a multiset, so ties count twice).
+// NaN and +inf are not looked for here (see score_row_vectorized for how pass 2 finds
+// them), so this pass is three instructions per vector.
 struct LaneMax {
   Vec v1{-std::numeric_limits<float>::infinity()};
   Vec v2{-std::numeric_limits<float>::infinity()};
-  Vec check{0.f};
 
   inline void update(const Vec& x) {
     v2 = max_fast(v2, min_fast(v1, x));
     v1 = max_fast(v1, x);
-    check = check + x;
   }
 
   void sweep(const float* x, int64_t n) {
-    LaneMax odd;  // a second chain, merged below, halves the loop-carried latency
+    LaneMax even = *this;  // a local copy stays in registers (see LaneSums::sweep)
+    LaneMax odd;           // a second chain, merged below, halves the loop-carried latency
     int64_t k = 0;
     for (; k + 2 * kLanes <= n; k += 2 * kLanes) {
-      update(Vec::loadu(x + k));
+      even.update(Vec::loadu(x + k));
       odd.update(Vec::loadu(x + k + kLanes));
     }
-    for (; k + kLanes <= n; k += kLanes) update(Vec::loadu(x + k));
-    if (k < n) update(load_partial(x + k, n - k, -std::numeric_limits<float>::infinity()));
+    for (; k + kLanes <= n; k += kLanes) even.update(Vec::loadu(x + k));
+    if (k < n) even.update(load_partial(x + k, n - k, -std::numeric_limits<float>::infinity()));
     // per lane, the top-2 of the union of two top-2 multisets
-    v2 = max_fast(min_fast(v1, odd.v1), max_fast(v2, odd.v2));
-    v1 = max_fast(v1, odd.v1);
-    check = check + odd.check;
+    v2 = max_fast(min_fast(even.v1, odd.v1), max_fast(even.v2, odd.v2));
+    v1 = max_fast(even.v1, odd.v1);
   }
 
-  // Top-2 of the union of the lanes' top-2 multisets.
+  // Top-2 of the union of the lanes' top-2 multisets: top1 is the largest lane top-1;
+  // top2 is top1 again if two lanes reach it, else the larger of the other lanes' top-1
+  // and all lanes' top-2 (the winning lane's top-2 included).
   void reduce(float& top1, float& top2) const {
-    alignas(64) float a[2 * kLanes];
-    v1.store(a);
-    v2.store(a + kLanes);
-    int64_t best = 0;
-    for (int64_t l = 1; l < 2 * kLanes; ++l) if (a[l] > a[best]) best = l;
-    top1 = a[best];
-    top2 = -std::numeric_limits<float>::infinity();
-    for (int64_t l = 0; l < 2 * kLanes; ++l) if (l != best && a[l] > top2) top2 = a[l];
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    top1 = hmax(v1);
+    if (count_equal(v1, top1) > 1) {
+      top2 = top1;
+      return;
+    }
+    top2 = std::max(hmax(Vec::blendv(v1, Vec(kNegInf), v1 == Vec(top1))), hmax(v2));
   }
 };
 
 // Pass 2 over a block: SoftmaxState sums per lane, relative to one shared maximum m.
-// Elements equal to m are counted (as the complement of `below`) instead of summed, so
-// that d - 1 stays exact (see row_scores.h).
+// Elements not below m are counted instead of summed, so that d - 1 stays exact (see
+// row_scores.h). In a valid row those are exactly the elements equal to m; a NaN
+// (z - m is NaN) or, after a NaN hid part of pass 1, an element above m is counted too,
+// which is how score_row_vectorized detects them. The count is kept on the scalar side:
+// most vectors hold no such element, and a test of the lane bits per iteration is cheaper
+// than a vector counter.
 struct LaneSums {
   Vec d_sub{0.f}, s1{0.f}, s2{0.f};
-  at::vec::Vectorized<int32_t> minus_below{0};  // -(number of elements below m) per lane
-  int64_t swept = 0;                            // lanes swept, padding included
+  int64_t n_not_below = 0;
 
   void rebase(float old_m, float new_m) {
     const float delta = old_m - new_m;
-    const float n_eq = static_cast<float>(n_eq_now());
     const Vec scale(std::exp(delta));
     // Fold the old maxima into lane 0; all lanes scale together.
     alignas(64) float extra[kLanes] = {};
-    extra[0] = n_eq;
+    extra[0] = static_cast<float>(n_not_below);
     const Vec d_old = d_sub + Vec::loadu(extra);
     s1 = (s1 + Vec(delta) * d_old) * scale;
     d_sub = d_old * scale;
     s2 = (s2 + Vec::loadu(extra)) * scale * scale;
-    // Everything swept so far now lies below the new maximum.
-    minus_below = at::vec::Vectorized<int32_t>(0);
-    swept = 0;
+    n_not_below = 0;  // everything swept so far now lies below the new maximum
   }
 
-  int64_t n_eq_now() const {
-    alignas(64) int32_t a[kLanes];
-    minus_below.store(a);
-    int64_t below = 0;
-    for (int64_t l = 0; l < kLanes; ++l) below -= a[l];
-    return swept - below;
-  }
-
-  inline void accumulate(const Vec& x, const Vec& m) {
-    const Vec t = at::vec::clamp_min(x - m, Vec(kExpFloor));  // also maps -inf to the floor
+  // Accumulates one vector of logits x and returns the lanes not below m as bits.
+  // The clamp keeps NaN (max(floor, NaN) is NaN in all three variants) and maps -inf to
+  // the floor, whose exp is exactly 0.
+  static inline uint32_t accumulate(const Vec& x, const Vec& m, Vec& d_sub, Vec& s1, Vec& s2) {
+#if defined(FASTSEL_VEC512)  // masked adds instead of and-ing with the mask
+    // _mm512_max_ps returns its second operand when either is NaN
+    const __m512 t = _mm512_max_ps(_mm512_set1_ps(kExpFloor), _mm512_sub_ps(x, m));
+    const __m512 e = exp_nonpositive(t);
+    const __mmask16 below = _mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 d = d_sub, a = s1, b = s2;
+    d_sub = _mm512_mask_add_ps(d, below, d, e);
+    s1 = _mm512_mask3_fmadd_ps(e, t, a, below);
+    s2 = _mm512_mask3_fmadd_ps(e, e, b, below);
+    return ~static_cast<uint32_t>(below) & 0xFFFFu;
+#else
+    const Vec t = at::vec::clamp_min(x - m, Vec(kExpFloor));  // max(floor, t): keeps NaN
     const Vec e = exp_nonpositive(t);
     const Vec below = t < Vec(0.f);
     const Vec e_below = e & below;
     d_sub = d_sub + e_below;
     s1 = at::vec::fmadd(e_below, t, s1);
     s2 = at::vec::fmadd(e_below, e_below, s2);
-    minus_below = minus_below + at::vec::cast<int32_t>(below);  // all-ones lanes are -1
-    swept += kLanes;
+#if defined(FASTSEL_VEC256)
+    return ~static_cast<uint32_t>(_mm256_movemask_ps(below)) & 0xFFu;
+#else
+    alignas(64) float lanes[kLanes];
+    below.store(lanes);
+    uint32_t bits = 0;
+    for (int64_t l = 0; l < kLanes; ++l) bits |= uint32_t(lanes[l] == 0.f) << l;
+    return bits;
+#endif
+#endif
   }
+  static_assert(kLanes <= 16, "two vectors' lane bits must fit in 32 bits");
 
-  void sweep(const float* x, int64_t n, float m) {
+  // Sweeps x[0, n) with the shared maximum m. Returns the position of the first element
+  // not below m (the row's first maximum when the row is valid), or -1. Tracking it here
+  // costs a predictable branch per iteration; searching for it afterwards took ~12% of a
+  // row's time.
+  int64_t sweep(const float* x, int64_t n, float m) {
     const Vec mv(m);
-    LaneSums odd;  // a second accumulator chain halves the loop-carried FMA latency
+    // Local accumulators: accumulating into members would go through memory every
+    // iteration (the compiler cannot prove that x does not alias *this), putting a
+    // store-to-load forwarding delay on each loop-carried chain.
+    Vec d0 = d_sub, a0 = s1, b0 = s2;
+    Vec d1(0.f), a1(0.f), b1(0.f);  // a second chain halves the loop-carried FMA latency
+    int64_t first = -1, count = 0;
+    auto note = [&](uint32_t at_max, int64_t k) {
+      if (at_max != 0) {  // rare: the vector holding the maximum (or NaN)
+        if (first < 0) first = k + __builtin_ctz(at_max);
+        count += __builtin_popcount(at_max);
+      }
+    };
     int64_t k = 0;
     for (; k + 2 * kLanes <= n; k += 2 * kLanes) {
-      accumulate(Vec::loadu(x + k), mv);
-      odd.accumulate(Vec::loadu(x + k + kLanes), mv);
+      const uint32_t lo = accumulate(Vec::loadu(x + k), mv, d0, a0, b0);
+      const uint32_t hi = accumulate(Vec::loadu(x + k + kLanes), mv, d1, a1, b1);
+      note(lo | (hi << kLanes), k);
     }
-    for (; k + kLanes <= n; k += kLanes) accumulate(Vec::loadu(x + k), mv);
-    if (k < n) accumulate(load_partial(x + k, n - k, -std::numeric_limits<float>::infinity()), mv);
-    d_sub = d_sub + odd.d_sub;
-    s1 = s1 + odd.s1;
-    s2 = s2 + odd.s2;
-    minus_below = minus_below + odd.minus_below;
-    swept += odd.swept;
+    for (; k + kLanes <= n; k += kLanes) note(accumulate(Vec::loadu(x + k), mv, d0, a0, b0), k);
+    if (k < n) {  // padding lanes hold -inf: below m
+      note(accumulate(load_partial(x + k, n - k, -std::numeric_limits<float>::infinity()), mv, d0, a0, b0), k);
+    }
+    d_sub = d0 + d1;
+    s1 = a0 + a1;
+    s2 = b0 + b1;
+    n_not_below += count;
+    return first;
   }
 
   SoftmaxState<float> reduce(float m) const {
     SoftmaxState<float> s;
     s.m = m;
-    s.n_eq = static_cast<float>(n_eq_now());
+    s.n_eq = static_cast<float>(n_not_below);
     s.d_sub = hsum(d_sub);
     s.s1 = hsum(s1);
     s.s2 = hsum(s2);
@@ -176,10 +238,28 @@ struct LaneSums {
   }
 };
 
+// Whether x[0, n) holds a NaN.
+inline bool has_nan(const float* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (x[j] != x[j]) return true;
+  }
+  return false;
+}
+
 // Index of the first x[j] == value with j != skip in x[0, n), or -1.
 inline int64_t find_first(const float* x, int64_t n, float value, int64_t skip) {
   int64_t k = 0;
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(FASTSEL_VEC512)
+  const __m512 v = _mm512_set1_ps(value);
+  for (; k + 16 <= n; k += 16) {
+    uint32_t bits = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + k), v, _CMP_EQ_OQ);
+    while (bits) {
+      const int64_t j = k + __builtin_ctz(bits);
+      if (j != skip) return j;
+      bits &= bits - 1;
+    }
+  }
+#elif defined(FASTSEL_X86_AVX2)
   const __m256 v = _mm256_set1_ps(value);
   for (; k + kLanes <= n; k += kLanes) {
     int bits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + k), v, _CMP_EQ_OQ));
@@ -213,9 +293,41 @@ int64_t find_in_row(const scalar_t* row, int64_t C, int64_t from, float value, i
   return -1;
 }
 
+// Number of x[j] == value in x[0, n).
+inline int64_t count_equal_in(const float* x, int64_t n, float value) {
+  int64_t k = 0, count = 0;
+  const Vec v(value);
+  for (; k + kLanes <= n; k += kLanes) count += count_equal(Vec::loadu(x + k), value);
+  for (; k < n; ++k) count += x[k] == value;
+  return count;
+}
+
+// Number of columns j >= from of a row (any scalar type) with row[j] == value.
+template <typename scalar_t>
+int64_t count_in_row(const scalar_t* row, int64_t C, int64_t from, float value, float* buf) {
+  int64_t count = 0;
+  for (int64_t j0 = from; j0 < C; j0 += kBlock) {
+    const int64_t n = std::min(kBlock, C - j0);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      count += count_equal_in(row + j0, n, value);
+    } else {
+      to_float(row + j0, buf, n);
+      count += count_equal_in(buf, n, value);
+    }
+  }
+  return count;
+}
+
 // Scores one row with the vector passes. Returns false if the row is invalid (the
 // caller then uses the scalar path). top.i2 is left unset (-1): only the MMS needs it,
 // and finds it on demand.
+//
+// Invalid rows (NaN, +inf, no finite element) are found without a pass of their own:
+// m must be finite, and pass 2 must find exactly as many elements not below m as the
+// row has copies of m. A NaN is never below m, so it always breaks the equality, even
+// where it hid an element from pass 1 (the lane maximum then misses that element, which
+// then lies above m and is not below it either). The number of copies is 1 when pass 1's
+// top-2 are distinct and is otherwise counted (rare: ties at the maximum).
 template <typename scalar_t>
 bool score_row_vectorized(const scalar_t* row, int64_t C, float* buf, SoftmaxState<float>& st,
                           Top2<float>& top) {
@@ -223,34 +335,45 @@ bool score_row_vectorized(const scalar_t* row, int64_t C, float* buf, SoftmaxSta
   LaneMax lanes;
   LaneSums sums;
   float m = kNegInf;
-  int64_t max_block = 0;  // first block holding the maximum
-  const float* x = nullptr;
+  int64_t first_max = -1;  // first column not below m
   for (int64_t j0 = 0; j0 < C; j0 += kBlock) {
     const int64_t n = std::min(kBlock, C - j0);
+    const float* x;
     if constexpr (std::is_same_v<scalar_t, float>) {
       x = row + j0;
     } else {
       to_float(row + j0, buf, n);
       x = buf;
     }
+    float prev_top1 = kNegInf, prev_top2 = kNegInf;  // of the blocks before this one
+    if (j0 > 0 && m != kNegInf) lanes.reduce(prev_top1, prev_top2);
     lanes.sweep(x, n);
     const float block_max = hmax(lanes.v1);  // running maximum of the row so far
-    if (block_max == kNegInf) continue;      // only -inf so far: nothing to sum
-    if (block_max > m) {
-      if (m != kNegInf) sums.rebase(m, block_max);
+    if (!(block_max > kNegInf)) {            // only -inf so far (or a NaN lane maximum)
+      if (m == kNegInf) {
+        if (has_nan(x, n)) return false;
+        continue;  // nothing to sum yet
+      }
+    } else if (block_max > m) {
+      if (m != kNegInf) {
+        // The count so far must be the old maximum's single copy; ties at a superseded
+        // maximum (or a NaN) leave it to the scalar path.
+        if (!(prev_top2 < prev_top1) || sums.n_not_below != 1) return false;
+        sums.rebase(m, block_max);
+      }
       m = block_max;
-      max_block = j0;
+      first_max = -1;  // the earlier blocks hold only smaller values
     }
-    sums.sweep(x, n, m);
+    const int64_t at = sums.sweep(x, n, m);
+    if (first_max < 0 && at >= 0) first_max = j0 + at;
   }
-  // NaN or +inf anywhere (or a finite overflow of the check sum, recomputed exactly by
-  // the scalar path), or no finite element at all.
-  const float check = hsum(lanes.check);
-  if (!(check > kNegInf && check < std::numeric_limits<float>::infinity()) && check != kNegInf) return false;
-  if (m == kNegInf) return false;
-  st = sums.reduce(m);
+  if (!(m > kNegInf && m < std::numeric_limits<float>::infinity())) return false;
   lanes.reduce(top.v1, top.v2);
-  top.i1 = (C <= kBlock) ? find_first(x, C, m, -1) : find_in_row(row, C, max_block, m, -1, buf);
+  const int64_t copies =
+      top.v2 < top.v1 ? 1 : count_in_row(row, C, first_max - first_max % kBlock, m, buf);
+  if (first_max < 0 || sums.n_not_below != copies) return false;
+  st = sums.reduce(m);
+  top.i1 = first_max;
   top.i2 = -1;
   return true;
 }
@@ -462,18 +585,18 @@ struct RowJob {
       i1 = Vec::blendv(i1, jv, gt1);
       check = check + x;
     }
-    LaneSums sums;
-    for (int64_t j = 0; j < C; ++j) sums.accumulate(Vec::loadu(tbuf + j * kLanes), v1);
-    alignas(64) int32_t below[kLanes];
-    sums.minus_below.store(below);
-    alignas(64) float n_eq_a[kLanes], zy_a[kLanes], yf_a[kLanes];
+    Vec d_sub(0.f), s1(0.f), s2(0.f);
+    alignas(64) float n_eq_a[kLanes] = {}, zy_a[kLanes], yf_a[kLanes];
+    for (int64_t j = 0; j < C; ++j) {
+      uint32_t at_max = LaneSums::accumulate(Vec::loadu(tbuf + j * kLanes), v1, d_sub, s1, s2);
+      for (; at_max != 0; at_max &= at_max - 1) n_eq_a[__builtin_ctz(at_max)] += 1.f;
+    }
     for (int64_t r = 0; r < kLanes; ++r) {
-      n_eq_a[r] = static_cast<float>(C + below[r]);
       zy_a[r] = y[r] >= 0 ? tbuf[y[r] * kLanes + r] : 0.f;
       yf_a[r] = static_cast<float>(y[r]);
     }
-    finalize_lanes(i0, rows, v1, v2, i1, Vec::loadu(n_eq_a), sums.d_sub, sums.s1, sums.s2,
-                   Vec::loadu(zy_a), Vec::loadu(yf_a));
+    finalize_lanes(i0, rows, v1, v2, i1, Vec::loadu(n_eq_a), d_sub, s1, s2, Vec::loadu(zy_a),
+                   Vec::loadu(yf_a));
     alignas(64) float m_a[kLanes], chk_a[kLanes], v2_a[kLanes], i1_a[kLanes], i2_a[kLanes];
     v1.store(m_a); check.store(chk_a); v2.store(v2_a); i1.store(i1_a); i2.store(i2_a);
     for (int64_t r = 0; r < rows; ++r) {

@@ -1,7 +1,22 @@
 // Small vector helpers for the CPU kernels, on top of at::vec::Vectorized<float>.
-// Built with -mavx2 -mfma -DCPU_CAPABILITY_AVX2 a Vec is one 256-bit register; without,
-// the same code compiles against ATen's portable fallback.
+// The build (setup.py) picks the ISA of the building CPU:
+//   avx512: -mavx512f/bw/vl/dq -DCPU_CAPABILITY_AVX512, a Vec is one 512-bit register;
+//   avx2:   -mavx2 -mfma -DCPU_CAPABILITY_AVX2, a Vec is one 256-bit register;
+//   none:   ATen's portable fallback.
+// Hand-written paths test FASTSEL_VEC512 / FASTSEL_VEC256 (the width of Vec), or
+// FASTSEL_X86_AVX2 for 256-bit code that does not depend on Vec (both x86 builds).
 #pragma once
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__) && defined(__AVX512BW__) && \
+    defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define FASTSEL_VEC512 1
+#elif defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__) && defined(__FMA__)
+#define FASTSEL_VEC256 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define FASTSEL_X86_AVX2 1
+#include <immintrin.h>
+#endif
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -17,33 +32,69 @@ namespace fastsel::cpu {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
 
+// Horizontal sum and maximum of the lanes (one shuffle tree, no trip through memory).
 inline float hsum(const Vec& v) {
+#if defined(FASTSEL_VEC512)
+  return _mm512_reduce_add_ps(v);
+#elif defined(FASTSEL_VEC256)
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+#else
   alignas(64) float a[kLanes];
   v.store(a);
   float s = 0.f;
   for (int64_t i = 0; i < kLanes; ++i) s += a[i];
   return s;
+#endif
 }
 
 inline float hmax(const Vec& v) {
+#if defined(FASTSEL_VEC512)
+  return _mm512_reduce_max_ps(v);
+#elif defined(FASTSEL_VEC256)
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+#else
   alignas(64) float a[kLanes];
   v.store(a);
   float m = a[0];
   for (int64_t i = 1; i < kLanes; ++i) m = std::max(m, a[i]);
   return m;
+#endif
+}
+
+// Number of lanes of v equal to x.
+inline int count_equal(const Vec& v, float x) {
+#if defined(FASTSEL_VEC512)
+  return __builtin_popcount(_mm512_cmp_ps_mask(v, _mm512_set1_ps(x), _CMP_EQ_OQ));
+#elif defined(FASTSEL_VEC256)
+  return __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(x), _CMP_EQ_OQ)));
+#else
+  alignas(64) float a[kLanes];
+  v.store(a);
+  int n = 0;
+  for (int64_t i = 0; i < kLanes; ++i) n += a[i] == x;
+  return n;
+#endif
 }
 
 // max/min without NaN propagation, one instruction each (at::vec::maximum/minimum
 // spend three to propagate NaN); for callers that rule NaN out or detect it apart.
 inline Vec max_fast(const Vec& a, const Vec& b) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(FASTSEL_VEC512)
+  return _mm512_max_ps(a, b);
+#elif defined(FASTSEL_VEC256)
   return _mm256_max_ps(a, b);
 #else
   return at::vec::maximum(a, b);
 #endif
 }
 inline Vec min_fast(const Vec& a, const Vec& b) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(FASTSEL_VEC512)
+  return _mm512_min_ps(a, b);
+#elif defined(FASTSEL_VEC256)
   return _mm256_min_ps(a, b);
 #else
   return at::vec::minimum(a, b);
@@ -53,7 +104,9 @@ inline Vec min_fast(const Vec& a, const Vec& b) {
 // Loads n < kLanes floats; the other lanes hold `fill`. A masked load, not a copy
 // through a stack buffer, so the load is not stalled by store forwarding.
 inline Vec load_partial(const float* p, int64_t n, float fill) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(FASTSEL_VEC512)  // masked-off lanes are not read, so cannot fault
+  return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), static_cast<__mmask16>((1u << n) - 1), p);
+#elif defined(FASTSEL_VEC256)
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane);
   return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, mask), _mm256_castsi256_ps(mask));
