@@ -74,24 +74,53 @@ inline double pair_distance(const double* w, int64_t D, int64_t a, int64_t b) {
   return std::sqrt(s);
 }
 
-// Calls visit(j) for every j in [0, n) with x[j] >= threshold.
+// Bit (j - at) of a w-bit chunk starting at `at`, or 0 when j lies outside it.
+inline uint64_t chunk_bit(int64_t j, int64_t at, int64_t w) {
+  const uint64_t off = static_cast<uint64_t>(j - at);
+  return off < static_cast<uint64_t>(w) ? uint64_t(1) << off : 0;
+}
+
+// Calls visit(j) for every j in [0, n) with x[j] >= threshold other than skip1 and
+// skip2, in increasing order. Four vectors per iteration and one test of their
+// combined lane bits: hits are rare (the few classes near the top of the row), and the
+// two known ones (prediction and runner-up) are cleared from the bits rather than
+// visited, since each visit costs a mispredicted branch.
 template <typename T, typename Visit>
-inline void for_each_at_least(const T* x, int64_t n, T threshold, Visit&& visit) {
+inline void for_each_at_least(const T* x, int64_t n, T threshold, int64_t skip1, int64_t skip2,
+                              Visit&& visit) {
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float>) {
-#if defined(FASTSEL_X86_AVX2)
+#if defined(FASTSEL_VEC512)
+    const __m512 thr = _mm512_set1_ps(threshold);
+    auto ge = [&](int64_t k) -> uint64_t {
+      return _mm512_cmp_ps_mask(_mm512_loadu_ps(x + k), thr, _CMP_GE_OQ);
+    };
+    constexpr int64_t kStep = 64, kOne = 16;
+#elif defined(FASTSEL_X86_AVX2)
     const __m256 thr = _mm256_set1_ps(threshold);
-    for (; j + 8 <= n; j += 8) {
-      int bits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), thr, _CMP_GE_OQ));
-      while (bits) {
-        visit(j + __builtin_ctz(bits));
-        bits &= bits - 1;
-      }
+    auto ge = [&](int64_t k) -> uint64_t {
+      return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + k), thr, _CMP_GE_OQ)));
+    };
+    constexpr int64_t kStep = 32, kOne = 8;
+#endif
+#if defined(FASTSEL_VEC512) || defined(FASTSEL_X86_AVX2)
+    auto visit_bits = [&](uint64_t bits, int64_t at, int64_t w) {
+      bits &= ~(chunk_bit(skip1, at, w) | chunk_bit(skip2, at, w));
+      for (; bits != 0; bits &= bits - 1) visit(at + __builtin_ctzll(bits));
+    };
+    for (; j + kStep <= n; j += kStep) {
+      const uint64_t bits = ge(j) | ge(j + kOne) << kOne | ge(j + 2 * kOne) << (2 * kOne) |
+                            ge(j + 3 * kOne) << (3 * kOne);
+      if (bits != 0) visit_bits(bits, j, kStep);
+    }
+    for (; j + kOne <= n; j += kOne) {
+      const uint64_t bits = ge(j);
+      if (bits != 0) visit_bits(bits, j, kOne);
     }
 #endif
   }
   for (; j < n; ++j) {
-    if (x[j] >= threshold) visit(j);
+    if (x[j] >= threshold && j != skip1 && j != skip2) visit(j);
   }
 }
 
@@ -122,10 +151,15 @@ acc_t mms_exact_pruned(acc_t za, int64_t a, int64_t r, acc_t margin, const MmsWe
   // class that could beat the runner-up.
   const acc_t reach = best * (radius[a] + static_cast<acc_t>(mw.radius_max));
   const acc_t threshold = (za - reach) - (std::abs(za) + reach) * acc_t(1e-6);
+  const acc_t radius_a = radius[a];
   blocks([&](const acc_t* x, int64_t j0, int64_t n) {
-    for_each_at_least(x, n, threshold, [&](int64_t k) {
+    for_each_at_least(x, n, threshold, a - j0, r - j0, [&](int64_t k) {
+      // The same bound with class j's own radius, before paying for the distance; the
+      // 1e-4 slack is far above the rounding of the radii and the gap.
       const int64_t j = j0 + k;
-      if (j != a && j != r) best = std::min(best, (za - x[k]) / pair_distance(w, mw.D, a, j));
+      const acc_t gap = za - x[k];
+      if (gap * acc_t(1 - 1e-4) > best * (radius_a + radius[j])) return;
+      best = std::min(best, gap / pair_distance(w, mw.D, a, j));
     });
   });
   return best;
