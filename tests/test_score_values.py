@@ -318,9 +318,9 @@ def _rows_with_hidden_invalid_entries(c: int) -> tuple[torch.Tensor, list[int]]:
     The CPU kernel finds NaN and +inf without a pass of its own (score_row_vectorized in
     csrc/cpu/score_kernel.cpp); these rows put them before and after the maximum, in the
     same vector lane as the maximum (offsets 8, 16, 32 cover 8- and 16-lane vectors),
-    in a leading block of -inf, in every column block of wide rows, and mix ties at a
-    maximum that a later block supersedes (a valid row the kernel hands to its scalar
-    path). Returns the rows and the indices of the invalid ones.
+    in a leading block of -inf, in every column block of wide rows, and next to ties at
+    a maximum that a later block supersedes. Returns the rows and the indices of the
+    invalid ones.
     """
     g = torch.Generator().manual_seed(c)
     base = torch.randn(c, generator=g, dtype=torch.float64)

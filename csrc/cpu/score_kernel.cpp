@@ -141,14 +141,15 @@ struct LaneMax {
 
 // Pass 2 over a block: SoftmaxState sums per lane, relative to one shared maximum m.
 // Elements not below m are counted instead of summed, so that d - 1 stays exact (see
-// row_scores.h). In a valid row those are exactly the elements equal to m; a NaN
-// (z - m is NaN) or, after a NaN hid part of pass 1, an element above m is counted too,
-// which is how score_row_vectorized detects them. The count is kept on the scalar side:
-// most vectors hold no such element, and a test of the lane bits per iteration is cheaper
-// than a vector counter.
+// row_scores.h). In a valid row those are exactly the elements equal to m; a NaN is
+// never below m (z - m is NaN), so looking at the few lanes not below m finds every NaN
+// of the row (score_row_vectorized). The count and that look are on the scalar side:
+// most vectors hold no such lane, and a test of the lane bits per iteration is cheaper
+// than vector work.
 struct LaneSums {
   Vec d_sub{0.f}, s1{0.f}, s2{0.f};
   int64_t n_not_below = 0;
+  bool saw_nan = false;
 
   void rebase(float old_m, float new_m) {
     const float delta = old_m - new_m;
@@ -210,10 +211,15 @@ struct LaneSums {
     Vec d0 = d_sub, a0 = s1, b0 = s2;
     Vec d1(0.f), a1(0.f), b1(0.f);  // a second chain halves the loop-carried FMA latency
     int64_t first = -1, count = 0;
+    bool nan = false;
     auto note = [&](uint32_t at_max, int64_t k) {
       if (at_max != 0) {  // rare: the vector holding the maximum (or NaN)
         if (first < 0) first = k + __builtin_ctz(at_max);
         count += __builtin_popcount(at_max);
+        for (uint32_t b = at_max; b != 0; b &= b - 1) {
+          const float v = x[k + __builtin_ctz(b)];
+          nan |= v != v;
+        }
       }
     };
     int64_t k = 0;
@@ -230,6 +236,7 @@ struct LaneSums {
     s1 = a0 + a1;
     s2 = b0 + b1;
     n_not_below += count;
+    saw_nan |= nan;
     return first;
   }
 
@@ -311,41 +318,14 @@ int64_t find_in_row(const scalar_t* row, int64_t C, int64_t from, float value, i
   return -1;
 }
 
-// Number of x[j] == value in x[0, n).
-inline int64_t count_equal_in(const float* x, int64_t n, float value) {
-  int64_t k = 0, count = 0;
-  const Vec v(value);
-  for (; k + kLanes <= n; k += kLanes) count += count_equal(Vec::loadu(x + k), value);
-  for (; k < n; ++k) count += x[k] == value;
-  return count;
-}
-
-// Number of columns j >= from of a row (any scalar type) with row[j] == value.
-template <typename scalar_t>
-int64_t count_in_row(const scalar_t* row, int64_t C, int64_t from, float value, float* buf) {
-  int64_t count = 0;
-  for (int64_t j0 = from; j0 < C; j0 += kBlock) {
-    const int64_t n = std::min(kBlock, C - j0);
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      count += count_equal_in(row + j0, n, value);
-    } else {
-      to_float(row + j0, buf, n);
-      count += count_equal_in(buf, n, value);
-    }
-  }
-  return count;
-}
-
 // Scores one row with the vector passes. Returns false if the row is invalid (the
 // caller then uses the scalar path). top.i2 is left unset (-1): only the MMS needs it,
 // and finds it on demand.
 //
 // Invalid rows (NaN, +inf, no finite element) are found without a pass of their own:
-// m must be finite, and pass 2 must find exactly as many elements not below m as the
-// row has copies of m. A NaN is never below m, so it always breaks the equality, even
-// where it hid an element from pass 1 (the lane maximum then misses that element, which
-// then lies above m and is not below it either). The number of copies is 1 when pass 1's
-// top-2 are distinct and is otherwise counted (rare: ties at the maximum).
+// pass 2 sees every NaN (LaneSums), m must be finite, and blocks skipped while the row
+// holds only -inf so far are checked for NaN directly. A NaN can hide elements from
+// pass 1 (max(v, NaN) forgets v), but the row is invalid then anyway.
 template <typename scalar_t>
 bool score_row_vectorized(const scalar_t* row, int64_t C, float* buf, SoftmaxState<float>& st,
                           Top2<float>& top) {
@@ -363,34 +343,25 @@ bool score_row_vectorized(const scalar_t* row, int64_t C, float* buf, SoftmaxSta
       to_float(row + j0, buf, n);
       x = buf;
     }
-    float prev_top1 = kNegInf, prev_top2 = kNegInf;  // of the blocks before this one
-    if (j0 > 0 && m != kNegInf) lanes.reduce(prev_top1, prev_top2);
     lanes.sweep(x, n);
     const float block_max = hmax(lanes.v1);  // running maximum of the row so far
-    if (!(block_max > kNegInf)) {            // only -inf so far (or a NaN lane maximum)
-      if (m == kNegInf) {
-        if (has_nan(x, n)) return false;
-        continue;  // nothing to sum yet
-      }
-    } else if (block_max > m) {
-      if (m != kNegInf) {
-        // The count so far must be the old maximum's single copy; ties at a superseded
-        // maximum (or a NaN) leave it to the scalar path.
-        if (!(prev_top2 < prev_top1) || sums.n_not_below != 1) return false;
-        sums.rebase(m, block_max);
-      }
+    if (m == kNegInf && !(block_max > kNegInf)) {  // only -inf so far (or a NaN lane maximum)
+      if (has_nan(x, n)) return false;
+      continue;  // nothing to sum yet
+    }
+    if (block_max > m) {
+      if (m != kNegInf) sums.rebase(m, block_max);
       m = block_max;
       first_max = -1;  // the earlier blocks hold only smaller values
     }
     const int64_t at = sums.sweep(x, n, m);
     if (first_max < 0 && at >= 0) first_max = j0 + at;
   }
-  if (!(m > kNegInf && m < std::numeric_limits<float>::infinity())) return false;
-  lanes.reduce(top.v1, top.v2);
-  const int64_t copies =
-      top.v2 < top.v1 ? 1 : count_in_row(row, C, first_max - first_max % kBlock, m, buf);
-  if (first_max < 0 || sums.n_not_below != copies) return false;
+  if (sums.saw_nan || !(m > kNegInf && m < std::numeric_limits<float>::infinity()) || first_max < 0) {
+    return false;
+  }
   st = sums.reduce(m);
+  lanes.reduce(top.v1, top.v2);
   top.i1 = first_max;
   top.i2 = -1;
   return true;
