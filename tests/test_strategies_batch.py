@@ -6,6 +6,7 @@ ScoreSampler without touching the models."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 
 import fastsel
 from fastsel import reference
-from fastsel.strategies import StyleError
+from fastsel.strategies import MMS, HardLoss, MaxEntropy, StyleError, TopScore, Uniform
+from fastsel.strategies._checks import (check_bool, check_choice, check_fraction, check_int, check_positive_int,
+                                        check_real)
 from fastsel.strategies.importance import CDFSampling, UpperBoundIS
 from fastsel.strategies.rho_loss import RhoLoss
 from fastsel.strategies.selective_backprop import SelectiveBackprop
@@ -589,3 +592,123 @@ def test_through_batch_selector_with_batchnorm(name):
             torch.testing.assert_close(w, want.weights)
     state = selector.state_dict()
     assert state["step"] == 3 and isinstance(state["strategy"], dict)
+
+
+# ---------------------------------------------------------------- shared argument checks
+
+_IRR = lambda inputs, targets: torch.zeros(len(targets))  # noqa: E731
+NAN, INF = float("nan"), float("inf")
+
+# (id, build(value), argument name, bad values): every bad value raises a ValueError whose
+# message starts with "<name> must be" and ends with ", got <repr(value)>".
+BAD_BATCH_KNOBS = [
+    ("topscore-keep", lambda v: TopScore(v), "keep", [0, -1, True, False, 2.0, "8", None]),
+    ("mms-keep", lambda v: MMS(v), "keep", [0, True]),
+    ("hardloss-keep", lambda v: HardLoss(v), "keep", [0, True]),
+    ("maxentropy-keep", lambda v: MaxEntropy(v), "keep", [0, True]),
+    ("uniform-keep", lambda v: Uniform(v), "keep", [0, -1, True, False, 2.0, "8", None]),
+    ("uniform-budget", lambda v: Uniform(8, budget=v), "budget", [0, 0.0, -0.5, 1.5, True, False, NAN, "0.5"]),
+    ("cdf-keep", lambda v: CDFSampling(v), "keep", [0, -1, True, False, 2.0, None]),
+    ("cdf-switch_ratio", lambda v: CDFSampling(4, switch_ratio=v), "switch_ratio", [0, -1, INF, NAN, True, "1"]),
+    ("cdf-smoothing", lambda v: CDFSampling(4, smoothing=v), "smoothing", [-0.1, 1, 1.0, True, False, NAN, "0.5"]),
+    ("ubis-keep", lambda v: UpperBoundIS(v), "keep", [0, -1, True, False, 2.0, None]),
+    ("ubis-presample", lambda v: UpperBoundIS(8, presample=v), "presample", [1, 1.0, 0.5, True, NAN, None]),
+    ("ubis-tau_threshold", lambda v: UpperBoundIS(8, tau_threshold=v), "tau_threshold", [0.5, 0, True, NAN, "2"]),
+    ("ubis-backward_cost", lambda v: UpperBoundIS(8, backward_cost=v), "backward_cost", [-1, True, False, NAN]),
+    ("ubis-momentum", lambda v: UpperBoundIS(8, momentum=v), "momentum", [1, 1.5, -0.1, True, False, NAN]),
+    ("rho-keep", lambda v: RhoLoss(_IRR, keep=v), "keep", [0, -1, True, False, 2.0, "8"]),
+    ("rho-keep_fraction", lambda v: RhoLoss(_IRR, keep_fraction=v), "keep_fraction",
+     [0, 0.0, -0.5, 1.5, True, False, NAN, "0.5"]),
+    ("sb-history_size", lambda v: SelectiveBackprop(history_size=v), "history_size", [0, -1, True, False, 8.0]),
+    ("sb-staleness", lambda v: SelectiveBackprop(staleness=v), "staleness", [0, -1, True, False, 2.0]),
+]
+
+
+@pytest.mark.parametrize("build,name,value", [pytest.param(b, n, v, id=f"{i}={v!r}")
+                                              for i, b, n, vs in BAD_BATCH_KNOBS for v in vs])
+def test_bad_batch_knobs_raise_naming_the_argument(build, name, value):
+    with pytest.raises(ValueError, match=rf"^{name} must be .*, got {re.escape(repr(value))}$"):
+        build(value)
+
+
+@pytest.mark.parametrize("build", [lambda v: TopScore(v), lambda v: Uniform(v), lambda v: CDFSampling(v),
+                                   lambda v: UpperBoundIS(v), lambda v: RhoLoss(_IRR, keep=v)],
+                         ids=["topscore", "uniform", "cdf", "ubis", "rho"])
+@pytest.mark.parametrize("value", [True, False, 0])
+def test_keep_bool_rejected_like_zero(build, value):
+    with pytest.raises(ValueError) as err:
+        build(value)
+    assert str(err.value) == f"keep must be a positive int, got {value!r}"
+
+
+def test_batch_knob_messages_unchanged():
+    cases = [
+        (lambda: TopScore(0), "keep must be a positive int, got 0"),
+        (lambda: TopScore(4, by="nope"), f"by must be one of {sorted(fastsel.SCORE_DIRECTIONS)}, got 'nope'"),
+        (lambda: Uniform(4, budget=2), "budget must be in (0, 1], got 2"),
+        (lambda: CDFSampling(4, by="margin"), "by must be one of ('loss', 'grad_norm'), got 'margin'"),
+        (lambda: CDFSampling(4, switch_ratio=0), "switch_ratio must be a positive number or None, got 0"),
+        (lambda: CDFSampling(4, smoothing=1), "smoothing must be in [0, 1), got 1"),
+        (lambda: UpperBoundIS(4, by="margin"), "by must be one of ('grad_norm', 'loss'), got 'margin'"),
+        (lambda: UpperBoundIS(4, presample=1),
+         "presample must be a number > 1 (the candidate batch is presample × keep), got 1"),
+        (lambda: UpperBoundIS(4, tau_threshold=0.5), "tau_threshold must be a number >= 1 or None, got 0.5"),
+        (lambda: UpperBoundIS(4, backward_cost=-1), "backward_cost must be a number >= 0, got -1"),
+        (lambda: UpperBoundIS(4, momentum=1), "momentum must be in [0, 1), got 1"),
+        (lambda: RhoLoss(_IRR, keep_fraction=0), "keep_fraction must be in (0, 1], got 0"),
+        (lambda: SelectiveBackprop(history_size=0), "history_size must be a positive int, got 0"),
+        (lambda: SelectiveBackprop(staleness=0), "staleness must be a positive int (epochs) or None, got 0"),
+    ]
+    for build, message in cases:
+        with pytest.raises(ValueError) as err:
+            build()
+        assert str(err.value) == message
+    for build, message in [(lambda: CDFSampling(4, replacement=1), "replacement must be a bool, got 1"),
+                           (lambda: CDFSampling(4, reweight=0), "reweight must be a bool, got 0")]:
+        with pytest.raises(TypeError) as err:
+            build()
+        assert str(err.value) == message
+
+
+def test_batch_knob_boundaries_accepted():
+    TopScore(1)
+    Uniform(1, budget=1)
+    Uniform(1, budget=1e-9)
+    CDFSampling(1, switch_ratio=None, smoothing=0)
+    CDFSampling(1, switch_ratio=1e-9, smoothing=0.999)
+    UpperBoundIS(1, presample=1.5, tau_threshold=1, backward_cost=0, momentum=0)
+    UpperBoundIS(1, tau_threshold=None, backward_cost=INF)
+    RhoLoss(_IRR, keep=1)
+    RhoLoss(_IRR, keep_fraction=1)
+    RhoLoss(_IRR)
+    SelectiveBackprop(history_size=1, staleness=None)
+    SelectiveBackprop(history_size=1, staleness=1)
+
+
+def test_check_helpers():
+    def message(f, *args, **kw):
+        with pytest.raises((ValueError, TypeError)) as err:
+            f(*args, **kw)
+        return type(err.value).__name__, str(err.value)
+
+    assert message(check_positive_int, "k", True) == ("ValueError", "k must be a positive int, got True")
+    assert message(check_int, "w", -1, 0) == ("ValueError", "w must be an int >= 0, got -1")
+    assert message(check_int, "w", False, 0) == ("ValueError", "w must be an int >= 0, got False")
+    assert message(check_int, "s", 0, expected="a positive int (epochs)", optional=True) == (
+        "ValueError", "s must be a positive int (epochs) or None, got 0")
+    assert message(check_fraction, "f", True) == ("ValueError", "f must be a number in (0, 1], got True")
+    assert message(check_real, "x", 1, low=0, high=1, high_inclusive=False) == (
+        "ValueError", "x must be in [0, 1), got 1")
+    assert message(check_real, "x", NAN, low=0) == ("ValueError", "x must be a number >= 0, got nan")
+    assert message(check_real, "x", 2, high=1, high_inclusive=False) == ("ValueError", "x must be a number < 1, got 2")
+    assert message(check_real, "x", "a") == ("ValueError", "x must be a number, got 'a'")
+    assert message(check_real, "x", INF, finite=True, optional=True) == (
+        "ValueError", "x must be a number or None, got inf")
+    assert message(check_bool, "b", 1) == ("TypeError", "b must be a bool, got 1")
+    assert message(check_choice, "c", "z", ("a", "b")) == ("ValueError", "c must be one of ('a', 'b'), got 'z'")
+    check_int("s", None, optional=True)
+    check_real("x", None, optional=True)
+    check_real("x", 0.5, low=0, high=1)
+    check_int("w", 0, 0)
+    check_bool("b", False)
+    check_choice("c", "a", ("a", "b"))

@@ -10,6 +10,7 @@ scores the whole set with the model itself."""
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastsel
-from fastsel.strategies import ScoreTable, StyleError
+from fastsel.strategies import InfoBatch, ScoreTable, StyleError, Uniform
 from fastsel.strategies.budgeted import CSGD, PSGD
 from fastsel.strategies.dynams import DynaMS
 from fastsel.strategies.hard_batches import HardBatches
@@ -508,6 +509,74 @@ def test_dynams_state_dict_holds_subset_and_refresh_epoch():
 def test_bad_knobs_raise(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+NAN = float("nan")
+BAD_FRACTIONS = [0, 0.0, -0.5, 1.01, True, False, NAN, "0.5", None]
+BAD_POSITIVE_INTS = [0, -1, True, False, 2.0, "8", None]
+BAD_NON_NEGATIVE_INTS = [-1, True, False, 1.0, "0", None]
+
+# (id, build(value), argument name, bad values): every bad value raises a ValueError whose
+# message starts with "<name> must be" and ends with ", got <repr(value)>".
+BAD_EPOCH_KNOBS = [
+    ("hard-delta", lambda v: HardBatches(v, batch_size=32), "delta", BAD_FRACTIONS),
+    ("hard-batch_size", lambda v: HardBatches(0.5, batch_size=v), "batch_size", BAD_POSITIVE_INTS),
+    ("hard-warmup_epochs", lambda v: HardBatches(0.5, batch_size=32, warmup_epochs=v), "warmup_epochs",
+     BAD_NON_NEGATIVE_INTS),
+    ("dynams-keep", lambda v: DynaMS(v, model=make_model()), "keep", BAD_FRACTIONS),
+    ("dynams-refresh", lambda v: DynaMS(0.5, v, model=make_model()), "refresh", BAD_POSITIVE_INTS),
+    ("dynams-warmup_epochs", lambda v: DynaMS(0.5, model=make_model(), warmup_epochs=v), "warmup_epochs",
+     BAD_NON_NEGATIVE_INTS),
+    ("dynams-score_batch_size", lambda v: DynaMS(0.5, model=make_model(), score_batch_size=v), "score_batch_size",
+     BAD_POSITIVE_INTS),
+    ("dynams-num_workers", lambda v: DynaMS(0.5, model=make_model(), num_workers=v), "num_workers",
+     BAD_NON_NEGATIVE_INTS),
+    ("psgd-budget", lambda v: PSGD(v), "budget", BAD_FRACTIONS),
+    ("csgd-budget", lambda v: CSGD(v), "budget", BAD_FRACTIONS),
+    ("psgd-warmup_epochs", lambda v: PSGD(0.5, warmup_epochs=v), "warmup_epochs", BAD_NON_NEGATIVE_INTS),
+    ("uniform-budget", lambda v: Uniform(budget=v), "budget", BAD_FRACTIONS),
+    ("infobatch-prune_ratio", lambda v: InfoBatch(v), "prune_ratio", [-0.1, 1, 1.0, True, False, NAN, "0.5", None]),
+    ("infobatch-delta", lambda v: InfoBatch(0.5, v), "delta", [-0.1, 1.5, True, False, NAN, "0.5", None]),
+]
+
+
+@pytest.mark.parametrize("build,name,value", [pytest.param(b, n, v, id=f"{i}={v!r}")
+                                              for i, b, n, vs in BAD_EPOCH_KNOBS for v in vs])
+def test_bad_epoch_knobs_raise_naming_the_argument(build, name, value):
+    with pytest.raises(ValueError, match=rf"^{name} must be .*, got {re.escape(repr(value))}$"):
+        build(value)
+
+
+def test_epoch_knob_messages_unchanged():
+    cases = [
+        (lambda: HardBatches(0.0, batch_size=32), "delta must be a number in (0, 1], got 0.0"),
+        (lambda: HardBatches(0.5, batch_size=0), "batch_size must be a positive int, got 0"),
+        (lambda: HardBatches(0.5, batch_size=8, warmup_epochs=-1), "warmup_epochs must be an int >= 0, got -1"),
+        (lambda: DynaMS(True, model=make_model()), "keep must be a number in (0, 1], got True"),
+        (lambda: DynaMS(0.5, 0, model=make_model()), "refresh must be a positive int, got 0"),
+        (lambda: DynaMS(0.5, model=make_model(), num_workers=-1), "num_workers must be an int >= 0, got -1"),
+        (lambda: DynaMS(0.5, model=make_model(), by="loss"),
+         "by must be one of ('prob_margin', 'true_margin', 'margin'), got 'loss'"),
+        (lambda: PSGD(1.5), "budget must be a number in (0, 1], got 1.5"),
+        (lambda: CSGD(0.5, unseen="min"), "unseen must be one of ('max', 'mean'), got 'min'"),
+        (lambda: Uniform(budget=0), "budget must be in (0, 1], got 0"),
+        (lambda: InfoBatch(1.0), "prune_ratio must be in [0, 1), got 1.0"),
+        (lambda: InfoBatch(0.5, 2), "delta must be in [0, 1], got 2"),
+    ]
+    for build, message in cases:
+        with pytest.raises(ValueError) as err:
+            build()
+        assert str(err.value) == message
+
+
+def test_epoch_knob_boundaries_accepted():
+    HardBatches(1, batch_size=1, warmup_epochs=0)
+    DynaMS(1, 1, model=make_model(), warmup_epochs=0, score_batch_size=1, num_workers=0)
+    PSGD(1, warmup_epochs=0)
+    CSGD(1e-9)
+    Uniform(budget=1)
+    InfoBatch(0, 0)
+    InfoBatch(0.999, 1)
 
 
 def test_bad_types_raise():

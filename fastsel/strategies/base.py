@@ -21,6 +21,7 @@ import torch
 
 from fastsel.reference import Scores
 from fastsel.selection import Selection
+from fastsel.strategies._checks import check_int
 
 __all__ = ["Strategy", "EpochPlan", "ScoreTable", "TABLE_FIELDS", "seeded_generator", "StyleError"]
 
@@ -178,14 +179,18 @@ def check_strategy_and_seed(strategy: Any, style: str, seed: Any) -> None:
     if not isinstance(strategy, Strategy):
         raise TypeError(f"strategy must be a fastsel.strategies.Strategy, got {type(strategy).__name__}")
     strategy.check_style(style)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    check_int("seed", seed, 0, expected="a non-negative int")
 
 
 def full_plan(n: int, seed: int, epoch: int) -> EpochPlan:
     """Every sample once, in a seeded random order, weight 1."""
     order = torch.randperm(n, generator=seeded_generator(seed, epoch))
     return EpochPlan(order, torch.ones(n))
+
+
+def fraction_count(fraction: float, n: int) -> int:
+    """``round(fraction * n)``, at least 1 when ``n > 0`` (the rule of ``Uniform``'s budget)."""
+    return max(1, round(fraction * n)) if n else 0
 
 
 def keep_in_batch(k: int, n: int) -> None:

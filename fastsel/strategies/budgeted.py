@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from fastsel.selection import importance_weights, sample
-from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, seeded_generator
-from fastsel.strategies.hard_batches import _check_fraction, _check_int, _count
+from fastsel.strategies._checks import check_bool, check_choice, check_fraction, check_int
+from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, fraction_count, seeded_generator
 
 __all__ = ["PSGD", "CSGD"]
 
@@ -25,12 +25,10 @@ class _Budgeted(Strategy):
 
     def __init__(self, budget: float = 1.0, *, reweight: bool = False, unseen: str = "max",
                  warmup_epochs: int = 0):
-        _check_fraction("budget", budget)
-        if not isinstance(reweight, bool):
-            raise TypeError(f"reweight must be a bool, got {reweight!r}")
-        if unseen not in UNSEEN:
-            raise ValueError(f"unseen must be one of {UNSEEN}, got {unseen!r}")
-        _check_int("warmup_epochs", warmup_epochs, 0)
+        check_fraction("budget", budget)
+        check_bool("reweight", reweight)
+        check_choice("unseen", unseen, UNSEEN)
+        check_int("warmup_epochs", warmup_epochs, 0)
         self.budget = budget
         self.reweight = reweight
         self.unseen = unseen
@@ -63,7 +61,7 @@ class _Budgeted(Strategy):
     def plan_epoch(self, epoch: int, table: ScoreTable, *, seed: int, epochs: int,
                    data: Any = None) -> EpochPlan:
         n = table.n
-        k = _count(self.budget, n)
+        k = fraction_count(self.budget, n)
         if epoch < self.warmup_epochs:
             importance = torch.ones(n, dtype=torch.float64)
         else:

@@ -11,8 +11,9 @@ import torch
 from fastsel.ops import score
 from fastsel.selection import select_topk
 from fastsel.selector import scoring_forward
-from fastsel.strategies.base import TABLE_FIELDS, EpochPlan, ScoreTable, Strategy, full_plan, seeded_generator
-from fastsel.strategies.hard_batches import _check_fraction, _check_int, _count
+from fastsel.strategies._checks import check_choice, check_fraction, check_int, check_positive_int
+from fastsel.strategies.base import (TABLE_FIELDS, EpochPlan, ScoreTable, Strategy, fraction_count, full_plan,
+                                     seeded_generator)
 
 __all__ = ["DynaMS"]
 
@@ -111,13 +112,12 @@ class DynaMS(Strategy):
                  warmup_epochs: int = 1, score_batch_size: int = 256, score_data: Any = None,
                  num_workers: int = 0, collate_fn: Optional[Callable] = None,
                  device: Union[str, torch.device, None] = None, backend: str = "auto"):
-        _check_fraction("keep", keep)
-        _check_int("refresh", refresh, 1)
-        _check_int("warmup_epochs", warmup_epochs, 0)
-        _check_int("score_batch_size", score_batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
-        if by not in MARGINS:
-            raise ValueError(f"by must be one of {MARGINS}, got {by!r}")
+        check_fraction("keep", keep)
+        check_positive_int("refresh", refresh)
+        check_int("warmup_epochs", warmup_epochs, 0)
+        check_positive_int("score_batch_size", score_batch_size)
+        check_int("num_workers", num_workers, 0)
+        check_choice("by", by, MARGINS)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if proxy is None and model is None:
@@ -216,7 +216,7 @@ class DynaMS(Strategy):
     def select(self, margins: torch.Tensor) -> torch.Tensor:
         """The ``keep`` fraction of samples with the smallest margins (ties: lowest index
         first; NaN last), smallest first."""
-        return select_topk(margins, _count(self.keep, margins.numel()), largest=False).indices.cpu()
+        return select_topk(margins, fraction_count(self.keep, margins.numel()), largest=False).indices.cpu()
 
     def plan_epoch(self, epoch: int, table: ScoreTable, *, seed: int, epochs: int,
                    data: Any = None) -> EpochPlan:

@@ -7,25 +7,10 @@ from typing import Any
 
 import torch
 
-from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, full_plan, seeded_generator
+from fastsel.strategies._checks import check_fraction, check_int, check_positive_int
+from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, fraction_count, full_plan, seeded_generator
 
 __all__ = ["HardBatches"]
-
-
-def _count(fraction: float, n: int) -> int:
-    """``round(fraction * n)``, at least 1 when ``n > 0`` (the rule of ``Uniform``'s budget)."""
-    return max(1, round(fraction * n)) if n else 0
-
-
-def _check_fraction(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
 class HardBatches(Strategy):
@@ -77,9 +62,9 @@ class HardBatches(Strategy):
     unbiased = False
 
     def __init__(self, delta: float = 0.5, *, batch_size: int, warmup_epochs: int = 1):
-        _check_fraction("delta", delta)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("warmup_epochs", warmup_epochs, 0)
+        check_fraction("delta", delta)
+        check_positive_int("batch_size", batch_size)
+        check_int("warmup_epochs", warmup_epochs, 0)
         self.delta = delta
         self.batch_size = batch_size
         self.warmup_epochs = warmup_epochs
@@ -106,7 +91,7 @@ class HardBatches(Strategy):
             return full_plan(n, seed, epoch)
         batches = self.form_batches(n, seed=seed, epoch=epoch)
         means = self.batch_losses(batches, table)
-        k = _count(self.delta, len(batches))
+        k = fraction_count(self.delta, len(batches))
         # Largest mean first; a stable sort gives ties to the batch formed first.
         ranked = torch.sort(means, descending=True, stable=True).indices[:k]
         kept = torch.sort(ranked).values  # formation order; the short batch (if kept) is last

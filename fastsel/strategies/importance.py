@@ -10,6 +10,7 @@ import torch
 
 from fastsel.reference import Scores
 from fastsel.selection import Selection, sample
+from fastsel.strategies._checks import check_bool, check_choice, check_positive_int, check_real
 from fastsel.strategies.base import Strategy, keep_in_batch
 
 __all__ = ["CDFSampling", "UpperBoundIS"]
@@ -17,16 +18,6 @@ __all__ = ["CDFSampling", "UpperBoundIS"]
 # Relative floor given to zero importances when a draw without replacement needs more
 # samples than there are positive importances (see ``_importance``).
 _ZERO_FLOOR = 1e-12
-
-
-def _check_keep(keep) -> None:
-    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
-        raise ValueError(f"keep must be a positive int, got {keep!r}")
-
-
-def _check_by(by, allowed: tuple[str, ...]) -> None:
-    if by not in allowed:
-        raise ValueError(f"by must be one of {allowed}, got {by!r}")
 
 
 def _importance(values: torch.Tensor) -> torch.Tensor:
@@ -94,17 +85,13 @@ class CDFSampling(Strategy):
 
     def __init__(self, keep: int = 128, *, by: str = "loss", replacement: bool = False,
                  switch_ratio: Optional[float] = 0.75, smoothing: float = 0.9, reweight: bool = False):
-        _check_keep(keep)
-        _check_by(by, ("loss", "grad_norm"))
-        if not isinstance(replacement, bool):
-            raise TypeError(f"replacement must be a bool, got {replacement!r}")
-        if switch_ratio is not None and (not isinstance(switch_ratio, (int, float)) or isinstance(switch_ratio, bool)
-                                         or not switch_ratio > 0 or not math.isfinite(switch_ratio)):
-            raise ValueError(f"switch_ratio must be a positive number or None, got {switch_ratio!r}")
-        if not isinstance(smoothing, (int, float)) or isinstance(smoothing, bool) or not 0 <= smoothing < 1:
-            raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
-        if not isinstance(reweight, bool):
-            raise TypeError(f"reweight must be a bool, got {reweight!r}")
+        check_positive_int("keep", keep)
+        check_choice("by", by, ("loss", "grad_norm"))
+        check_bool("replacement", replacement)
+        check_real("switch_ratio", switch_ratio, low=0, low_inclusive=False, finite=True,
+                   expected="a positive number", optional=True)
+        check_real("smoothing", smoothing, low=0, high=1, high_inclusive=False)
+        check_bool("reweight", reweight)
         self.keep = keep
         self.by = by
         self.replacement = replacement
@@ -205,18 +192,13 @@ class UpperBoundIS(Strategy):
 
     def __init__(self, keep: int = 128, *, presample: float = 3.0, tau_threshold: Optional[float] = None,
                  backward_cost: float = 2.0, momentum: float = 0.9, by: str = "grad_norm"):
-        _check_keep(keep)
-        _check_by(by, ("grad_norm", "loss"))
-        if not isinstance(presample, (int, float)) or isinstance(presample, bool) or not presample > 1:
-            raise ValueError(f"presample must be a number > 1 (the candidate batch is presample × keep), "
-                             f"got {presample!r}")
-        if tau_threshold is not None and (not isinstance(tau_threshold, (int, float))
-                                          or isinstance(tau_threshold, bool) or not tau_threshold >= 1):
-            raise ValueError(f"tau_threshold must be a number >= 1 or None, got {tau_threshold!r}")
-        if not isinstance(backward_cost, (int, float)) or isinstance(backward_cost, bool) or not backward_cost >= 0:
-            raise ValueError(f"backward_cost must be a number >= 0, got {backward_cost!r}")
-        if not isinstance(momentum, (int, float)) or isinstance(momentum, bool) or not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        check_positive_int("keep", keep)
+        check_choice("by", by, ("grad_norm", "loss"))
+        check_real("presample", presample, low=1, low_inclusive=False,
+                   expected="a number > 1 (the candidate batch is presample × keep)")
+        check_real("tau_threshold", tau_threshold, low=1, optional=True)
+        check_real("backward_cost", backward_cost, low=0)
+        check_real("momentum", momentum, low=0, high=1, high_inclusive=False)
         self.keep = keep
         self.presample = float(presample)
         self.tau_threshold = tau_threshold

@@ -9,7 +9,8 @@ import torch
 
 from fastsel.reference import Scores
 from fastsel.selection import SCORE_DIRECTIONS, Selection, sample, select_topk
-from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, full_plan, keep_in_batch
+from fastsel.strategies._checks import check_choice, check_positive_int, check_real
+from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, fraction_count, full_plan, keep_in_batch
 
 __all__ = ["TopScore", "MMS", "HardLoss", "MaxEntropy", "Uniform"]
 
@@ -21,10 +22,8 @@ class TopScore(Strategy):
     styles = ("batch",)
 
     def __init__(self, keep: int = 64, *, by: str = "loss", largest: Optional[bool] = None):
-        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
-            raise ValueError(f"keep must be a positive int, got {keep!r}")
-        if by not in SCORE_DIRECTIONS:
-            raise ValueError(f"by must be one of {sorted(SCORE_DIRECTIONS)}, got {by!r}")
+        check_positive_int("keep", keep)
+        check_choice("by", by, sorted(SCORE_DIRECTIONS))
         self.keep = keep
         self.by = by
         self.largest = SCORE_DIRECTIONS[by] == "largest" if largest is None else largest
@@ -77,10 +76,8 @@ class Uniform(Strategy):
     unbiased = True
 
     def __init__(self, keep: int = 64, *, budget: float = 1.0):
-        if not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep must be a positive int, got {keep!r}")
-        if not 0 < budget <= 1:
-            raise ValueError(f"budget must be in (0, 1], got {budget!r}")
+        check_positive_int("keep", keep)
+        check_real("budget", budget, low=0, high=1, low_inclusive=False)
         self.keep = keep
         self.budget = budget
 
@@ -94,5 +91,4 @@ class Uniform(Strategy):
     def plan_epoch(self, epoch: int, table: ScoreTable, *, seed: int, epochs: int,
                    data: Any = None) -> EpochPlan:
         plan = full_plan(table.n, seed, epoch)
-        m = max(1, round(self.budget * table.n)) if table.n else 0
-        return EpochPlan(plan.indices[:m], plan.weights)
+        return EpochPlan(plan.indices[:fraction_count(self.budget, table.n)], plan.weights)

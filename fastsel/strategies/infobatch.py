@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from fastsel.strategies._checks import check_real
 from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, full_plan, seeded_generator
 
 __all__ = ["InfoBatch"]
@@ -27,10 +28,8 @@ class InfoBatch(Strategy):
     unbiased = True
 
     def __init__(self, prune_ratio: float = 0.5, delta: float = 0.875):
-        if not 0 <= prune_ratio < 1:
-            raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio!r}")
-        if not 0 <= delta <= 1:
-            raise ValueError(f"delta must be in [0, 1], got {delta!r}")
+        check_real("prune_ratio", prune_ratio, low=0, high=1, high_inclusive=False)
+        check_real("delta", delta, low=0, high=1)
         self.prune_ratio = prune_ratio
         self.delta = delta
 

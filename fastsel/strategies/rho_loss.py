@@ -10,6 +10,7 @@ import torch
 from fastsel.ops import score
 from fastsel.reference import Scores
 from fastsel.selection import Selection, select_topk
+from fastsel.strategies._checks import check_positive_int, check_real
 from fastsel.strategies.base import Strategy, keep_in_batch
 
 __all__ = ["RhoLoss"]
@@ -60,12 +61,11 @@ class RhoLoss(Strategy):
                  ids: Optional[Callable[[Any], torch.Tensor]] = None):
         if keep is not None and keep_fraction is not None:
             raise ValueError("give keep_fraction or keep, not both")
-        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
-            raise ValueError(f"keep must be a positive int, got {keep!r}")
-        if keep is None:
+        if keep is not None:
+            check_positive_int("keep", keep)
+        else:
             keep_fraction = 0.1 if keep_fraction is None else keep_fraction
-            if not isinstance(keep_fraction, (int, float)) or isinstance(keep_fraction, bool) or not 0 < keep_fraction <= 1:
-                raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction!r}")
+            check_real("keep_fraction", keep_fraction, low=0, high=1, low_inclusive=False)
         if isinstance(irreducible, torch.Tensor):
             if irreducible.dim() != 1 or not irreducible.dtype.is_floating_point:
                 raise ValueError("an irreducible-loss table must be a 1-D floating point tensor [N_dataset], "

@@ -10,6 +10,7 @@ import torch
 from fastsel import reference
 from fastsel.reference import Scores
 from fastsel.selection import History, Selection, check_percentile_rule, keep_probability, percentile, percentile_keep
+from fastsel.strategies._checks import check_int, check_positive_int
 from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, full_plan, seeded_generator
 
 __all__ = ["SelectiveBackprop"]
@@ -59,10 +60,8 @@ class SelectiveBackprop(Strategy):
     def __init__(self, *, beta: float = 3.0, s_min: float = 0.0, history_size: int = 1024,
                  staleness: Optional[int] = None):
         check_percentile_rule(beta, s_min)
-        if not isinstance(history_size, int) or isinstance(history_size, bool) or history_size < 1:
-            raise ValueError(f"history_size must be a positive int, got {history_size!r}")
-        if staleness is not None and (not isinstance(staleness, int) or isinstance(staleness, bool) or staleness < 1):
-            raise ValueError(f"staleness must be a positive int (epochs) or None, got {staleness!r}")
+        check_positive_int("history_size", history_size)
+        check_int("staleness", staleness, 1, expected="a positive int (epochs)", optional=True)
         self.beta = float(beta)
         self.s_min = float(s_min)
         self.history_size = history_size

@@ -1,0 +1,89 @@
+"""Argument checks shared by the strategies' constructors (and the samplers' seed check).
+
+Every check raises with the message ``"{name} must be {expected}, got {value!r}"``:
+``ValueError`` for ints and numbers (a value of the wrong type included), ``TypeError``
+for bools. Bools are never accepted where an int or a number is expected, although
+``bool`` is a subclass of ``int`` (``keep=True`` is rejected like ``keep=0``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Collection, Optional
+
+__all__ = ["check_int", "check_positive_int", "check_real", "check_fraction", "check_bool", "check_choice"]
+
+
+def _fail(name: str, expected: str, value: Any, optional: bool) -> None:
+    raise ValueError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r}")
+
+
+def check_int(name: str, value: Any, minimum: int = 1, *, expected: Optional[str] = None,
+              optional: bool = False) -> None:
+    """``value`` is an int (not a bool) ``>= minimum``; with ``optional``, None is accepted
+    too (and the message says "or None"). ``expected`` (default "a positive int" for
+    ``minimum=1``, else "an int >= {minimum}") describes the valid values in the message."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if expected is None:
+            expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        _fail(name, expected, value, optional)
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """``value`` is an int >= 1 (not a bool)."""
+    check_int(name, value, 1)
+
+
+def _interval(low: Any, high: Any, low_inclusive: bool, high_inclusive: bool) -> str:
+    return f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+
+
+def check_real(name: str, value: Any, *, low: Any = None, high: Any = None, low_inclusive: bool = True,
+               high_inclusive: bool = True, finite: bool = False, expected: Optional[str] = None,
+               optional: bool = False) -> None:
+    """``value`` is an int or a float (not a bool) within the given bounds (each one
+    inclusive or not; NaN fails every bound) and, with ``finite``, finite. With
+    ``optional``, None is accepted too (and the message says "or None").
+
+    The default ``expected`` is "in [low, high)" (brackets after the inclusiveness) with
+    both bounds, "a number >= low" / "a number > low" (or ``<=`` / ``<`` high) with one,
+    "a number" with none."""
+    if optional and value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and low is not None:
+        ok = value >= low if low_inclusive else value > low
+    if ok and high is not None:
+        ok = value <= high if high_inclusive else value < high
+    if ok and finite:
+        ok = math.isfinite(value)
+    if not ok:
+        if expected is None:
+            if low is not None and high is not None:
+                expected = f"in {_interval(low, high, low_inclusive, high_inclusive)}"
+            elif low is not None:
+                expected = f"a number {'>=' if low_inclusive else '>'} {low}"
+            elif high is not None:
+                expected = f"a number {'<=' if high_inclusive else '<'} {high}"
+            else:
+                expected = "a number"
+        _fail(name, expected, value, optional)
+
+
+def check_fraction(name: str, value: Any) -> None:
+    """``value`` is a number in (0, 1] (not a bool): a fraction of samples or batches kept."""
+    check_real(name, value, low=0, high=1, low_inclusive=False, expected="a number in (0, 1]")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """``value`` is a bool (TypeError otherwise, e.g. for 0 or 1)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_choice(name: str, value: Any, allowed: Collection) -> None:
+    """``value`` is one of ``allowed`` (shown as given in the message)."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
