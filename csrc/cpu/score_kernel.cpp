@@ -120,9 +120,13 @@ struct LaneMax {
     }
     for (; k + kLanes <= n; k += kLanes) even.update(Vec::loadu(x + k));
     if (k < n) even.update(load_partial(x + k, n - k, -std::numeric_limits<float>::infinity()));
-    // per lane, the top-2 of the union of two top-2 multisets
-    v2 = max_fast(min_fast(even.v1, odd.v1), max_fast(even.v2, odd.v2));
-    v1 = max_fast(even.v1, odd.v1);
+    merge(even, odd);
+  }
+
+  // *this = per lane, the top-2 of the union of two top-2 multisets.
+  void merge(const LaneMax& a, const LaneMax& b) {
+    v2 = max_fast(min_fast(a.v1, b.v1), max_fast(a.v2, b.v2));
+    v1 = max_fast(a.v1, b.v1);
   }
 
   // Top-2 of the union of the lanes' top-2 multisets: top1 is the largest lane top-1;
@@ -203,8 +207,21 @@ struct LaneSums {
   // not below m (the row's first maximum when the row is valid), or -1. Tracking it here
   // costs a predictable branch per iteration; searching for it afterwards took ~12% of a
   // row's time.
-  int64_t sweep(const float* x, int64_t n, float m) {
+  //
+  // With `next` (a row of the same length n), pass 1 of that row runs in the same loop:
+  // pass 2 keeps the multiply-add pipes busy and pass 1 (max/min) the others, so pass 1
+  // costs little more than its loads, and those loads start the next row's trip from
+  // memory while this row's arithmetic runs. Its per-lane top-2 go to next_lanes.
+  int64_t sweep(const float* x, int64_t n, float m, const float* next = nullptr,
+                LaneMax* next_lanes = nullptr) {
+    if (next != nullptr) return sweep_impl<true>(x, n, m, next, next_lanes);
+    return sweep_impl<false>(x, n, m, nullptr, nullptr);
+  }
+
+  template <bool kFused>
+  int64_t sweep_impl(const float* x, int64_t n, float m, const float* next, LaneMax* next_lanes) {
     const Vec mv(m);
+    LaneMax ne, no;  // pass 1 of `next`, two chains
     // Local accumulators: accumulating into members would go through memory every
     // iteration (the compiler cannot prove that x does not alias *this), putting a
     // store-to-load forwarding delay on each loop-carried chain.
@@ -223,15 +240,25 @@ struct LaneSums {
       }
     };
     int64_t k = 0;
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
     for (; k + 2 * kLanes <= n; k += 2 * kLanes) {
+      if constexpr (kFused) {
+        ne.update(Vec::loadu(next + k));
+        no.update(Vec::loadu(next + k + kLanes));
+      }
       const uint32_t lo = accumulate(Vec::loadu(x + k), mv, d0, a0, b0);
       const uint32_t hi = accumulate(Vec::loadu(x + k + kLanes), mv, d1, a1, b1);
       note(lo | (hi << kLanes), k);
     }
-    for (; k + kLanes <= n; k += kLanes) note(accumulate(Vec::loadu(x + k), mv, d0, a0, b0), k);
-    if (k < n) {  // padding lanes hold -inf: below m
-      note(accumulate(load_partial(x + k, n - k, -std::numeric_limits<float>::infinity()), mv, d0, a0, b0), k);
+    for (; k + kLanes <= n; k += kLanes) {
+      if constexpr (kFused) ne.update(Vec::loadu(next + k));
+      note(accumulate(Vec::loadu(x + k), mv, d0, a0, b0), k);
     }
+    if (k < n) {  // padding lanes hold -inf: below m
+      if constexpr (kFused) ne.update(load_partial(next + k, n - k, kNegInf));
+      note(accumulate(load_partial(x + k, n - k, kNegInf), mv, d0, a0, b0), k);
+    }
+    if constexpr (kFused) next_lanes->merge(ne, no);
     d_sub = d0 + d1;
     s1 = a0 + a1;
     s2 = b0 + b1;
@@ -360,6 +387,26 @@ bool score_row_vectorized(const scalar_t* row, int64_t C, float* buf, SoftmaxSta
   if (sums.saw_nan || !(m > kNegInf && m < std::numeric_limits<float>::infinity()) || first_max < 0) {
     return false;
   }
+  st = sums.reduce(m);
+  lanes.reduce(top.v1, top.v2);
+  top.i1 = first_max;
+  top.i2 = -1;
+  return true;
+}
+
+// The same for a float row of C <= kBlock columns whose pass 1 already ran (lanes):
+// pass 2 runs fused with pass 1 of `next` (a row of the same C, or null), whose per-lane
+// top-2 go to next_lanes (fresh on entry).
+inline bool score_row_fused(const float* x, int64_t C, const LaneMax& lanes, const float* next,
+                            LaneMax& next_lanes, SoftmaxState<float>& st, Top2<float>& top) {
+  const float m = hmax(lanes.v1);
+  if (!(m > -std::numeric_limits<float>::infinity() && m < std::numeric_limits<float>::infinity())) {
+    if (next != nullptr) next_lanes.sweep(next, C);  // -inf only, +inf or NaN: scalar path
+    return false;
+  }
+  LaneSums sums;
+  const int64_t first_max = sums.sweep(x, C, m, next, &next_lanes);
+  if (sums.saw_nan || first_max < 0) return false;
   st = sums.reduce(m);
   lanes.reduce(top.v1, top.v2);
   top.i1 = first_max;
@@ -524,11 +571,29 @@ struct RowJob {
     alignas(64) float m[kLanes], v2[kLanes], i1[kLanes], n_eq[kLanes], d_sub[kLanes],
         s1[kLanes], s2[kLanes], zy[kLanes], yf[kLanes];
     bool ok[kLanes];
+    // Float rows of one block: each row's pass 2 runs fused with the next row's pass 1.
+    constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+    const bool fused = kFloat && C <= kBlock;
+    LaneMax pass1;  // pass 1 of the row scored next (fused path)
+    if constexpr (kFloat) {
+      if (fused && rows > 0) pass1.sweep(base + i0 * row_stride, C);
+    }
     for (int64_t r = 0; r < kLanes; ++r) {
       SoftmaxState<float> st;
       Top2<float> top;
-      ok[r] = r < rows && C < kMaxVectorClasses &&
-              score_row_vectorized(base + (i0 + r) * row_stride, C, buf, st, top);
+      if (r >= rows) {
+        ok[r] = false;
+      } else if (fused) {
+        if constexpr (kFloat) {
+          const LaneMax lanes = pass1;
+          pass1 = LaneMax();
+          const float* next = r + 1 < rows ? base + (i0 + r + 1) * row_stride : nullptr;
+          ok[r] = score_row_fused(base + (i0 + r) * row_stride, C, lanes, next, pass1, st, top);
+        }
+      } else {
+        ok[r] = C < kMaxVectorClasses &&
+                score_row_vectorized(base + (i0 + r) * row_stride, C, buf, st, top);
+      }
       if (!ok[r]) {  // placeholder lane, overwritten by the scalar path below
         st.m = 0.f; st.n_eq = 1.f; top.v1 = 0.f; top.v2 = 0.f; top.i1 = 0;
       } else {
