@@ -14,8 +14,8 @@ compiled only when torch is a CUDA build and a CUDA toolkit of the same major ve
 found; no GPU is needed to build. ``1`` fails loudly when that is not the case.
 """
 
+import importlib.util
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -27,29 +27,20 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def _load_isa_module():
+    # fastsel/_isa.py by path: the package itself cannot be imported before it is built.
+    spec = importlib.util.spec_from_file_location("fastsel_isa", os.path.join(HERE, "fastsel", "_isa.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _vector_isa() -> str:
     choice = os.environ.get("FASTSEL_CPU_ISA", "auto").lower()
-    if choice not in ("auto", "avx512", "avx2", "none"):
-        sys.exit(f"FASTSEL_CPU_ISA must be auto, avx512, avx2 or none, got {choice!r}")
-    if choice != "auto":
-        return choice
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return "none"
-    flags = _cpu_flags()
-    if not {"avx2", "fma", "f16c"} <= flags:
-        return "none"
-    return "avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else "avx2"
+    isa = _load_isa_module()
+    if choice != "auto" and choice not in isa.ISA_FLAGS:
+        sys.exit(f"FASTSEL_CPU_ISA must be auto, {', '.join(isa.ISA_FLAGS)}, got {choice!r}")
+    return isa.widest() if choice == "auto" else choice
 
 
 def _build_cuda() -> bool:

@@ -18,40 +18,20 @@ from pathlib import Path
 import pytest
 
 import fastsel
+from fastsel._isa import ISA_FLAGS, runnable
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tests that exercise the ISA-specific code of csrc/cpu.
 ISA_TESTS = ["tests/test_score_values.py", "tests/test_score_properties.py", "tests/test_select_ops.py"]
 
 
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _runnable(isa: str) -> bool:
-    flags = _cpu_flags()
-    need = {
-        "none": set(),
-        "avx2": {"avx2", "fma", "f16c"},
-        "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
-    }[isa]
-    return need <= flags
-
-
 def _other_isas():
     built = fastsel.build_info().get("isa") if fastsel.CPU_EXTENSION_AVAILABLE else None
-    for isa in ("avx512", "avx2", "none"):
+    for isa in ISA_FLAGS:
         reason = None
         if isa == built:
             reason = "the main build: covered by the main test run"
-        elif not _runnable(isa):
+        elif not runnable(isa):
             reason = f"this CPU cannot run {isa} code"
         yield pytest.param(isa, marks=pytest.mark.skip(reason=reason) if reason else (), id=isa)
 
