@@ -301,11 +301,7 @@ at::Tensor sample_with_replacement(const at::Tensor& importance, int64_t k, int6
   if (k == 0) return out;
 
   // Integer weights (reference.replacement_weights) and their inclusive prefix sums.
-  int bit_length = 0;
-  for (int64_t m = n; m > 0; m >>= 1) ++bit_length;
-  int exponent = 0;
-  std::frexp(summary.max, &exponent);
-  const double scale = std::ldexp(1.0, (52 - bit_length) - exponent);
+  const double scale = replacement_scale(summary.max, replacement_weight_bits(n));
   std::vector<int64_t> cum(n);
   const Chunks chunks(n, 1 << 15);
   std::vector<int64_t> offset(chunks.count + 1, 0);

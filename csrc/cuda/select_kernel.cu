@@ -172,18 +172,6 @@ __global__ void packed_race_keys_kernel(const scalar_t* __restrict__ importance,
   }
 }
 
-// 2^shift for the integer weights of sampling with replacement (reference.py's
-// replacement_weights): with max = f 2^e, f in [0.5, 1) (frexp, float32; e = 0 for 0),
-// shift = weight_bits - e puts the largest weight in [2^(weight_bits - 1), 2^weight_bits),
-// weight_bits = 52 - bit_length(N), so the N weights sum to less than 2^52 and every prefix
-// sum is an exact int64 (and an exact float64 in replacement_target). The power of two is
-// exact in float64: |shift| < 200 for any finite float32 max.
-__device__ __forceinline__ double replacement_scale(float max_importance, int weight_bits) {
-  int exponent = 0;
-  frexpf(max_importance, &exponent);  // torch.frexp calls the same function on CUDA
-  return ldexp(1.0, weight_bits - exponent);
-}
-
 // weights[i] = trunc(w_i 2^shift) as int64, 0 for w_i <= 0; w_i in float32. Every thread
 // derives the (same) scale from the device-resident maximum, so no host round trip and no
 // extra launch are needed.
@@ -362,10 +350,7 @@ at::Tensor sample_with_replacement(const at::Tensor& importance, int64_t k, int6
 
   const c10::cuda::CUDAGuard device_guard(importance.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // weight_bits = 52 - bit_length(N): N weights below 2^weight_bits sum to below 2^52.
-  int bit_length_n = 0;
-  for (uint64_t rest = static_cast<uint64_t>(n); rest != 0; rest >>= 1) ++bit_length_n;
-  const int weight_bits = 52 - bit_length_n;
+  const int weight_bits = replacement_weight_bits(n);
 
   // The maximum stays on the device (a 0-d tensor); max of the stored dtype converted to
   // float32 equals max of the float32 values, rounding to nearest being monotonic.

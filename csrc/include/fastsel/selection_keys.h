@@ -25,6 +25,7 @@
 // through the FASTSEL_MUL/FASTSEL_ADD macros, and Triton/PyTorch run each op separately.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -222,6 +223,30 @@ FASTSEL_SK_HD uint64_t pack_key_index(uint32_t key, uint64_t index) {
 // the key's top bit is flipped so that keys >= 2^31 stay above those below.
 FASTSEL_SK_HD int64_t pack_key_index_signed(uint32_t key, uint64_t index) {
   return static_cast<int64_t>(pack_key_index(key ^ 0x80000000u, index));
+}
+
+// Bits per integer weight of sampling with replacement over n items: 52 - bit_length(n),
+// so that n weights below 2^weight_bits sum to less than 2^52 and every prefix sum is an
+// exact int64 (and an exact float64 in replacement_target).
+FASTSEL_SK_HD int replacement_weight_bits(int64_t n) {
+  int bit_length = 0;
+  for (uint64_t rest = static_cast<uint64_t>(n); rest != 0; rest >>= 1) ++bit_length;
+  return 52 - bit_length;
+}
+
+// 2^shift for those weights (reference.py's replacement_weights): with the largest
+// importance max = f 2^e, f in [0.5, 1) (frexp of the float32; e = 0 for 0),
+// shift = weight_bits - e puts the largest weight in [2^(weight_bits - 1), 2^weight_bits).
+// The power of two is exact in float64: |shift| < 200 for any finite float32 max.
+FASTSEL_SK_HD double replacement_scale(float max_importance, int weight_bits) {
+  int exponent = 0;
+#if defined(__CUDA_ARCH__)
+  frexpf(max_importance, &exponent);  // torch.frexp calls the same function on CUDA
+  return ldexp(1.0, weight_bits - exponent);
+#else
+  std::frexp(max_importance, &exponent);
+  return std::ldexp(1.0, weight_bits - exponent);
+#endif
 }
 
 // Integer weight of importance w for sampling with replacement: w 2^shift truncated,
