@@ -185,6 +185,31 @@ def test_cdf_zero_and_nan_importances():
     assert idx.unique().numel() == 3
 
 
+@pytest.mark.parametrize("replacement", [False, True])
+@pytest.mark.parametrize("case", ["all_zero", "few_positive", "enough_positive"])
+def test_proportional_degenerate_cases_match_their_definition(case, replacement):
+    """The device-side case selection of importance._proportional draws exactly what the
+    definition says: uniform when all importances are 0; without replacement and fewer
+    than k positive, the zeros raised to 1e-12 x the largest; otherwise the importances."""
+    from fastsel.strategies.importance import _ZERO_FLOOR, _proportional
+
+    imp = {"all_zero": torch.zeros(9),
+           "few_positive": torch.tensor([0.0, 2.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]),
+           "enough_positive": torch.tensor([0.5, 2.0, 0.0, 3.0, 1.0, 0.0, 4.0, 0.2, 0.0])}[case]
+    k = 5
+    if case == "all_zero":
+        want_imp = torch.ones(9)
+    elif case == "few_positive" and not replacement:
+        want_imp = imp.clamp_min(float(imp.max()) * _ZERO_FLOOR)
+    else:
+        want_imp = imp
+    for step in range(5):
+        got = _proportional(imp, k, replacement=replacement, seed=3, step=step)
+        want = fastsel.sample(want_imp, k, replacement=replacement, seed=3, counter=step)
+        assert got.indices.tolist() == want.indices.tolist()
+        torch.testing.assert_close(got.weights, want.weights)
+
+
 def test_cdf_errors():
     with pytest.raises(ValueError, match="by must be one of"):
         CDFSampling(4, by="entropy")

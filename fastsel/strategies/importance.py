@@ -38,12 +38,15 @@ def _proportional(importance: torch.Tensor, k: int, *, replacement: bool, seed: 
     handled: all-zero importances give a uniform draw; without replacement, when fewer
     than ``k`` importances are positive, the zero ones are raised to 1e-12 × the largest
     so that the draw can be completed (they then come after every positive one with
-    overwhelming probability)."""
-    positive = int((importance > 0).sum())
-    if positive == 0:
-        importance = torch.ones_like(importance)
-    elif not replacement and positive < k:
-        importance = importance.clamp_min(float(importance.max()) * _ZERO_FLOOR)
+    overwhelming probability).
+
+    The cases are chosen with ``torch.where`` on the device, not with Python branches on
+    counts, so a training step does not wait for the device here."""
+    positive = (importance > 0).sum()
+    if not replacement:
+        raised = torch.clamp_min(importance, importance.max() * _ZERO_FLOOR)
+        importance = torch.where(positive < k, raised, importance)
+    importance = torch.where(positive == 0, torch.ones_like(importance), importance)
     return sample(importance, k, replacement=replacement, seed=seed, counter=step)
 
 
