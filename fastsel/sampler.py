@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from fastsel.reference import Scores
+from fastsel.strategies._checks import check_positive_int, sized_length
 from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, check_strategy_and_seed
 
 __all__ = ["ScoreSampler", "Costs"]
@@ -82,14 +83,10 @@ class ScoreSampler(torch.utils.data.Sampler):
 
     def __init__(self, data: Any, strategy: Strategy, *, batch_size: int, epochs: int, seed: int = 0,
                  drop_last: bool = False, num_replicas: Optional[int] = None, rank: Optional[int] = None):
-        try:
-            n = len(data)
-        except TypeError:
-            raise TypeError(f"data must have a length (__len__), got {type(data).__name__}") from None
+        n = sized_length("data", data, "have a length (__len__)")
         check_strategy_and_seed(strategy, "epoch", seed)
-        for name, v in (("batch_size", batch_size), ("epochs", epochs)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("epochs", epochs)
         self.data = data
         self.n = n
         self.strategy = strategy

@@ -20,6 +20,7 @@ import torch
 
 from fastsel.ops import score
 from fastsel.sampler import Costs
+from fastsel.strategies._checks import check_int
 from fastsel.strategies.base import Strategy, check_strategy_and_seed
 
 __all__ = ["BatchSelector", "scoring_forward"]
@@ -108,8 +109,7 @@ class BatchSelector:
         self.seed = seed
         self.mms = mms
         self.backend = backend
-        if score_batch_size is not None and (not isinstance(score_batch_size, int) or score_batch_size < 1):
-            raise ValueError(f"score_batch_size must be a positive int or None, got {score_batch_size!r}")
+        check_int("score_batch_size", score_batch_size, 1, optional=True)  # bools rejected too
         self.score_batch_size = score_batch_size
         self.last_indices: Optional[torch.Tensor] = None
         self.step = 0

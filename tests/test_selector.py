@@ -454,8 +454,9 @@ def test_score_batch_size_slices_the_scoring_forward_and_last_indices():
     assert torch.equal(whole.last_indices, sliced.last_indices)
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert torch.equal(x[sliced.last_indices], xb)
-    with pytest.raises(ValueError, match="score_batch_size must be a positive int"):
-        fastsel.BatchSelector(model, fastsel.strategies.MMS(keep=10), head=model.fc, score_batch_size=0)
+    for bad in (0, True, 2.0):  # True was accepted (a bool is an int) before the shared check
+        with pytest.raises(ValueError, match="score_batch_size must be a positive int or None"):
+            fastsel.BatchSelector(model, fastsel.strategies.MMS(keep=10), head=model.fc, score_batch_size=bad)
 
 
 def test_topscore_follows_score_directions_and_needs_the_head_for_mms():

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, Collection, Optional
 
-__all__ = ["check_int", "check_positive_int", "check_real", "check_fraction", "check_bool", "check_choice"]
+__all__ = ["check_int", "check_positive_int", "check_real", "check_fraction", "check_bool", "check_choice",
+           "sized_length"]
 
 
 def _fail(name: str, expected: str, value: Any, optional: bool) -> None:
@@ -87,3 +88,11 @@ def check_choice(name: str, value: Any, allowed: Collection) -> None:
     """``value`` is one of ``allowed`` (shown as given in the message)."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def sized_length(name: str, value: Any, expected: str) -> int:
+    """``len(value)``; a TypeError "{name} must {expected}, got {type}" if it has none."""
+    try:
+        return len(value)
+    except TypeError:
+        raise TypeError(f"{name} must {expected}, got {type(value).__name__}") from None

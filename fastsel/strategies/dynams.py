@@ -11,7 +11,7 @@ import torch
 from fastsel.ops import score
 from fastsel.selection import select_topk
 from fastsel.selector import scoring_forward
-from fastsel.strategies._checks import check_choice, check_fraction, check_int, check_positive_int
+from fastsel.strategies._checks import check_choice, check_fraction, check_int, check_positive_int, sized_length
 from fastsel.strategies.base import (TABLE_FIELDS, EpochPlan, ScoreTable, Strategy, fraction_count, full_plan,
                                      seeded_generator)
 
@@ -129,11 +129,7 @@ class DynaMS(Strategy):
             raise ValueError("a proxy that is not an nn.Module needs model= as well, so that the model can be "
                              "put in eval mode for scoring and its mode restored afterwards")
         if score_data is not None:
-            try:
-                len(score_data)
-            except TypeError:
-                raise TypeError(f"score_data must be a map-style data set with a length, "
-                                f"got {type(score_data).__name__}") from None
+            sized_length("score_data", score_data, "be a map-style data set with a length")
         self.keep = keep
         self.refresh = refresh
         self.by = by
