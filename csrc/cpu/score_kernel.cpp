@@ -291,6 +291,7 @@ inline bool has_nan(const float* x, int64_t n) {
 // iteration and one test of their combined lane bits.
 inline int64_t find_first(const float* x, int64_t n, float value, int64_t skip) {
   int64_t k = 0;
+#if defined(FASTSEL_VEC512) || defined(FASTSEL_X86_AVX2)
   auto first_of = [&](auto bits, int64_t at) -> int64_t {
     for (; bits != 0; bits &= bits - 1) {
       const int64_t j = at + __builtin_ctzll(bits);
@@ -298,6 +299,7 @@ inline int64_t find_first(const float* x, int64_t n, float value, int64_t skip) 
     }
     return -1;
   };
+#endif
 #if defined(FASTSEL_VEC512)
   const __m512 v = _mm512_set1_ps(value);
   auto eq = [&](int64_t at) -> uint64_t { return _mm512_cmp_ps_mask(_mm512_loadu_ps(x + at), v, _CMP_EQ_OQ); };
