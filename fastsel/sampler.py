@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from fastsel.reference import Scores
-from fastsel.strategies._checks import check_positive_int, sized_length
+from fastsel._checks import check_positive_int, sized_length
 from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, check_strategy_and_seed
 
 __all__ = ["ScoreSampler", "Costs"]

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 
 from fastsel import reference
+from fastsel._checks import check_real
 from fastsel._extension import CPU_EXTENSION_AVAILABLE
 from fastsel.ops import BACKENDS, _resolve_backend, score
 from fastsel.reference import Scores
@@ -372,10 +373,8 @@ def select(
 
 def check_percentile_rule(beta, s_min) -> None:
     """The knobs of the percentile rule: beta >= 0, s_min in [0, 1]."""
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta >= 0:
-        raise ValueError(f"beta must be a number >= 0, got {beta!r}")
-    if not isinstance(s_min, (int, float)) or isinstance(s_min, bool) or not 0 <= s_min <= 1:
-        raise ValueError(f"s_min must be in [0, 1], got {s_min!r}")
+    check_real("beta", beta, low=0)
+    check_real("s_min", s_min, low=0, high=1)
 
 
 def keep_probability(f: torch.Tensor, beta: float, s_min: float) -> torch.Tensor:

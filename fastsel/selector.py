@@ -20,7 +20,7 @@ import torch
 
 from fastsel.ops import score
 from fastsel.sampler import Costs
-from fastsel.strategies._checks import check_int
+from fastsel._checks import check_int
 from fastsel.strategies.base import Strategy, check_strategy_and_seed
 
 __all__ = ["BatchSelector", "scoring_forward"]

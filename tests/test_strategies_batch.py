@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import fastsel
 from fastsel import reference
 from fastsel.strategies import MMS, HardLoss, MaxEntropy, StyleError, TopScore, Uniform
-from fastsel.strategies._checks import (check_bool, check_choice, check_fraction, check_int, check_positive_int,
+from fastsel._checks import (check_bool, check_choice, check_fraction, check_int, check_positive_int,
                                         check_real)
 from fastsel.strategies.importance import CDFSampling, UpperBoundIS
 from fastsel.strategies.rho_loss import RhoLoss

@@ -21,7 +21,7 @@ import torch
 
 from fastsel.reference import Scores
 from fastsel.selection import Selection
-from fastsel.strategies._checks import check_int
+from fastsel._checks import check_int
 
 __all__ = ["Strategy", "EpochPlan", "ScoreTable", "TABLE_FIELDS", "seeded_generator", "StyleError"]
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from fastsel.selection import importance_weights, sample
-from fastsel.strategies._checks import check_bool, check_choice, check_fraction, check_int
+from fastsel._checks import check_bool, check_choice, check_fraction, check_int
 from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, fraction_count, seeded_generator
 
 __all__ = ["PSGD", "CSGD"]

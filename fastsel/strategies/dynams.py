@@ -11,7 +11,7 @@ import torch
 from fastsel.ops import score
 from fastsel.selection import select_topk
 from fastsel.selector import scoring_forward
-from fastsel.strategies._checks import check_choice, check_fraction, check_int, check_positive_int, sized_length
+from fastsel._checks import check_choice, check_fraction, check_int, check_positive_int, sized_length
 from fastsel.strategies.base import (TABLE_FIELDS, EpochPlan, ScoreTable, Strategy, fraction_count, full_plan,
                                      seeded_generator)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fastsel.strategies._checks import check_fraction, check_int, check_positive_int
+from fastsel._checks import check_fraction, check_int, check_positive_int
 from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, fraction_count, full_plan, seeded_generator
 
 __all__ = ["HardBatches"]

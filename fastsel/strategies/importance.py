@@ -10,7 +10,7 @@ import torch
 
 from fastsel.reference import Scores
 from fastsel.selection import Selection, sample
-from fastsel.strategies._checks import check_bool, check_choice, check_positive_int, check_real
+from fastsel._checks import check_bool, check_choice, check_positive_int, check_real
 from fastsel.strategies.base import Strategy, keep_in_batch
 
 __all__ = ["CDFSampling", "UpperBoundIS"]

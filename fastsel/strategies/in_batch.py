@@ -9,7 +9,7 @@ import torch
 
 from fastsel.reference import Scores
 from fastsel.selection import SCORE_DIRECTIONS, Selection, sample, select_topk
-from fastsel.strategies._checks import check_choice, check_positive_int, check_real
+from fastsel._checks import check_choice, check_positive_int, check_real
 from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, fraction_count, full_plan, keep_in_batch
 
 __all__ = ["TopScore", "MMS", "HardLoss", "MaxEntropy", "Uniform"]

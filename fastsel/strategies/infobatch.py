@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fastsel.strategies._checks import check_real
+from fastsel._checks import check_real
 from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, full_plan, seeded_generator
 
 __all__ = ["InfoBatch"]

@@ -10,7 +10,7 @@ import torch
 from fastsel import reference
 from fastsel.reference import Scores
 from fastsel.selection import History, Selection, check_percentile_rule, keep_probability, percentile, percentile_keep
-from fastsel.strategies._checks import check_int, check_positive_int
+from fastsel._checks import check_int, check_positive_int
 from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, full_plan, seeded_generator
 
 __all__ = ["SelectiveBackprop"]

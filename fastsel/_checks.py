@@ -1,4 +1,5 @@
-"""Argument checks shared by the strategies' constructors (and the samplers' seed check).
+"""Argument checks shared across fastsel: the strategies' constructors, ScoreSampler,
+BatchSelector and the percentile rule. No fastsel imports, so any module can use it.
 
 Every check raises with the message ``"{name} must be {expected}, got {value!r}"``:
 ``ValueError`` for ints and numbers (a value of the wrong type included), ``TypeError``
