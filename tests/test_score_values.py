@@ -579,6 +579,62 @@ def test_mms_matches_oracle_and_brute_force(backend, mms, c, d, wdtype):
         assert (s.mms <= top2 * (1 + 1e-5)).all()  # the min over all competitors <= runner-up's
 
 
+def _mms_adversarial_batch(c: int, d: int):
+    """Rows and a head that stress how the CPU kernel finds MMS candidates.
+
+    The fused float path lists, while it scores a row, the columns near the top logit
+    and takes the runner-up and the candidates from that list; how far down it lists
+    adapts from row to row. The rows here defeat it every way: a top logit far above the
+    rest (everything listed, more than the list holds), a flat row (every column ties
+    with the runner-up), runner-up ties late in the row, near-duplicate class rows (a
+    candidate reach far beyond the estimate: the row sweeps itself), classes far from
+    the others (candidates other than the runner-up win), and plain random rows between
+    them, so that the estimate moves up and down.
+    """
+    g = torch.Generator().manual_seed(c * 31 + d)
+    weight = torch.randn(c, d, generator=g)
+    weight[7] = weight[5] + 1e-3 * torch.randn(d, generator=g)  # near-duplicate classes 5 and 7
+    weight[c - 1] *= 8.0  # a class far from all others
+    rows = [torch.randn(c, generator=g) * 3 for _ in range(40)]
+    top_apart = torch.randn(c, generator=g)
+    top_apart[c // 2] = 60.0
+    flat = torch.zeros(c)
+    flat[3] = 1.0
+    late_ties = torch.randn(c, generator=g) - 10
+    late_ties[1] = 5.0
+    late_ties[[c - 3, c - 2]] = 4.0  # the runner-up is the first of two tied, at the end
+    near_dup = torch.randn(c, generator=g)
+    near_dup[5], near_dup[7] = 9.0, 8.999  # a = 5, r = 7: ||w_5 - w_7|| is tiny
+    far_class = torch.randn(c, generator=g)
+    far_class[0], far_class[1], far_class[c - 1] = 6.0, 5.5, 5.0
+    special = [top_apart, flat, late_ties, near_dup, far_class]
+    for k, row in enumerate(special):  # spread among the random rows
+        rows.insert(5 + 8 * k, row)
+    return torch.stack(rows), weight
+
+
+@pytest.mark.parametrize("c", [200, 300, 1000, 4096])
+def test_mms_exact_adversarial_rows_and_batch_independence(backend, c):
+    """The exact and top-2 MMS match brute force on rows built to defeat the candidate
+    lists, and a row's MMS does not depend on the rows scored with it (bit for bit): the
+    lists only change the cost, never which candidates are compared or in which order."""
+    logits, weight = _mms_adversarial_batch(c, 64)
+    n = logits.shape[0]
+    target = random_target(n, c)
+    for mms in ("exact", "top2"):
+        s = score_and_check(logits, target, backend, weight=weight, mms=mms, msg=f"adversarial {mms}")
+        torch.testing.assert_close(s.mms.double(), _mms_brute(logits, weight, mms), rtol=1e-4, atol=1e-5)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(c))
+        shuffled = fastsel.score(logits[order], target[order], weight=weight, mms=mms, backend=backend)
+        assert torch.equal(shuffled.mms, s.mms[order]), mms
+        for i in (0, 5, 13, 21, 29, 37, n - 1):
+            alone = fastsel.score(logits[i:i + 1], target[i:i + 1], weight=weight, mms=mms, backend=backend)
+            assert torch.equal(alone.mms, s.mms[i:i + 1]), (mms, i)
+    exact = fastsel.score(logits, target, weight=weight, mms="exact", backend=backend).mms
+    top2 = fastsel.score(logits, target, weight=weight, mms="top2", backend=backend).mms
+    assert (exact < top2).any()  # some row's minimum is not its runner-up: candidates were needed
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: dtype_ids[d])
 @pytest.mark.parametrize("mms", ["exact", "top2"])
 def test_mms_logit_dtypes_and_empty_batch(backend, dtype, mms):

@@ -10,14 +10,15 @@
 // row mu of W (which removes a component shared by all rows):
 //   (z_a - z_j) / ||w_a - w_j|| >= (z_a - z_j) / (||w_a - mu|| + max_k ||w_k - mu||).
 // So only classes with z_a - z_j < best (||w_a - mu|| + max_k ||w_k - mu||) can beat
-// the runner-up. A compare sweep over the row (in cache, right after scoring it) finds
-// them, and only their distances, ||w_a - w_j|| from the difference (no cancellation),
-// are computed: O(C) per row plus D per candidate, where a Gram-matrix method pays
-// O(C^2 D) per call whatever N is.
+// the runner-up, and only their distances, ||w_a - w_j|| from the difference (no
+// cancellation), are computed: O(C) per row plus D per candidate, where a Gram-matrix
+// method pays O(C^2 D) per call whatever N is. The fused float rows find the runner-up
+// and those classes in a list that pass 2 of scoring makes anyway (RowCandidates);
+// other rows sweep the row again while it is in cache (for_each_at_least).
 //
 // For small C the Gram matrix is the cheaper side (C^2 D is tiny, while a distance costs
-// D per row): the [C, C] inverse distances are computed once per call and each row
-// takes a plain multiply-min over its C entries.
+// D per row): the [C, C] inverse distances are computed once per call (inverse_distances
+// in score_kernel.cpp) and each row takes a plain multiply-min over its C entries.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -90,77 +91,174 @@ inline void for_each_at_least(const T* x, int64_t n, T threshold, int64_t skip1,
                               Visit&& visit) {
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float>) {
-#if defined(FASTSEL_VEC512)
-    const __m512 thr = _mm512_set1_ps(threshold);
-    auto ge = [&](int64_t k) -> uint64_t {
-      return _mm512_cmp_ps_mask(_mm512_loadu_ps(x + k), thr, _CMP_GE_OQ);
-    };
-    constexpr int64_t kStep = 64, kOne = 16;
-#elif defined(FASTSEL_X86_AVX2)
-    const __m256 thr = _mm256_set1_ps(threshold);
-    auto ge = [&](int64_t k) -> uint64_t {
-      return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + k), thr, _CMP_GE_OQ)));
-    };
-    constexpr int64_t kStep = 32, kOne = 8;
-#endif
-#if defined(FASTSEL_VEC512) || defined(FASTSEL_X86_AVX2)
+    static_assert(4 * kLanes <= 64, "four vectors' lane bits must fit in 64 bits");
+    const Vec thr(threshold);
+    auto bits_at = [&](int64_t k) -> uint64_t { return at_least_bits(Vec::loadu(x + k), thr); };
     auto visit_bits = [&](uint64_t bits, int64_t at, int64_t w) {
       bits &= ~(chunk_bit(skip1, at, w) | chunk_bit(skip2, at, w));
       for (; bits != 0; bits &= bits - 1) visit(at + __builtin_ctzll(bits));
     };
-    for (; j + kStep <= n; j += kStep) {
-      const uint64_t bits = ge(j) | ge(j + kOne) << kOne | ge(j + 2 * kOne) << (2 * kOne) |
-                            ge(j + 3 * kOne) << (3 * kOne);
-      if (bits != 0) visit_bits(bits, j, kStep);
+    for (; j + 4 * kLanes <= n; j += 4 * kLanes) {
+      const uint64_t bits = bits_at(j) | bits_at(j + kLanes) << kLanes |
+                            bits_at(j + 2 * kLanes) << (2 * kLanes) | bits_at(j + 3 * kLanes) << (3 * kLanes);
+      if (bits != 0) visit_bits(bits, j, 4 * kLanes);
     }
-    for (; j + kOne <= n; j += kOne) {
-      const uint64_t bits = ge(j);
-      if (bits != 0) visit_bits(bits, j, kOne);
+    for (; j + kLanes <= n; j += kLanes) {
+      const uint64_t bits = bits_at(j);
+      if (bits != 0) visit_bits(bits, j, kLanes);
     }
-#endif
   }
   for (; j < n; ++j) {
     if (x[j] >= threshold && j != skip1 && j != skip2) visit(j);
   }
 }
 
+// The columns of one row at or above a floor, as bits: pass 2 of the fused row path
+// (LaneSums::sweep) stores one word per iteration, for kWordColumns columns, whether or
+// not it holds a candidate. Branching on the words that do, about five per row, cost a
+// mispredicted branch each in the middle of the exp pipeline; the stores are cheaper.
+struct RowCandidates {
+  static constexpr int64_t kWordColumns = 2 * kLanes;  // one loop iteration of pass 2
+  static constexpr int64_t kMaxColumns = 4096;
+  static_assert(kWordColumns <= 32, "a word is 32 bits");
+  float floor = std::numeric_limits<float>::infinity();
+  int64_t n_words = 0;
+  uint32_t words[kMaxColumns / kWordColumns];
+
+  // Whether every column with z_j >= threshold is listed.
+  bool covers(float threshold) const { return threshold >= floor; }
+
+  // visit(j) for the listed columns j in increasing order, while it returns true. Most
+  // words are zero: one vector test per 16 words finds the others, where a branch per
+  // word took a third of the MMS's own time.
+  template <typename Visit>
+  void for_each(Visit&& visit) const {
+    for (int64_t w0 = 0; w0 < n_words; w0 += 16) {
+      for (uint32_t nz = nonzero_words(words + w0, std::min<int64_t>(16, n_words - w0)); nz != 0; nz &= nz - 1) {
+        const int64_t w = w0 + __builtin_ctz(nz);
+        for (uint32_t b = words[w]; b != 0; b &= b - 1) {
+          if (!visit(w * kWordColumns + __builtin_ctz(b))) return;
+        }
+      }
+    }
+  }
+
+  // First listed column j other than skip with x[j] == v, or -1.
+  int64_t find(const float* x, float v, int64_t skip) const {
+    int64_t found = -1;
+    for_each([&](int64_t j) {
+      if (x[j] == v && j != skip) found = j;
+      return found < 0;
+    });
+    return found;
+  }
+};
+
+// The first columns of a RowCandidates list with their values (x = the row), gathered in
+// one traversal of its bits for the runner-up and the candidates both.
+struct ListedColumns {
+  static constexpr int kCapacity = 64;
+  int n = 0;
+  bool complete = true;  // false: more columns were listed than these
+  int32_t index[kCapacity];
+  float value[kCapacity];
+
+  void gather(const RowCandidates& list, const float* x) {
+    n = 0;
+    complete = true;
+    list.for_each([&](int64_t j) {
+      if (n == kCapacity) {
+        complete = false;
+        return false;
+      }
+      index[n] = static_cast<int32_t>(j);
+      value[n] = x[j];
+      ++n;
+      return true;
+    });
+  }
+
+  // First column other than skip whose value is v, or -1 (also when it may lie beyond).
+  int64_t find(float v, int64_t skip) const {
+    for (int k = 0; k < n; ++k) {
+      if (value[k] == v && index[k] != skip) return index[k];
+    }
+    return -1;
+  }
+};
+
+// The floor of a row's list that makes it hold every candidate of the pruned exact MMS
+// below: the columns within reach = factor * margin of the top logit z_a, where
+// factor = (||w_a - mu|| + max_k ||w_k - mu||) / ||w_a - w_r|| (plus rounding slack)
+// depends on the row's two classes, unknown before pass 2. The caller passes a running
+// estimate of factor: too low, the row falls back to a sweep of its own; too high, more
+// columns are listed and visited (heavy-tailed: once factor * margin spans the bulk of
+// a row whose top logit stands apart, most of its columns). So the estimate tracks a
+// high quantile of the rows' factors: each fallback raises it by kReachGrowth, each row
+// served by its list lowers it by kReachDecay, which settles where about 1% of rows fall
+// back. Either way the MMS is the same; only its cost changes. The top-2 MMS needs only
+// the runner-up (factor 1), and rows whose MMS is 0 (a tie) or +inf (one finite class)
+// need nothing beyond the maximum.
+constexpr float kInitialReachFactor = 1.5f;
+constexpr float kMaxReachFactor = 8.f;
+constexpr float kReachGrowth = 1.1f, kReachDecay = 0.999f;
+
+inline float candidate_floor(float v1, float v2, float factor) {
+  const float margin = v1 - v2;
+  if (!(margin > 0.f && margin < std::numeric_limits<float>::infinity())) return v1;
+  return std::min(v2, v1 - factor * margin);
+}
+
 // Exact MMS of one valid row with prediction a (value za), runner-up r and top-2
-// margin (za - z_r). blocks(visit_block) must call visit_block(x, j0, n) for the row's
-// columns as acc_t blocks (x[j - j0] = z_j).
+// margin (za - z_r), when the [C, C] inverse distances are precomputed (small C):
+// blocks(visit_block) must call visit_block(x, j0, n) for the row's columns as acc_t
+// blocks (x[j - j0] = z_j); a single block here.
 template <typename acc_t, typename Blocks>
-acc_t mms_exact_pruned(acc_t za, int64_t a, int64_t r, acc_t margin, const MmsWeights& mw,
-                       Blocks&& blocks) {
+acc_t mms_exact_gram(acc_t za, int64_t a, int64_t r, acc_t margin, const MmsWeights& mw, Blocks&& blocks) {
   if (margin == acc_t(0)) return acc_t(0);  // another class ties with a: on the boundary
   if (r < 0 || !(margin < std::numeric_limits<acc_t>::infinity())) {
     return std::numeric_limits<acc_t>::infinity();  // no finite competitor
   }
-  if (mw.inv_dist != nullptr) {  // small C: every term from the precomputed matrix
-    acc_t best = std::numeric_limits<acc_t>::infinity();
-    blocks([&](const acc_t* x, int64_t j0, int64_t n) {
-      const acc_t* q = static_cast<const acc_t*>(mw.inv_dist) + a * n;  // one block: j0 = 0, n = C
-      for (int64_t j = 0; j < n; ++j) {
-        if (j != a) best = std::min(best, (za - x[j]) * q[j]);  // z_j < za: no 0 * inf
-      }
-    });
-    return best;
-  }
+  acc_t best = std::numeric_limits<acc_t>::infinity();
+  blocks([&](const acc_t* x, int64_t j0, int64_t n) {
+    const acc_t* q = static_cast<const acc_t*>(mw.inv_dist) + a * n;  // one block: j0 = 0, n = C
+    for (int64_t j = 0; j < n; ++j) {
+      if (j != a) best = std::min(best, (za - x[j]) * q[j]);  // z_j < za: no 0 * inf
+    }
+  });
+  return best;
+}
+
+// Whether a row's MMS needs the distance to its runner-up r: not when it is 0 (a tie)
+// or +inf (no finite competitor).
+template <typename acc_t>
+bool mms_needs_runner_up(acc_t margin, int64_t r) {
+  return r >= 0 && margin > acc_t(0) && margin < std::numeric_limits<acc_t>::infinity();
+}
+
+// Exact MMS of one valid row by the pruned search (see the top of this file), given the
+// distance ||w_a - w_r|| to the runner-up when mms_needs_runner_up.
+// candidates(threshold, visit) must call visit(j, z_j) for every column j other than a
+// and r with z_j >= threshold, in increasing j.
+template <typename acc_t, typename Candidates>
+acc_t mms_exact_pruned(acc_t za, int64_t a, int64_t r, acc_t margin, acc_t runner_up_distance,
+                       const MmsWeights& mw, Candidates&& candidates) {
+  if (margin == acc_t(0)) return acc_t(0);  // another class ties with a: on the boundary
+  if (!mms_needs_runner_up(margin, r)) return std::numeric_limits<acc_t>::infinity();
   const acc_t* w = static_cast<const acc_t*>(mw.w);
   const acc_t* radius = static_cast<const acc_t*>(mw.radius);
-  acc_t best = margin / pair_distance(w, mw.D, a, r);
+  acc_t best = margin / runner_up_distance;
   // Lowered by a few ulps of the operands' magnitude so that rounding can never drop a
   // class that could beat the runner-up.
   const acc_t reach = best * (radius[a] + static_cast<acc_t>(mw.radius_max));
   const acc_t threshold = (za - reach) - (std::abs(za) + reach) * acc_t(1e-6);
   const acc_t radius_a = radius[a];
-  blocks([&](const acc_t* x, int64_t j0, int64_t n) {
-    for_each_at_least(x, n, threshold, a - j0, r - j0, [&](int64_t k) {
-      // The same bound with class j's own radius, before paying for the distance; the
-      // 1e-4 slack is far above the rounding of the radii and the gap.
-      const int64_t j = j0 + k;
-      const acc_t gap = za - x[k];
-      if (gap * acc_t(1 - 1e-4) > best * (radius_a + radius[j])) return;
-      best = std::min(best, gap / pair_distance(w, mw.D, a, j));
-    });
+  candidates(threshold, [&](int64_t j, acc_t z_j) {
+    // The same bound with class j's own radius, before paying for the distance; the
+    // 1e-4 slack is far above the rounding of the radii and the gap.
+    const acc_t gap = za - z_j;
+    if (gap * acc_t(1 - 1e-4) > best * (radius_a + radius[j])) return;
+    best = std::min(best, gap / pair_distance(w, mw.D, a, j));
   });
   return best;
 }

@@ -33,6 +33,7 @@ namespace fastsel::cpu {
 namespace {
 
 constexpr int64_t kBlock = 4096;
+static_assert(kBlock <= RowCandidates::kMaxColumns, "a fused row's candidate bits must fit");
 // Lane indices are carried as float, exact below 2^24; wider rows take the scalar path.
 constexpr int64_t kMaxVectorClasses = int64_t(1) << 24;
 
@@ -213,15 +214,27 @@ struct LaneSums {
   // pass 2 keeps the multiply-add pipes busy and pass 1 (max/min) the others, so pass 1
   // costs little more than its loads, and those loads start the next row's trip from
   // memory while this row's arithmetic runs. Its per-lane top-2 go to next_lanes.
+  //
+  // With `candidates`, the columns at or above candidates->floor are listed for the MMS
+  // (mms.h): one compare per vector and one store of the lane bits per iteration, ~25
+  // cycles a row. Listing them through a branch on each word holding one cost ten times
+  // that (about five mispredictions a row, each flushing the exp pipeline).
   int64_t sweep(const float* x, int64_t n, float m, const float* next = nullptr,
-                LaneMax* next_lanes = nullptr) {
-    if (next != nullptr) return sweep_impl<true>(x, n, m, next, next_lanes);
-    return sweep_impl<false>(x, n, m, nullptr, nullptr);
+                LaneMax* next_lanes = nullptr, RowCandidates* candidates = nullptr) {
+    if (candidates != nullptr) {
+      if (next != nullptr) return sweep_impl<true, true>(x, n, m, next, next_lanes, candidates);
+      return sweep_impl<false, true>(x, n, m, nullptr, nullptr, candidates);
+    }
+    if (next != nullptr) return sweep_impl<true, false>(x, n, m, next, next_lanes, nullptr);
+    return sweep_impl<false, false>(x, n, m, nullptr, nullptr, nullptr);
   }
 
-  template <bool kFused>
-  int64_t sweep_impl(const float* x, int64_t n, float m, const float* next, LaneMax* next_lanes) {
+  template <bool kFused, bool kCollect>
+  int64_t sweep_impl(const float* x, int64_t n, float m, const float* next, LaneMax* next_lanes,
+                     RowCandidates* candidates) {
     const Vec mv(m);
+    const Vec floor(kCollect ? candidates->floor : 0.f);
+    uint32_t* words = kCollect ? candidates->words : nullptr;
     LaneMax ne, no;  // pass 1 of `next`, two chains
     // Local accumulators: accumulating into members would go through memory every
     // iteration (the compiler cannot prove that x does not alias *this), putting a
@@ -247,18 +260,31 @@ struct LaneSums {
         ne.update(Vec::loadu(next + k));
         no.update(Vec::loadu(next + k + kLanes));
       }
-      const uint32_t lo = accumulate(Vec::loadu(x + k), mv, d0, a0, b0);
-      const uint32_t hi = accumulate(Vec::loadu(x + k + kLanes), mv, d1, a1, b1);
+      const Vec x0 = Vec::loadu(x + k), x1 = Vec::loadu(x + k + kLanes);
+      const uint32_t lo = accumulate(x0, mv, d0, a0, b0);
+      const uint32_t hi = accumulate(x1, mv, d1, a1, b1);
       note(lo | (hi << kLanes), k);
+      if constexpr (kCollect) *words++ = at_least_bits(x0, floor) | at_least_bits(x1, floor) << kLanes;
     }
-    for (; k + kLanes <= n; k += kLanes) {
-      if constexpr (kFused) ne.update(Vec::loadu(next + k));
-      note(accumulate(Vec::loadu(x + k), mv, d0, a0, b0), k);
+    if (k < n) {  // the last word: up to one full vector, then one partial vector
+      uint32_t word = 0;
+      const int64_t k0 = k;
+      if (k + kLanes <= n) {
+        if constexpr (kFused) ne.update(Vec::loadu(next + k));
+        const Vec x0 = Vec::loadu(x + k);
+        note(accumulate(x0, mv, d0, a0, b0), k);
+        if constexpr (kCollect) word = at_least_bits(x0, floor);
+        k += kLanes;
+      }
+      if (k < n) {  // padding lanes hold -inf: below m, and never listed (even for floor -inf)
+        if constexpr (kFused) ne.update(load_partial(next + k, n - k, kNegInf));
+        const Vec x0 = load_partial(x + k, n - k, kNegInf);
+        note(accumulate(x0, mv, d0, a0, b0), k);
+        if constexpr (kCollect) word |= (at_least_bits(x0, floor) & ((1u << (n - k)) - 1)) << (k - k0);
+      }
+      if constexpr (kCollect) *words++ = word;
     }
-    if (k < n) {  // padding lanes hold -inf: below m
-      if constexpr (kFused) ne.update(load_partial(next + k, n - k, kNegInf));
-      note(accumulate(load_partial(x + k, n - k, kNegInf), mv, d0, a0, b0), k);
-    }
+    if constexpr (kCollect) candidates->n_words = words - candidates->words;
     if constexpr (kFused) next_lanes->merge(ne, no);
     d_sub = d0 + d1;
     s1 = a0 + a1;
@@ -399,19 +425,25 @@ bool score_row_vectorized(const scalar_t* row, int64_t C, float* buf, SoftmaxSta
 
 // The same for a float row of C <= kBlock columns whose pass 1 already ran (lanes):
 // pass 2 runs fused with pass 1 of `next` (a row of the same C, or null), whose per-lane
-// top-2 go to next_lanes (fresh on entry).
+// top-2 go to next_lanes (fresh on entry). With `candidates`, pass 2 also lists the
+// columns at or above candidate_floor(z_(1), z_(2), reach_factor) (mms.h).
 inline bool score_row_fused(const float* x, int64_t C, const LaneMax& lanes, const float* next,
-                            LaneMax& next_lanes, SoftmaxState<float>& st, Top2<float>& top) {
+                            LaneMax& next_lanes, SoftmaxState<float>& st, Top2<float>& top,
+                            RowCandidates* candidates = nullptr, float reach_factor = 1.f) {
   const float m = hmax(lanes.v1);
   if (!(m > -std::numeric_limits<float>::infinity() && m < std::numeric_limits<float>::infinity())) {
     if (next != nullptr) next_lanes.sweep(next, C);  // -inf only, +inf or NaN: scalar path
     return false;
   }
+  if (candidates != nullptr) {
+    lanes.reduce(top.v1, top.v2);
+    candidates->floor = candidate_floor(top.v1, top.v2, reach_factor);
+  }
   LaneSums sums;
-  const int64_t first_max = sums.sweep(x, C, m, next, &next_lanes);
+  const int64_t first_max = sums.sweep(x, C, m, next, &next_lanes, candidates);
   if (sums.saw_nan || first_max < 0) return false;
   st = sums.reduce(m);
-  lanes.reduce(top.v1, top.v2);
+  if (candidates == nullptr) lanes.reduce(top.v1, top.v2);
   top.i1 = first_max;
   top.i2 = -1;
   return true;
@@ -472,6 +504,29 @@ struct RowJob {
   const MmsInputs* mms;
   const OutputPointers<acc_t>* out;
 
+  // The row as acc_t blocks: visit_block(x, j0, n) with x[j - j0] = z_j.
+  template <typename VisitBlock>
+  void row_blocks(const scalar_t* row, float* buf, VisitBlock&& visit_block) const {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      visit_block(row, 0, C);
+    } else {
+      for (int64_t j0 = 0; j0 < C; j0 += kBlock) {
+        const int64_t n = std::min(kBlock, C - j0);
+        to_float(row + j0, buf, n);
+        visit_block(buf, j0, n);
+      }
+    }
+  }
+
+  // Every column j other than a and r with z_j >= threshold, by a sweep of the row.
+  template <typename Visit>
+  void sweep_candidates(const scalar_t* row, acc_t threshold, int64_t a, int64_t r, float* buf,
+                        Visit&& visit) const {
+    row_blocks(row, buf, [&](const acc_t* x, int64_t j0, int64_t n) {
+      for_each_at_least(x, n, threshold, a - j0, r - j0, [&](int64_t k) { visit(j0 + k, x[k]); });
+    });
+  }
+
   // MMS of row i from its top-2 (mms.h); NaN for invalid rows.
   void write_mms(int64_t i, const scalar_t* row, const Top2<acc_t>& top, const RowScores<acc_t>& r,
                  float* buf) const {
@@ -480,31 +535,80 @@ struct RowJob {
       out->mms[i] = quiet_nan<acc_t>();
       return;
     }
+    const int64_t a = top.i1;
     const int64_t runner_up = runner_up_index(row, C, top, buf);
     const MmsWeights& mw = mms->weights;
-    if (mms->mode == kMmsTop2) {
-      acc_t v = pos_inf<acc_t>();
-      if (r.margin == acc_t(0)) {
-        v = acc_t(0);
-      } else if (runner_up >= 0 && r.margin < pos_inf<acc_t>()) {
-        v = mw.inv_dist != nullptr
-                ? r.margin * static_cast<const acc_t*>(mw.inv_dist)[top.i1 * C + runner_up]
-                : r.margin / pair_distance(static_cast<const acc_t*>(mw.w), mw.D, top.i1, runner_up);
-      }
-      out->mms[i] = v;
+    const bool needs_distance = mms_needs_runner_up(r.margin, runner_up);
+    if (mms->mode == kMmsTop2 || mw.inv_dist != nullptr) {
+      out->mms[i] = mms_top2_or_gram(row, top.v1, a, runner_up, r.margin, acc_t(-1), buf);
       return;
     }
-    out->mms[i] = mms_exact_pruned<acc_t>(top.v1, top.i1, runner_up, r.margin, mw, [&](auto&& visit) {
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        visit(row, 0, C);
-      } else {
-        for (int64_t j0 = 0; j0 < C; j0 += kBlock) {
-          const int64_t n = std::min(kBlock, C - j0);
-          to_float(row + j0, buf, n);
-          visit(buf, j0, n);
+    const acc_t distance =
+        needs_distance ? pair_distance(static_cast<const acc_t*>(mw.w), mw.D, a, runner_up) : acc_t(1);
+    out->mms[i] = mms_exact_pruned<acc_t>(top.v1, a, runner_up, r.margin, distance, mw,
+                                          [&](acc_t threshold, auto&& visit) {
+                                            sweep_candidates(row, threshold, a, runner_up, buf, visit);
+                                          });
+  }
+
+  // The top-2 MMS (distance: ||w_a - w_r||, or negative when not computed yet; unused
+  // when the [C, C] inverse distances exist), or the exact MMS from the inverse distances.
+  // Also for the generic path (write_mms).
+  acc_t mms_top2_or_gram(const scalar_t* row, acc_t za, int64_t a, int64_t r, acc_t margin,
+                         acc_t distance, float* buf) const {
+    const MmsWeights& mw = mms->weights;
+    if (mms->mode == kMmsExact) {
+      return mms_exact_gram<acc_t>(za, a, r, margin, mw, [&](auto&& visit_block) { row_blocks(row, buf, visit_block); });
+    }
+    if (margin == acc_t(0)) return acc_t(0);
+    if (!mms_needs_runner_up(margin, r)) return pos_inf<acc_t>();
+    if (mw.inv_dist != nullptr) return margin * static_cast<const acc_t*>(mw.inv_dist)[a * C + r];
+    if (distance < acc_t(0)) distance = pair_distance(static_cast<const acc_t*>(mw.w), mw.D, a, r);
+    return margin / distance;
+  }
+
+  // MMS of the fused float rows of a group, after their row passes: the rows are still in
+  // L2 (kLanes rows of at most kBlock floats), and interleaved with the rows, which stream
+  // from memory, the same work took ~30% longer. Pass 2 listed each row's columns at or
+  // above its floor (RowCandidates, mms.h): the runner-up comes from that list, and so do
+  // the exact mode's candidates when the list covers them; else the row is swept. Either
+  // way reach_factor (mms.h) adapts.
+  void group_mms(int64_t i0, int64_t rows, const bool* ok, const float* v1, const float* v2,
+                 const float* i1, const RowCandidates* candidates, float& reach_factor, float* buf) const {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const MmsWeights& mw = mms->weights;
+      ListedColumns list;
+      for (int64_t r = 0; r < rows; ++r) {
+        if (!ok[r]) continue;
+        const float* row = base + (i0 + r) * row_stride;
+        const int64_t a = static_cast<int64_t>(i1[r]);
+        const float margin = v1[r] - v2[r];
+        list.gather(candidates[r], row);
+        int64_t ru = candidates[r].covers(v2[r]) ? list.find(v2[r], a) : -1;
+        if (ru < 0) {
+          Top2<float> top;
+          top.v1 = v1[r]; top.v2 = v2[r]; top.i1 = a; top.i2 = -1;
+          ru = runner_up_index(row, C, top, buf);
         }
+        if (mms->mode == kMmsTop2 || mw.inv_dist != nullptr) {
+          out->mms[i0 + r] = mms_top2_or_gram(row, v1[r], a, ru, margin, -1.f, buf);
+          continue;
+        }
+        const float distance = mms_needs_runner_up(margin, ru) ? pair_distance(static_cast<const float*>(mw.w), mw.D, a, ru) : 1.f;
+        out->mms[i0 + r] = mms_exact_pruned<float>(v1[r], a, ru, margin, distance, mw, [&](float threshold, auto&& visit) {
+          if (list.complete && candidates[r].covers(threshold)) {
+            for (int k = 0; k < list.n; ++k) {
+              const int64_t j = list.index[k];
+              if (list.value[k] >= threshold && j != a && j != ru) visit(j, list.value[k]);
+            }
+            reach_factor = std::max(1.f, reach_factor * kReachDecay);
+            return;
+          }
+          if (list.complete) reach_factor = std::min(kMaxReachFactor, reach_factor * kReachGrowth);  // floor too high
+          sweep_candidates(row, threshold, a, ru, buf, visit);
+        });
       }
-    });
+    }
   }
 
   // Row-wise path: vector passes along the row, scalar fallback for invalid rows.
@@ -569,7 +673,12 @@ struct RowJob {
   }
 
   // Row-wise vector passes for kLanes consecutive rows, then one vectorized epilogue.
-  void score_row_group(int64_t i0, int64_t rows, const int64_t* y, float* buf) const {
+  //
+  // kMms: an MMS is asked for (a separate instance, so that the MMS code and its buffers
+  // stay out of the plain scoring loop: sharing one function cost that loop ~7%).
+  // reach_factor: the running estimate of candidate_floor (mms.h), one per thread.
+  template <bool kMms>
+  void score_row_group(int64_t i0, int64_t rows, const int64_t* y, float* buf, float& reach_factor) const {
     static_assert(std::is_same_v<acc_t, float>);
     alignas(64) float m[kLanes], v2[kLanes], i1[kLanes], n_eq[kLanes], d_sub[kLanes],
         s1[kLanes], s2[kLanes], zy[kLanes], yf[kLanes];
@@ -577,6 +686,13 @@ struct RowJob {
     // Float rows of one block: each row's pass 2 runs fused with the next row's pass 1.
     constexpr bool kFloat = std::is_same_v<scalar_t, float>;
     const bool fused = kFloat && C <= kBlock;
+    // Fused rows list their MMS candidates in pass 2 (the pruned exact search needs the
+    // columns within reach of the maximum, the others only the runner-up).
+    constexpr bool kCollect = kMms && kFloat;
+    const bool collect = kCollect && fused;
+    const float floor_factor =
+        mms->mode == kMmsExact && mms->weights.inv_dist == nullptr ? reach_factor : 1.f;
+    RowCandidates candidates[kCollect ? kLanes : 1];
     LaneMax pass1;  // pass 1 of the row scored next (fused path)
     if constexpr (kFloat) {
       if (fused && rows > 0) pass1.sweep(base + i0 * row_stride, C);
@@ -591,7 +707,8 @@ struct RowJob {
           const LaneMax lanes = pass1;
           pass1 = LaneMax();
           const float* next = r + 1 < rows ? base + (i0 + r + 1) * row_stride : nullptr;
-          ok[r] = score_row_fused(base + (i0 + r) * row_stride, C, lanes, next, pass1, st, top);
+          ok[r] = score_row_fused(base + (i0 + r) * row_stride, C, lanes, next, pass1, st, top,
+                                  collect ? &candidates[r] : nullptr, floor_factor);
         }
       } else {
         ok[r] = C < kMaxVectorClasses &&
@@ -599,8 +716,8 @@ struct RowJob {
       }
       if (!ok[r]) {  // placeholder lane, overwritten by the scalar path below
         st.m = 0.f; st.n_eq = 1.f; top.v1 = 0.f; top.v2 = 0.f; top.i1 = 0;
-      } else {
-        // now, while the row is in L1: the MMS sweeps it again (runner-up, candidates)
+      } else if (!fused) {
+        // now, while the row is in cache: the MMS sweeps it again (runner-up, candidates)
         lane_mms(i0 + r, top.v1, top.v2, top.i1, top.i2, buf);
       }
       m[r] = st.m; n_eq[r] = st.n_eq; d_sub[r] = st.d_sub; s1[r] = st.s1; s2[r] = st.s2;
@@ -610,6 +727,9 @@ struct RowJob {
     }
     finalize_lanes(i0, rows, Vec::loadu(m), Vec::loadu(v2), Vec::loadu(i1), Vec::loadu(n_eq),
                    Vec::loadu(d_sub), Vec::loadu(s1), Vec::loadu(s2), Vec::loadu(zy), Vec::loadu(yf));
+    if constexpr (kCollect) {
+      if (collect) group_mms(i0, rows, ok, m, v2, i1, candidates, reach_factor, buf);
+    }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
       if (!ok[r]) {
@@ -704,6 +824,7 @@ void score_rows(const at::Tensor& logits, const at::Tensor& target, int64_t igno
 
   at::parallel_for(0, n_groups, grain, [&](int64_t g_begin, int64_t g_end) {
     std::vector<float> buf(kBlock);
+    float reach_factor = kInitialReachFactor;
     std::vector<float> tbuf(lane_wise ? C * kLanes : 0);
     for (int64_t g = g_begin; g < g_end; ++g) {
       if constexpr (std::is_same_v<acc_t, float>) {
@@ -714,7 +835,11 @@ void score_rows(const at::Tensor& logits, const at::Tensor& target, int64_t igno
         if (lane_wise) {
           job.score_lanes(i0, rows, y, tbuf.data(), buf.data());
         } else {
-          job.score_row_group(i0, rows, y, buf.data());
+          if (mms.mode != kMmsNone) {
+            job.template score_row_group<true>(i0, rows, y, buf.data(), reach_factor);
+          } else {
+            job.template score_row_group<false>(i0, rows, y, buf.data(), reach_factor);
+          }
         }
       } else {
         job.score_row(g, target_of(g), buf.data());
@@ -732,6 +857,31 @@ void throw_if_bad_target(int64_t bad_row, const at::Tensor& target, int64_t C,
                                                            : target[bad_row].item<int32_t>();
   TORCH_CHECK_INDEX(false, op, ": target[", bad_row, "] = ", value, " is outside [0, ", C,
                     ") and is not ignore_index (", ignore_index, ")");
+}
+
+// Pairs whose squared distance is below this fraction of ||w_a - mu||^2 + ||w_j - mu||^2
+// lose more than ~1e-5 of it to cancellation in the Gram form (a few ulps of the norms).
+constexpr double kGramCancellationRatio = 1.0 / 64;
+
+// 1 / ||w_a - w_j|| for every pair of rows of w, [C, C] (inf for identical rows). One
+// at::mm gives the Gram form ||w_a - mu||^2 + ||w_j - mu||^2 - 2 (w_a - mu).(w_j - mu) of
+// the centred rows; it cancels where two rows nearly coincide (in float32, rows 1e-3
+// apart relative to their norm came out ~10% off), so those pairs (and the unused
+// diagonal) are recomputed from the difference of the rows.
+at::Tensor inverse_distances(const at::Tensor& w) {
+  const at::Tensor centred = w - w.mean(0, /*keepdim=*/true);
+  const at::Tensor sq = centred.mul(centred).sum(1);
+  const at::Tensor sum_sq = sq.unsqueeze(1) + sq.unsqueeze(0);
+  at::Tensor d2 = sum_sq - 2 * at::mm(centred, centred.t());
+  const at::Tensor pairs = (d2 < sum_sq * kGramCancellationRatio).nonzero();  // [K, 2]
+  constexpr int64_t kPairsPerStep = 4096;  // bounds the [pairs, D] temporary
+  for (int64_t k0 = 0; k0 < pairs.size(0); k0 += kPairsPerStep) {
+    const at::Tensor step = pairs.slice(0, k0, std::min(k0 + kPairsPerStep, pairs.size(0)));
+    const at::Tensor a = step.select(1, 0), b = step.select(1, 1);
+    const at::Tensor diff = w.index_select(0, a) - w.index_select(0, b);
+    d2.index_put_({a, b}, diff.mul(diff).sum(1));
+  }
+  return d2.clamp_min(0).rsqrt().contiguous();
 }
 
 }  // namespace
@@ -752,8 +902,7 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
   if (mms_mode != kMmsNone) {
     w = weight->to(opts.dtype()).contiguous();
     if (C <= kMmsGramMaxClasses) {  // both modes read their distances from the matrix
-      const at::Tensor sq = (w * w).sum(1);
-      inv_dist = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * at::mm(w, w.t())).clamp_min(0).rsqrt().contiguous();
+      inv_dist = inverse_distances(w);
       mms_in.weights.inv_dist = inv_dist.const_data_ptr();
     }
     mms_in.weights.w = w.const_data_ptr();

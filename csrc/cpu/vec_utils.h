@@ -101,6 +101,34 @@ inline Vec min_fast(const Vec& a, const Vec& b) {
 #endif
 }
 
+// Lane bits of x >= g (bit l for lane l; 0 for NaN lanes).
+inline uint32_t at_least_bits(const Vec& x, const Vec& g) {
+#if defined(FASTSEL_VEC512)
+  return _mm512_cmp_ps_mask(x, g, _CMP_GE_OQ);
+#elif defined(FASTSEL_VEC256)
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x, g, _CMP_GE_OQ)));
+#else
+  alignas(64) float a[kLanes], b[kLanes];
+  x.store(a);
+  g.store(b);
+  uint32_t bits = 0;
+  for (int64_t l = 0; l < kLanes; ++l) bits |= uint32_t(a[l] >= b[l]) << l;
+  return bits;
+#endif
+}
+
+// Bit k set for each nonzero w[k], k < n <= 16.
+inline uint32_t nonzero_words(const uint32_t* w, int64_t n) {
+#if defined(FASTSEL_VEC512)
+  const __m512i v = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << n) - 1), w);
+  return _mm512_test_epi32_mask(v, v);
+#else
+  uint32_t bits = 0;
+  for (int64_t k = 0; k < n; ++k) bits |= uint32_t(w[k] != 0) << k;
+  return bits;
+#endif
+}
+
 // Loads n < kLanes floats; the other lanes hold `fill`. A masked load, not a copy
 // through a stack buffer, so the load is not stalled by store forwarding.
 inline Vec load_partial(const float* p, int64_t n, float fill) {

@@ -15,8 +15,8 @@
 //
 // Minimal Margin Score (Weinstein, Fine & Hel-Or): for a linear head z = W h + b and
 // prediction a, min_{j != a} (z_a - z_j) / ||w_a - w_j||. The inverse distances come from
-// the Gram form ||w_a - w_j||^2 = ||w_a||^2 + ||w_j||^2 - 2 w_a.w_j computed with at::mm
-// (cuBLAS), as the CPU's inverse_distances:
+// the Gram form ||w_a - w_j||^2 = ||w_a||^2 + ||w_j||^2 - 2 w_a.w_j of centred rows,
+// computed in float64 with at::mm (cuBLAS; see inverse_distances):
 //   * C <= kMmsDenseMaxClasses: the [C, C] matrix is built once per call and the
 //     multiply-min sweep is fused into the scoring kernel (the row is still in L1/L2);
 //   * larger C: after scoring, chunks of rows get their [rows, C] matrix W[pred] @ W^T
@@ -377,14 +377,18 @@ unsigned int grid_for_rows(int64_t rows, int group_threads) {
   return static_cast<unsigned int>(std::min(kMaxBlocks, (rows + rows_per_block - 1) / rows_per_block));
 }
 
-// 1 / ||w_a - w_j|| for the rows w_rows of W (squared norms sq_rows) against every row of
-// W, [rows, C]: ||w_a - w_j||^2 = ||w_a||^2 + ||w_j||^2 - 2 w_a.w_j, clamped at 0 against
-// rounding; rsqrt(0) = inf for identical rows. The formula of the CPU's inverse_distances.
-at::Tensor inverse_distances(const at::Tensor& w_rows, const at::Tensor& sq_rows, const at::Tensor& w,
-                             const at::Tensor& sq) {
-  const at::Tensor dot = w_rows.mm(w.t());
-  const at::Tensor d2 = sq_rows.unsqueeze(1).add(sq.unsqueeze(0)).sub(dot, /*alpha=*/2);
-  return d2.clamp_min(0).rsqrt().contiguous();
+// 1 / ||w_a - w_j|| for the rows w_rows of W against every row of W, [rows, C], in W's
+// dtype: ||w_a - w_j||^2 = ||w_a||^2 + ||w_j||^2 - 2 w_a.w_j, clamped at 0 against
+// rounding; rsqrt(0) = inf for identical rows. The rows are centred (mean_w: the mean row
+// of W; no distance changes) and the form is evaluated in float64, as
+// fastsel.reference.squared_class_distances does: in float32 it cancels for near-duplicate
+// classes (rows 1e-3 apart relative to their norm came out ~10% off).
+at::Tensor inverse_distances(const at::Tensor& w_rows, const at::Tensor& w, const at::Tensor& mean_w) {
+  const at::Tensor a = w_rows.to(at::kDouble).sub(mean_w);
+  const at::Tensor b = w.to(at::kDouble).sub(mean_w);
+  const at::Tensor sq_a = a.mul(a).sum(1), sq_b = b.mul(b).sum(1);
+  const at::Tensor d2 = sq_a.unsqueeze(1).add(sq_b.unsqueeze(0)).sub(a.mm(b.t()), /*alpha=*/2);
+  return d2.clamp_min(0).rsqrt().to(w.scalar_type()).contiguous();
 }
 
 }  // namespace
@@ -416,9 +420,9 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
 
   const bool dense_exact = mms_mode == kMmsExact && C <= kMmsDenseMaxClasses;
   const bool chunked_exact = mms_mode == kMmsExact && !dense_exact;
-  at::Tensor sq, inv_dist, valid;
-  if (mms_mode == kMmsExact) sq = w.mul(w).sum(1);
-  if (dense_exact) inv_dist = inverse_distances(w, sq, w, sq);
+  at::Tensor mean_w, inv_dist, valid;
+  if (mms_mode == kMmsExact) mean_w = w.to(at::kDouble).mean(0, /*keepdim=*/true);
+  if (dense_exact) inv_dist = inverse_distances(w, w, mean_w);
   if (chunked_exact) valid = at::empty({N}, opts.dtype(at::kBool));
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -457,8 +461,7 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
       for (int64_t r0 = 0; r0 < N; r0 += rows_per_chunk) {
         const int64_t r1 = std::min(N, r0 + rows_per_chunk);
         const at::Tensor classes = pred.slice(0, r0, r1);
-        const at::Tensor q =
-            inverse_distances(w.index_select(0, classes), sq.index_select(0, classes), w, sq);
+        const at::Tensor q = inverse_distances(w.index_select(0, classes), w, mean_w);
         // Rows wider than kMmsDenseMaxClasses: the block-per-row layout.
         mms_exact_rows_kernel<scalar_t, acc_t, kBlockThreads>
             <<<grid_for_rows(r1 - r0, kBlockThreads), kBlockThreads, 0, stream>>>(

@@ -5,8 +5,9 @@ features h that makes class j tie with a has length (z_a - z_j) / ||w_a - w_j|| 
 bias cancels along the normal w_a - w_j); the MMS is the minimum over j != a
 (METHODS.md section 1). Following ``fastsel.reference``:
 
-* ||w_a - w_j||^2 = max(||w_a||^2 + ||w_j||^2 - 2 w_a . w_j, 0): squared norms and one
-  matrix product on the device (torch ops), turned into inverse distances
+* ||w_a - w_j||^2 = max(||w_a||^2 + ||w_j||^2 - 2 w_a . w_j, 0) of centred rows in
+  float64 (``squared_class_distances``; in float32 it cancels for near-duplicate
+  classes): one matrix product on the device (torch ops), turned into inverse distances
   q = rsqrt(...) (inf for identical rows), so the kernel multiplies instead of divides;
 * a tie z_a == z_j contributes 0 whatever the distance (the point is on the boundary);
 * no competitor (C = 1) gives +inf; invalid rows (NaN lse) give NaN.
@@ -26,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastsel.reference import squared_class_distances
 from fastsel.triton._launch import check_device, device_guard, num_warps_for, tile_shape
 
 __all__ = ["mms_exact_triton", "mms_exact_rows", "inverse_distances",
@@ -106,17 +108,13 @@ def mms_exact_rows(logits: torch.Tensor, pred: torch.Tensor, lse: torch.Tensor,
     return out
 
 
-def inverse_distances(weight: torch.Tensor, sq_norms: torch.Tensor,
-                      classes: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """q[r, j] = 1 / ||w_{classes[r]} - w_j|| (all classes when ``classes`` is None).
-
-    ||w_a - w_j||^2 = ||w_a||^2 + ||w_j||^2 - 2 w_a . w_j, clamped at 0 (rounding can push
-    it below), as in ``fastsel.reference``; rsqrt(0) = inf for identical rows.
+def inverse_distances(weight: torch.Tensor, classes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q[r, j] = 1 / ||w_{classes[r]} - w_j|| (all classes when ``classes`` is None), in the
+    weight's dtype; rsqrt(0) = inf for identical rows. The squared distances come from
+    ``fastsel.reference.squared_class_distances`` (centred rows, float64 Gram form), so
+    near-duplicate classes keep their distance.
     """
-    w_a = weight if classes is None else weight[classes]
-    sq_a = sq_norms if classes is None else sq_norms[classes]
-    dist2 = sq_a[:, None] + sq_norms[None, :] - 2.0 * (w_a @ weight.T)
-    return dist2.clamp_min_(0).rsqrt_()
+    return squared_class_distances(weight, classes).to(weight.dtype).rsqrt_()
 
 
 def mms_exact_triton(logits: torch.Tensor, pred: torch.Tensor, lse: torch.Tensor,
@@ -130,15 +128,14 @@ def mms_exact_triton(logits: torch.Tensor, pred: torch.Tensor, lse: torch.Tensor
     check_device(logits, "mms_exact_triton")
     n_rows, n_classes = logits.shape
     weight = weight.contiguous()
-    sq_norms = (weight * weight).sum(dim=1)
     if n_classes <= MMS_DENSE_MAX_CLASSES:
-        inv_dist = inverse_distances(weight, sq_norms)
+        inv_dist = inverse_distances(weight)
         return mms_exact_rows(logits, pred, lse, inv_dist, True, block_c=block_c, block_n=block_n)
     out = torch.empty(n_rows, dtype=weight.dtype, device=logits.device)
     chunk = max(1, MMS_CHUNK_ELEMENTS // n_classes)
     for start in range(0, n_rows, chunk):
         stop = min(n_rows, start + chunk)
-        inv_dist = inverse_distances(weight, sq_norms, pred[start:stop])
+        inv_dist = inverse_distances(weight, pred[start:stop])
         mms_exact_rows(logits[start:stop], pred[start:stop], lse[start:stop], inv_dist, False,
                        out=out[start:stop], block_c=block_c, block_n=block_n)
     return out

@@ -348,6 +348,27 @@ def test_mms_exact_chunked_path(monkeypatch):
     check(logits.t().contiguous().t(), target, weight=weight, mms="exact", block_c=16)
 
 
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "chunked"])
+def test_mms_exact_near_duplicate_classes(monkeypatch, dense):
+    """Classes 1 and 3 are 1e-3 apart relative to their norm: the Gram form of their
+    distance cancels in float32 (~10% off). The MMS must match the difference of the rows."""
+    if not dense:
+        monkeypatch.setattr(mms_exact, "MMS_DENSE_MAX_CLASSES", 4)
+        monkeypatch.setattr(mms_exact, "MMS_CHUNK_ELEMENTS", 2 * 12)
+    g = torch.Generator().manual_seed(29)
+    weight = torch.randn(12, 16, generator=g) * 4
+    weight[3] = weight[1] + 1e-3 * torch.randn(16, generator=g)
+    logits = random_logits(6, 12, seed=30)
+    logits[:, 1], logits[:, 3] = 9.0, 8.99  # prediction 1, runner-up 3
+    target = random_target(6, 12, seed=31)
+    got = check(logits, target, weight=weight, mms="exact", block_c=4)
+    w = weight.double()
+    gap = 9.0 - logits.double()
+    dist = (w[1] - w).norm(dim=1)
+    ratio = (gap / dist).index_fill(1, torch.tensor([1]), POS_INF)
+    torch.testing.assert_close(got.mms.double(), ratio.min(dim=1).values, rtol=1e-4, atol=0)
+
+
 def test_mms_weight_dtype_differs_from_logits():
     logits = random_logits(6, 14, seed=26)
     target = random_target(6, 14, seed=27)
