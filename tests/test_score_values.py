@@ -613,12 +613,14 @@ def _mms_adversarial_batch(c: int, d: int):
     return torch.stack(rows), weight
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: dtype_ids[d])
 @pytest.mark.parametrize("c", [200, 300, 1000, 4096])
-def test_mms_exact_adversarial_rows_and_batch_independence(backend, c):
+def test_mms_exact_adversarial_rows_and_batch_independence(backend, c, dtype):
     """The exact and top-2 MMS match brute force on rows built to defeat the candidate
     lists, and a row's MMS does not depend on the rows scored with it (bit for bit): the
     lists only change the cost, never which candidates are compared or in which order."""
     logits, weight = _mms_adversarial_batch(c, 64)
+    logits = logits.to(dtype)
     n = logits.shape[0]
     target = random_target(n, c)
     for mms in ("exact", "top2"):

@@ -163,7 +163,8 @@ struct ListedColumns {
   int32_t index[kCapacity];
   float value[kCapacity];
 
-  void gather(const RowCandidates& list, const float* x) {
+  template <typename T>  // float or a narrower float type
+  void gather(const RowCandidates& list, const T* x) {
     n = 0;
     complete = true;
     list.for_each([&](int64_t j) {
@@ -172,7 +173,7 @@ struct ListedColumns {
         return false;
       }
       index[n] = static_cast<int32_t>(j);
-      value[n] = x[j];
+      value[n] = static_cast<float>(x[j]);
       ++n;
       return true;
     });

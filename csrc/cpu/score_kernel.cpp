@@ -382,9 +382,12 @@ int64_t find_in_row(const scalar_t* row, int64_t C, int64_t from, float value, i
 // pass 2 sees every NaN (LaneSums), m must be finite, and blocks skipped while the row
 // holds only -inf so far are checked for NaN directly. A NaN can hide elements from
 // pass 1 (max(v, NaN) forgets v), but the row is invalid then anyway.
+//
+// With `candidates` (rows of one block only, C <= kBlock), pass 2 also lists the columns
+// at or above candidate_floor(z_(1), z_(2), reach_factor) (mms.h).
 template <typename scalar_t>
 bool score_row_vectorized(const scalar_t* row, int64_t C, float* buf, SoftmaxState<float>& st,
-                          Top2<float>& top) {
+                          Top2<float>& top, RowCandidates* candidates = nullptr, float reach_factor = 1.f) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   LaneMax lanes;
   LaneSums sums;
@@ -410,7 +413,11 @@ bool score_row_vectorized(const scalar_t* row, int64_t C, float* buf, SoftmaxSta
       m = block_max;
       first_max = -1;  // the earlier blocks hold only smaller values
     }
-    const int64_t at = sums.sweep(x, n, m);
+    if (candidates != nullptr) {  // one block (C <= kBlock): its lanes hold the row's top-2
+      lanes.reduce(top.v1, top.v2);
+      candidates->floor = candidate_floor(top.v1, top.v2, reach_factor);
+    }
+    const int64_t at = sums.sweep(x, n, m, nullptr, nullptr, candidates);
     if (first_max < 0 && at >= 0) first_max = j0 + at;
   }
   if (sums.saw_nan || !(m > kNegInf && m < std::numeric_limits<float>::infinity()) || first_max < 0) {
@@ -567,20 +574,20 @@ struct RowJob {
     return margin / distance;
   }
 
-  // MMS of the fused float rows of a group, after their row passes: the rows are still in
-  // L2 (kLanes rows of at most kBlock floats), and interleaved with the rows, which stream
+  // MMS of the rows of a group (C <= kBlock), after their row passes: the rows are still
+  // in L2 (kLanes rows of at most kBlock columns), and interleaved with the rows, which stream
   // from memory, the same work took ~30% longer. Pass 2 listed each row's columns at or
   // above its floor (RowCandidates, mms.h): the runner-up comes from that list, and so do
   // the exact mode's candidates when the list covers them; else the row is swept. Either
   // way reach_factor (mms.h) adapts.
   void group_mms(int64_t i0, int64_t rows, const bool* ok, const float* v1, const float* v2,
                  const float* i1, const RowCandidates* candidates, float& reach_factor, float* buf) const {
-    if constexpr (std::is_same_v<scalar_t, float>) {
+    if constexpr (std::is_same_v<acc_t, float>) {
       const MmsWeights& mw = mms->weights;
       ListedColumns list;
       for (int64_t r = 0; r < rows; ++r) {
         if (!ok[r]) continue;
-        const float* row = base + (i0 + r) * row_stride;
+        const scalar_t* row = base + (i0 + r) * row_stride;
         const int64_t a = static_cast<int64_t>(i1[r]);
         const float margin = v1[r] - v2[r];
         list.gather(candidates[r], row);
@@ -686,10 +693,10 @@ struct RowJob {
     // Float rows of one block: each row's pass 2 runs fused with the next row's pass 1.
     constexpr bool kFloat = std::is_same_v<scalar_t, float>;
     const bool fused = kFloat && C <= kBlock;
-    // Fused rows list their MMS candidates in pass 2 (the pruned exact search needs the
-    // columns within reach of the maximum, the others only the runner-up).
-    constexpr bool kCollect = kMms && kFloat;
-    const bool collect = kCollect && fused;
+    // Rows of one block list their MMS candidates in pass 2 (the pruned exact search needs
+    // the columns within reach of the maximum, the others only the runner-up).
+    constexpr bool kCollect = kMms;
+    const bool collect = kCollect && C <= kBlock;  // fused, or one converted block
     const float floor_factor =
         mms->mode == kMmsExact && mms->weights.inv_dist == nullptr ? reach_factor : 1.f;
     RowCandidates candidates[kCollect ? kLanes : 1];
@@ -712,11 +719,12 @@ struct RowJob {
         }
       } else {
         ok[r] = C < kMaxVectorClasses &&
-                score_row_vectorized(base + (i0 + r) * row_stride, C, buf, st, top);
+                score_row_vectorized(base + (i0 + r) * row_stride, C, buf, st, top,
+                                     collect ? &candidates[r] : nullptr, floor_factor);
       }
       if (!ok[r]) {  // placeholder lane, overwritten by the scalar path below
         st.m = 0.f; st.n_eq = 1.f; top.v1 = 0.f; top.v2 = 0.f; top.i1 = 0;
-      } else if (!fused) {
+      } else if (!collect) {
         // now, while the row is in cache: the MMS sweeps it again (runner-up, candidates)
         lane_mms(i0 + r, top.v1, top.v2, top.i1, top.i2, buf);
       }
