@@ -33,7 +33,7 @@ namespace fastsel::cpu {
 namespace {
 
 constexpr int64_t kBlock = 4096;
-static_assert(kBlock <= RowCandidates::kMaxColumns, "a fused row's candidate bits must fit");
+static_assert(kBlock <= RowCandidates::kMaxColumns, "a block's candidate bits must fit");
 // Lane indices are carried as float, exact below 2^24; wider rows take the scalar path.
 constexpr int64_t kMaxVectorClasses = int64_t(1) << 24;
 
