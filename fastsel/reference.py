@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional
 import torch
 
 __all__ = ["Scores", "score_reference", "score_backward_reference", "accumulate_dtype",
-           "squared_class_distances"]
+           "centred_rows", "squared_class_distances"]
 
 
 class Scores(NamedTuple):
@@ -79,9 +79,19 @@ def _pair_distance(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> to
     return (weight[a] - weight[b]).norm(dim=1)
 
 
-def squared_class_distances(weight: torch.Tensor, classes: Optional[torch.Tensor] = None) -> torch.Tensor:
+def centred_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``weight`` minus their mean, in float64, and their squared norms: the
+    terms of ``squared_class_distances``, to compute once per call."""
+    w = weight.double()
+    w = w - w.mean(dim=0)
+    return w, (w * w).sum(dim=1)
+
+
+def squared_class_distances(weight: torch.Tensor, classes: Optional[torch.Tensor] = None, *,
+                            centred: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """``||w_a - w_j||^2`` for ``a`` in ``classes`` (every class when None) and every ``j``:
     [rows, C] float64, from the Gram form ``||w_a||^2 + ||w_j||^2 - 2 w_a.w_j``.
+    ``centred``: ``centred_rows(weight)`` when the caller has it already.
 
     That form cancels when two class rows nearly coincide: in float32, rows 1e-3 apart
     relative to their norm came out ~10% off. So the rows are centred first (which
@@ -90,9 +100,7 @@ def squared_class_distances(weight: torch.Tensor, classes: Optional[torch.Tensor
     is then ~1e-16 * ||w||^2 / ||w_a - w_j||^2. The difference of the rows, as the CPU
     kernel takes it, has no cancellation at all but costs a pass over D per pair.
     """
-    w = weight.double()
-    w = w - w.mean(dim=0)
-    sq = (w * w).sum(dim=1)
+    w, sq = centred if centred is not None else centred_rows(weight)
     w_a = w if classes is None else w[classes]
     sq_a = sq if classes is None else sq[classes]
     return (sq_a[:, None] + sq[None, :] - 2.0 * (w_a @ w.T)).clamp_min_(0)
@@ -106,14 +114,16 @@ _MMS_TABLE_MAX_CLASSES = 1024
 def _mms_exact(z: torch.Tensor, pred: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n, c = z.shape
     out = torch.empty(n, dtype=z.dtype, device=z.device)
+    centred = centred_rows(weight)
     table = None
     if c <= _MMS_TABLE_MAX_CLASSES and c <= n:
-        table = squared_class_distances(weight).sqrt_().to(z.dtype)
+        table = squared_class_distances(weight, centred=centred).sqrt_().to(z.dtype)
     rows = max(1, (1 << 22) // max(c, 1))  # bound the [rows, C] temporaries
     for start in range(0, n, rows):
         zz = z[start:start + rows]
         a = pred[start:start + rows]
-        dist = table[a] if table is not None else squared_class_distances(weight, a).sqrt_().to(z.dtype)
+        dist = table[a] if table is not None else (
+            squared_class_distances(weight, a, centred=centred).sqrt_().to(z.dtype))
         diff = zz.gather(1, a[:, None]) - zz
         ratio = torch.where(diff == 0, torch.zeros_like(diff), diff / dist)
         ratio = ratio.scatter(1, a[:, None], float("inf"))

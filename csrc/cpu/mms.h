@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <type_traits>
 
 #include "vec_utils.h"
@@ -92,22 +93,13 @@ inline void for_each_at_least(const T* x, int64_t n, T threshold, int64_t skip1,
                               Visit&& visit) {
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float>) {
-    static_assert(4 * kLanes <= 64, "four vectors' lane bits must fit in 64 bits");
     const Vec thr(threshold);
-    auto bits_at = [&](int64_t k) -> uint64_t { return at_least_bits(Vec::loadu(x + k), thr); };
-    auto visit_bits = [&](uint64_t bits, int64_t at, int64_t w) {
-      bits &= ~(chunk_bit(skip1, at, w) | chunk_bit(skip2, at, w));
-      for (; bits != 0; bits &= bits - 1) visit(at + __builtin_ctzll(bits));
-    };
-    for (; j + 4 * kLanes <= n; j += 4 * kLanes) {
-      const uint64_t bits = bits_at(j) | bits_at(j + kLanes) << kLanes |
-                            bits_at(j + 2 * kLanes) << (2 * kLanes) | bits_at(j + 3 * kLanes) << (3 * kLanes);
-      if (bits != 0) visit_bits(bits, j, 4 * kLanes);
-    }
-    for (; j + kLanes <= n; j += kLanes) {
-      const uint64_t bits = bits_at(j);
-      if (bits != 0) visit_bits(bits, j, kLanes);
-    }
+    j = scan_lane_bits(x, n, [&](const Vec& v) { return at_least_bits(v, thr); },
+                       [&](uint64_t bits, int64_t at, int64_t width) {
+                         bits &= ~(chunk_bit(skip1, at, width) | chunk_bit(skip2, at, width));
+                         for (; bits != 0; bits &= bits - 1) visit(at + __builtin_ctzll(bits));
+                         return true;
+                       });
   }
   for (; j < n; ++j) {
     if (x[j] >= threshold && j != skip1 && j != skip2) visit(j);
@@ -116,8 +108,8 @@ inline void for_each_at_least(const T* x, int64_t n, T threshold, int64_t skip1,
 
 // The columns of one row at or above a floor, as bits: pass 2 of a row of one block
 // (LaneSums::sweep) stores one word per iteration, for kWordColumns columns, whether or
-// not it holds a candidate. Branching on the words that do, about five per row, cost a
-// mispredicted branch each in the middle of the exp pipeline; the stores are cheaper.
+// not it holds a candidate: branching on the words that do cost ten times as much
+// (LaneSums::sweep).
 struct RowCandidates {
   static constexpr int64_t kWordColumns = 2 * kLanes;  // one loop iteration of pass 2
   static constexpr int64_t kMaxColumns = 4096;
@@ -201,16 +193,30 @@ inline float candidate_floor(float v1, float v2, float factor) {
   return std::min(v2, v1 - factor * margin);
 }
 
+// Whether a row's MMS needs the distance to its runner-up r: not when it is 0 (a tie)
+// or +inf (no finite competitor).
+template <typename acc_t>
+bool mms_needs_runner_up(acc_t margin, int64_t r) {
+  return r >= 0 && margin > acc_t(0) && margin < std::numeric_limits<acc_t>::infinity();
+}
+
+// The MMS of a row that needs no distance (top-2 margin, runner-up r): 0 when another
+// class ties with the prediction (the point is on the boundary), +inf when there is no
+// finite competitor; none otherwise.
+template <typename acc_t>
+std::optional<acc_t> mms_without_distance(acc_t margin, int64_t r) {
+  if (margin == acc_t(0)) return acc_t(0);
+  if (!mms_needs_runner_up(margin, r)) return std::numeric_limits<acc_t>::infinity();
+  return std::nullopt;
+}
+
 // Exact MMS of one valid row with prediction a (value za), runner-up r and top-2
 // margin (za - z_r), when the [C, C] inverse distances are precomputed (small C):
 // blocks(visit_block) must call visit_block(x, j0, n) for the row's columns as acc_t
 // blocks (x[j - j0] = z_j); a single block here.
 template <typename acc_t, typename Blocks>
 acc_t mms_exact_gram(acc_t za, int64_t a, int64_t r, acc_t margin, const MmsWeights& mw, Blocks&& blocks) {
-  if (margin == acc_t(0)) return acc_t(0);  // another class ties with a: on the boundary
-  if (r < 0 || !(margin < std::numeric_limits<acc_t>::infinity())) {
-    return std::numeric_limits<acc_t>::infinity();  // no finite competitor
-  }
+  if (const auto trivial = mms_without_distance(margin, r)) return *trivial;
   acc_t best = std::numeric_limits<acc_t>::infinity();
   blocks([&](const acc_t* x, int64_t j0, int64_t n) {
     const acc_t* q = static_cast<const acc_t*>(mw.inv_dist) + a * n;  // one block: j0 = 0, n = C
@@ -221,13 +227,6 @@ acc_t mms_exact_gram(acc_t za, int64_t a, int64_t r, acc_t margin, const MmsWeig
   return best;
 }
 
-// Whether a row's MMS needs the distance to its runner-up r: not when it is 0 (a tie)
-// or +inf (no finite competitor).
-template <typename acc_t>
-bool mms_needs_runner_up(acc_t margin, int64_t r) {
-  return r >= 0 && margin > acc_t(0) && margin < std::numeric_limits<acc_t>::infinity();
-}
-
 // Exact MMS of one valid row by the pruned search (see the top of this file), given the
 // distance ||w_a - w_r|| to the runner-up when mms_needs_runner_up.
 // candidates(threshold, visit) must call visit(j, z_j) for every column j other than a
@@ -235,8 +234,7 @@ bool mms_needs_runner_up(acc_t margin, int64_t r) {
 template <typename acc_t, typename Candidates>
 acc_t mms_exact_pruned(acc_t za, int64_t a, int64_t r, acc_t margin, acc_t runner_up_distance,
                        const MmsWeights& mw, Candidates&& candidates) {
-  if (margin == acc_t(0)) return acc_t(0);  // another class ties with a: on the boundary
-  if (!mms_needs_runner_up(margin, r)) return std::numeric_limits<acc_t>::infinity();
+  if (const auto trivial = mms_without_distance(margin, r)) return *trivial;
   const acc_t* w = static_cast<const acc_t*>(mw.w);
   const acc_t* radius = static_cast<const acc_t*>(mw.radius);
   acc_t best = margin / runner_up_distance;

@@ -217,8 +217,8 @@ struct LaneSums {
   //
   // With `candidates`, the columns at or above candidates->floor are listed for the MMS
   // (mms.h): one compare per vector and one store of the lane bits per iteration, ~25
-  // cycles a row. Listing them through a branch on each word holding one cost ten times
-  // that (about five mispredictions a row, each flushing the exp pipeline).
+  // cycles a row. Listing them through a branch on each word holding one (a few words a
+  // row, hard to predict) cost ten times that.
   int64_t sweep(const float* x, int64_t n, float m, const float* next = nullptr,
                 LaneMax* next_lanes = nullptr, RowCandidates* candidates = nullptr) {
     if (candidates != nullptr) {
@@ -313,53 +313,30 @@ inline bool has_nan(const float* x, int64_t n) {
   return false;
 }
 
-// Index of the first x[j] == value with j != skip in x[0, n), or -1. Four vectors per
-// iteration and one test of their combined lane bits.
+// Index of the first x[j] == value with j != skip in x[0, n), or -1 (scan_lane_bits).
 inline int64_t find_first(const float* x, int64_t n, float value, int64_t skip) {
-  int64_t k = 0;
-#if defined(FASTSEL_VEC512) || defined(FASTSEL_X86_AVX2)
-  auto first_of = [&](auto bits, int64_t at) -> int64_t {
-    for (; bits != 0; bits &= bits - 1) {
-      const int64_t j = at + __builtin_ctzll(bits);
-      if (j != skip) return j;
-    }
-    return -1;
-  };
-#endif
-#if defined(FASTSEL_VEC512)
-  const __m512 v = _mm512_set1_ps(value);
-  auto eq = [&](int64_t at) -> uint64_t { return _mm512_cmp_ps_mask(_mm512_loadu_ps(x + at), v, _CMP_EQ_OQ); };
-  for (; k + 64 <= n; k += 64) {
-    const int64_t j = first_of(eq(k) | eq(k + 16) << 16 | eq(k + 32) << 32 | eq(k + 48) << 48, k);
-    if (j >= 0) return j;
+  const Vec v(value);
+  int64_t found = -1;
+  const int64_t rest = scan_lane_bits(x, n, [&](const Vec& y) { return equal_bits(y, v); },
+                                      [&](uint64_t bits, int64_t at, int64_t) {
+                                        for (; bits != 0 && found < 0; bits &= bits - 1) {
+                                          const int64_t j = at + __builtin_ctzll(bits);
+                                          if (j != skip) found = j;
+                                        }
+                                        return found < 0;
+                                      });
+  if (found >= 0) return found;
+  for (int64_t k = rest; k < n; ++k) {
+    if (x[k] == value && k != skip) return k;
   }
-  for (; k + 16 <= n; k += 16) {
-    const int64_t j = first_of(eq(k), k);
-    if (j >= 0) return j;
-  }
-#elif defined(FASTSEL_X86_AVX2)
-  const __m256 v = _mm256_set1_ps(value);
-  auto eq = [&](int64_t at) -> uint64_t {
-    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + at), v, _CMP_EQ_OQ)));
-  };
-  for (; k + 32 <= n; k += 32) {
-    const int64_t j = first_of(eq(k) | eq(k + 8) << 8 | eq(k + 16) << 16 | eq(k + 24) << 24, k);
-    if (j >= 0) return j;
-  }
-  for (; k + 8 <= n; k += 8) {
-    const int64_t j = first_of(eq(k), k);
-    if (j >= 0) return j;
-  }
-#endif
-  for (; k < n; ++k) if (x[k] == value && k != skip) return k;
   return -1;
 }
 
-// First index j != skip of a row (any scalar type) with row[j] == value, searching the
-// columns [from, C). Narrow types are converted block by block into buf.
+// First index j != skip of a row (any scalar type) with row[j] == value, or -1. Narrow
+// types are converted block by block into buf.
 template <typename scalar_t>
-int64_t find_in_row(const scalar_t* row, int64_t C, int64_t from, float value, int64_t skip, float* buf) {
-  for (int64_t j0 = from; j0 < C; j0 += kBlock) {
+int64_t find_in_row(const scalar_t* row, int64_t C, float value, int64_t skip, float* buf) {
+  for (int64_t j0 = 0; j0 < C; j0 += kBlock) {
     const int64_t n = std::min(kBlock, C - j0);
     const float* x;
     if constexpr (std::is_same_v<scalar_t, float>) {
@@ -424,7 +401,7 @@ bool score_row_vectorized(const scalar_t* row, int64_t C, float* buf, SoftmaxSta
     return false;
   }
   st = sums.reduce(m);
-  lanes.reduce(top.v1, top.v2);
+  if (candidates == nullptr) lanes.reduce(top.v1, top.v2);  // else done before pass 2
   top.i1 = first_max;
   top.i2 = -1;
   return true;
@@ -450,7 +427,7 @@ inline bool score_row_fused(const float* x, int64_t C, const LaneMax& lanes, con
   const int64_t first_max = sums.sweep(x, C, m, next, &next_lanes, candidates);
   if (sums.saw_nan || first_max < 0) return false;
   st = sums.reduce(m);
-  if (candidates == nullptr) lanes.reduce(top.v1, top.v2);
+  if (candidates == nullptr) lanes.reduce(top.v1, top.v2);  // else done before pass 2
   top.i1 = first_max;
   top.i2 = -1;
   return true;
@@ -498,7 +475,7 @@ struct MmsInputs {
 template <typename scalar_t, typename acc_t>
 int64_t runner_up_index(const scalar_t* row, int64_t C, const Top2<acc_t>& top, float* buf) {
   if (top.i2 >= 0 || top.v2 == neg_inf<acc_t>()) return top.i2;
-  if constexpr (std::is_same_v<acc_t, float>) return find_in_row(row, C, 0, top.v2, top.i1, buf);
+  if constexpr (std::is_same_v<acc_t, float>) return find_in_row(row, C, top.v2, top.i1, buf);
   return -1;  // unreachable: the scalar (float64) path tracks i2
 }
 
@@ -545,13 +522,13 @@ struct RowJob {
     const int64_t a = top.i1;
     const int64_t runner_up = runner_up_index(row, C, top, buf);
     const MmsWeights& mw = mms->weights;
-    const bool needs_distance = mms_needs_runner_up(r.margin, runner_up);
     if (mms->mode == kMmsTop2 || mw.inv_dist != nullptr) {
       out->mms[i] = mms_top2_or_gram(row, top.v1, a, runner_up, r.margin, acc_t(-1), buf);
       return;
     }
-    const acc_t distance =
-        needs_distance ? pair_distance(static_cast<const acc_t*>(mw.w), mw.D, a, runner_up) : acc_t(1);
+    const acc_t distance = mms_needs_runner_up(r.margin, runner_up)
+                               ? pair_distance(static_cast<const acc_t*>(mw.w), mw.D, a, runner_up)
+                               : acc_t(1);
     out->mms[i] = mms_exact_pruned<acc_t>(top.v1, a, runner_up, r.margin, distance, mw,
                                           [&](acc_t threshold, auto&& visit) {
                                             sweep_candidates(row, threshold, a, runner_up, buf, visit);
@@ -567,8 +544,7 @@ struct RowJob {
     if (mms->mode == kMmsExact) {
       return mms_exact_gram<acc_t>(za, a, r, margin, mw, [&](auto&& visit_block) { row_blocks(row, buf, visit_block); });
     }
-    if (margin == acc_t(0)) return acc_t(0);
-    if (!mms_needs_runner_up(margin, r)) return pos_inf<acc_t>();
+    if (const auto trivial = mms_without_distance(margin, r)) return *trivial;
     if (mw.inv_dist != nullptr) return margin * static_cast<const acc_t*>(mw.inv_dist)[a * C + r];
     if (distance < acc_t(0)) distance = pair_distance(static_cast<const acc_t*>(mw.w), mw.D, a, r);
     return margin / distance;
@@ -695,11 +671,10 @@ struct RowJob {
     const bool fused = kFloat && C <= kBlock;
     // Rows of one block list their MMS candidates in pass 2 (the pruned exact search needs
     // the columns within reach of the maximum, the others only the runner-up).
-    constexpr bool kCollect = kMms;
-    const bool collect = kCollect && C <= kBlock;  // fused, or one converted block
+    const bool collect = kMms && C <= kBlock;  // fused, or one converted block
     const float floor_factor =
         mms->mode == kMmsExact && mms->weights.inv_dist == nullptr ? reach_factor : 1.f;
-    RowCandidates candidates[kCollect ? kLanes : 1];
+    RowCandidates candidates[kMms ? kLanes : 1];
     LaneMax pass1;  // pass 1 of the row scored next (fused path)
     if constexpr (kFloat) {
       if (fused && rows > 0) pass1.sweep(base + i0 * row_stride, C);
@@ -735,7 +710,7 @@ struct RowJob {
     }
     finalize_lanes(i0, rows, Vec::loadu(m), Vec::loadu(v2), Vec::loadu(i1), Vec::loadu(n_eq),
                    Vec::loadu(d_sub), Vec::loadu(s1), Vec::loadu(s2), Vec::loadu(zy), Vec::loadu(yf));
-    if constexpr (kCollect) {
+    if constexpr (kMms) {
       if (collect) group_mms(i0, rows, ok, m, v2, i1, candidates, reach_factor, buf);
     }
     for (int64_t r = 0; r < rows; ++r) {

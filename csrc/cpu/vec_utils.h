@@ -101,20 +101,51 @@ inline Vec min_fast(const Vec& a, const Vec& b) {
 #endif
 }
 
-// Lane bits of x >= g (bit l for lane l; 0 for NaN lanes).
-inline uint32_t at_least_bits(const Vec& x, const Vec& g) {
+// Lane bits (bit l for lane l) of an ordered comparison of x with g: NaN lanes give 0.
+enum class LaneTest { kAtLeast, kEqual };
+
+template <LaneTest kTest>
+inline uint32_t lane_test_bits(const Vec& x, const Vec& g) {
 #if defined(FASTSEL_VEC512)
-  return _mm512_cmp_ps_mask(x, g, _CMP_GE_OQ);
+  return _mm512_cmp_ps_mask(x, g, kTest == LaneTest::kAtLeast ? _CMP_GE_OQ : _CMP_EQ_OQ);
 #elif defined(FASTSEL_VEC256)
-  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x, g, _CMP_GE_OQ)));
+  return static_cast<uint32_t>(
+      _mm256_movemask_ps(_mm256_cmp_ps(x, g, kTest == LaneTest::kAtLeast ? _CMP_GE_OQ : _CMP_EQ_OQ)));
 #else
   alignas(64) float a[kLanes], b[kLanes];
   x.store(a);
   g.store(b);
   uint32_t bits = 0;
-  for (int64_t l = 0; l < kLanes; ++l) bits |= uint32_t(a[l] >= b[l]) << l;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    bits |= uint32_t(kTest == LaneTest::kAtLeast ? a[l] >= b[l] : a[l] == b[l]) << l;
+  }
   return bits;
 #endif
+}
+
+inline uint32_t at_least_bits(const Vec& x, const Vec& g) { return lane_test_bits<LaneTest::kAtLeast>(x, g); }
+inline uint32_t equal_bits(const Vec& x, const Vec& g) { return lane_test_bits<LaneTest::kEqual>(x, g); }
+
+// Scans the full vectors of x[0, n) for lanes that lane_bits(vector) marks, for rare
+// hits: four vectors per iteration and one test of their combined bits, then single
+// vectors. hit(bits, at, width) gets each nonzero chunk in increasing order (bit k for
+// column at + k) and returns false to stop the scan (scan_lane_bits then returns -1).
+// Otherwise returns where the columns the scan left (n % kLanes of them) start.
+template <typename LaneBits, typename Hit>
+inline int64_t scan_lane_bits(const float* x, int64_t n, LaneBits&& lane_bits, Hit&& hit) {
+  static_assert(4 * kLanes <= 64, "four vectors' lane bits must fit in 64 bits");
+  auto bits_at = [&](int64_t k) -> uint64_t { return lane_bits(Vec::loadu(x + k)); };
+  int64_t j = 0;
+  for (; j + 4 * kLanes <= n; j += 4 * kLanes) {
+    const uint64_t bits = bits_at(j) | bits_at(j + kLanes) << kLanes |
+                          bits_at(j + 2 * kLanes) << (2 * kLanes) | bits_at(j + 3 * kLanes) << (3 * kLanes);
+    if (bits != 0 && !hit(bits, j, 4 * kLanes)) return -1;
+  }
+  for (; j + kLanes <= n; j += kLanes) {
+    const uint64_t bits = bits_at(j);
+    if (bits != 0 && !hit(bits, j, kLanes)) return -1;
+  }
+  return j;
 }
 
 // Bit k set for each nonzero w[k], k < n <= 16.

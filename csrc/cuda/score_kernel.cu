@@ -377,18 +377,16 @@ unsigned int grid_for_rows(int64_t rows, int group_threads) {
   return static_cast<unsigned int>(std::min(kMaxBlocks, (rows + rows_per_block - 1) / rows_per_block));
 }
 
-// 1 / ||w_a - w_j|| for the rows w_rows of W against every row of W, [rows, C], in W's
-// dtype: ||w_a - w_j||^2 = ||w_a||^2 + ||w_j||^2 - 2 w_a.w_j, clamped at 0 against
-// rounding; rsqrt(0) = inf for identical rows. The rows are centred (mean_w: the mean row
-// of W; no distance changes) and the form is evaluated in float64, as
-// fastsel.reference.squared_class_distances does: in float32 it cancels for near-duplicate
-// classes (rows 1e-3 apart relative to their norm came out ~10% off).
-at::Tensor inverse_distances(const at::Tensor& w_rows, const at::Tensor& w, const at::Tensor& mean_w) {
-  const at::Tensor a = w_rows.to(at::kDouble).sub(mean_w);
-  const at::Tensor b = w.to(at::kDouble).sub(mean_w);
-  const at::Tensor sq_a = a.mul(a).sum(1), sq_b = b.mul(b).sum(1);
-  const at::Tensor d2 = sq_a.unsqueeze(1).add(sq_b.unsqueeze(0)).sub(a.mm(b.t()), /*alpha=*/2);
-  return d2.clamp_min(0).rsqrt().to(w.scalar_type()).contiguous();
+// 1 / ||w_a - w_j|| for the rows c_rows (squared norms sq_rows) of the centred rows c of W
+// (squared norms sq) against every row of c, [rows, C], in dtype: ||w_a - w_j||^2 =
+// ||c_a||^2 + ||c_j||^2 - 2 c_a.c_j, clamped at 0 against rounding; rsqrt(0) = inf for
+// identical rows. c is W minus its mean row in float64, computed once per call, as
+// fastsel.reference.squared_class_distances does: in float32 the form cancels for
+// near-duplicate classes (rows 1e-3 apart relative to their norm came out ~10% off).
+at::Tensor inverse_distances(const at::Tensor& c_rows, const at::Tensor& sq_rows, const at::Tensor& c,
+                             const at::Tensor& sq, at::ScalarType dtype) {
+  const at::Tensor d2 = sq_rows.unsqueeze(1).add(sq.unsqueeze(0)).sub(c_rows.mm(c.t()), /*alpha=*/2);
+  return d2.clamp_min(0).rsqrt().to(dtype).contiguous();
 }
 
 }  // namespace
@@ -420,9 +418,13 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
 
   const bool dense_exact = mms_mode == kMmsExact && C <= kMmsDenseMaxClasses;
   const bool chunked_exact = mms_mode == kMmsExact && !dense_exact;
-  at::Tensor mean_w, inv_dist, valid;
-  if (mms_mode == kMmsExact) mean_w = w.to(at::kDouble).mean(0, /*keepdim=*/true);
-  if (dense_exact) inv_dist = inverse_distances(w, w, mean_w);
+  at::Tensor centred, sq, inv_dist, valid;
+  if (mms_mode == kMmsExact) {
+    const at::Tensor w64 = w.to(at::kDouble);
+    centred = w64.sub(w64.mean(0, /*keepdim=*/true));
+    sq = centred.mul(centred).sum(1);
+  }
+  if (dense_exact) inv_dist = inverse_distances(centred, sq, centred, sq, w.scalar_type());
   if (chunked_exact) valid = at::empty({N}, opts.dtype(at::kBool));
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -461,7 +463,8 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
       for (int64_t r0 = 0; r0 < N; r0 += rows_per_chunk) {
         const int64_t r1 = std::min(N, r0 + rows_per_chunk);
         const at::Tensor classes = pred.slice(0, r0, r1);
-        const at::Tensor q = inverse_distances(w.index_select(0, classes), w, mean_w);
+        const at::Tensor q = inverse_distances(centred.index_select(0, classes), sq.index_select(0, classes),
+                                               centred, sq, w.scalar_type());
         // Rows wider than kMmsDenseMaxClasses: the block-per-row layout.
         mms_exact_rows_kernel<scalar_t, acc_t, kBlockThreads>
             <<<grid_for_rows(r1 - r0, kBlockThreads), kBlockThreads, 0, stream>>>(

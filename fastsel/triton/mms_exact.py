@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsel.reference import squared_class_distances
+from fastsel.reference import centred_rows, squared_class_distances
 from fastsel.triton._launch import check_device, device_guard, num_warps_for, tile_shape
 
 __all__ = ["mms_exact_triton", "mms_exact_rows", "inverse_distances",
@@ -108,13 +108,15 @@ def mms_exact_rows(logits: torch.Tensor, pred: torch.Tensor, lse: torch.Tensor,
     return out
 
 
-def inverse_distances(weight: torch.Tensor, classes: Optional[torch.Tensor] = None) -> torch.Tensor:
+def inverse_distances(weight: torch.Tensor, classes: Optional[torch.Tensor] = None, *,
+                      centred: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """q[r, j] = 1 / ||w_{classes[r]} - w_j|| (all classes when ``classes`` is None), in the
     weight's dtype; rsqrt(0) = inf for identical rows. The squared distances come from
     ``fastsel.reference.squared_class_distances`` (centred rows, float64 Gram form), so
-    near-duplicate classes keep their distance.
+    near-duplicate classes keep their distance; ``centred`` is ``centred_rows(weight)``,
+    computed once per call.
     """
-    return squared_class_distances(weight, classes).to(weight.dtype).rsqrt_()
+    return squared_class_distances(weight, classes, centred=centred).to(weight.dtype).rsqrt_()
 
 
 def mms_exact_triton(logits: torch.Tensor, pred: torch.Tensor, lse: torch.Tensor,
@@ -128,14 +130,15 @@ def mms_exact_triton(logits: torch.Tensor, pred: torch.Tensor, lse: torch.Tensor
     check_device(logits, "mms_exact_triton")
     n_rows, n_classes = logits.shape
     weight = weight.contiguous()
+    centred = centred_rows(weight)
     if n_classes <= MMS_DENSE_MAX_CLASSES:
-        inv_dist = inverse_distances(weight)
+        inv_dist = inverse_distances(weight, centred=centred)
         return mms_exact_rows(logits, pred, lse, inv_dist, True, block_c=block_c, block_n=block_n)
     out = torch.empty(n_rows, dtype=weight.dtype, device=logits.device)
     chunk = max(1, MMS_CHUNK_ELEMENTS // n_classes)
     for start in range(0, n_rows, chunk):
         stop = min(n_rows, start + chunk)
-        inv_dist = inverse_distances(weight, pred[start:stop])
+        inv_dist = inverse_distances(weight, pred[start:stop], centred=centred)
         mms_exact_rows(logits[start:stop], pred[start:stop], lse[start:stop], inv_dist, False,
                        out=out[start:stop], block_c=block_c, block_n=block_n)
     return out
