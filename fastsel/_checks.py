@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 from typing import Any, Collection, Optional
 
+import torch
+
 __all__ = ["check_int", "check_positive_int", "check_real", "check_fraction", "check_bool", "check_choice",
-           "sized_length"]
+           "sized_length", "checks_on_host", "check_index_range"]
 
 
 def _fail(name: str, expected: str, value: Any, optional: bool) -> None:
@@ -97,3 +99,29 @@ def sized_length(name: str, value: Any, expected: str) -> int:
         return len(value)
     except TypeError:
         raise TypeError(f"{name} must {expected}, got {type(value).__name__}") from None
+
+
+# ---- checks of tensor values ----------------------------------------------------------
+
+
+def checks_on_host(t: torch.Tensor) -> bool:
+    """Whether the values of ``t`` are checked on the host, raising at once (CPU tensors:
+    reading a value costs nothing), rather than asserted asynchronously on the device
+    (``torch._assert_async``; on an accelerator, reading a value would make the host wait
+    for the device at every training step). The tests turn this off to check that a
+    training step never reads a tensor on the host."""
+    return t.device.type == "cpu"
+
+
+def check_index_range(idx: torch.Tensor, n: int, what: str) -> None:
+    """Every value of the integer tensor ``idx`` lies in [0, n): an ``IndexError`` naming
+    ``what`` and the range found, or an asynchronous device assertion (see
+    ``checks_on_host``)."""
+    if idx.numel() == 0:
+        return
+    if not checks_on_host(idx):
+        torch._assert_async(((idx >= 0) & (idx < n)).all(), f"{what} must be in [0, {n})")
+        return
+    lo, hi = (int(v) for v in torch.aminmax(idx))
+    if lo < 0 or hi >= n:
+        raise IndexError(f"{what} must be in [0, {n}), got values in [{lo}, {hi}]")

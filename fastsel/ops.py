@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from fastsel import reference
+from fastsel import _checks, reference
 from fastsel._autograd import score_backward_fake, score_forward_fake
 from fastsel._extension import CPU_EXTENSION_AVAILABLE, CUDA_EXTENSION_AVAILABLE
 from fastsel.reference import Scores
@@ -130,7 +130,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 def _check_target_range(target: torch.Tensor, c: int, ignore_index: int) -> None:
     """Target values must be class indices or ignore_index (the kernels check in-kernel)."""
     bad = ((target < 0) | (target >= c)) & (target != ignore_index)
-    if target.device.type == "cpu":
+    if _checks.checks_on_host(target):
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise IndexError(

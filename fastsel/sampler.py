@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from fastsel.reference import Scores
-from fastsel._checks import check_positive_int, sized_length
+from fastsel._checks import check_index_range, check_positive_int, sized_length
 from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, check_strategy_and_seed
 
 __all__ = ["ScoreSampler", "Costs"]
@@ -108,7 +108,8 @@ class ScoreSampler(torch.utils.data.Sampler):
         self._exhausted = False                 # every batch of this epoch handed out
         self._batch_cache: Optional[tuple[EpochPlan, list[torch.Tensor]]] = None
         self._hooks: list[Callable[[dict], None]] = []
-        self.stats: dict = {}
+        self._stats: Optional[dict] = {}
+        self._pending_stats = None  # what the last update's stats are computed from, when read
 
     # ---- the plan ----
     def _current_plan(self) -> EpochPlan:
@@ -195,9 +196,7 @@ class ScoreSampler(torch.utils.data.Sampler):
                              "pass the indices on the scores' device")
         if indices.device.type == "meta":
             raise ValueError(f"{where}: indices are on the meta device: they must hold the batch's dataset indices")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.n):
-            raise IndexError(f"{where}: indices must be in [0, {self.n}), got values in "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
+        check_index_range(indices, self.n, f"{where}: indices")
         return indices.long()
 
     def update(self, indices: torch.Tensor, scores: Scores) -> None:
@@ -213,10 +212,14 @@ class ScoreSampler(torch.utils.data.Sampler):
         self._consumed += 1
         self.costs.trained += idx.numel()
         self.costs.steps += 1
-        self.stats = {"epoch": self.epoch, "step": self.costs.steps, "samples": idx.numel(),
-                      "mean_loss": float(values["loss"].mean()) if "loss" in values and idx.numel() else float("nan")}
-        for hook in self._hooks:
-            hook(self.stats)
+        # The mean loss is read from the device when the stats are (or for hooks), not on
+        # every step of a loop that never looks at them.
+        self._stats = None
+        self._pending_stats = (self.epoch, self.costs.steps, idx.numel(), values.get("loss"))
+        if self._hooks:
+            stats = self.stats
+            for hook in self._hooks:
+                hook(stats)
         if self._plan is not None and self._consumed >= len(self._batches()):
             # Last batch of the epoch trained: the epoch is over (so a checkpoint taken now
             # says epoch + 1, and a loop resuming from sampler.epoch does not repeat one).
@@ -239,6 +242,16 @@ class ScoreSampler(torch.utils.data.Sampler):
             dist.all_gather(parts, padded(t, fill))
             return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
         return gather(idx, -1), {f: gather(v.to(torch.float32), float("nan")) for f, v in values.items()}
+
+    @property
+    def stats(self) -> dict:
+        """The last ``update``'s statistics: epoch, step, samples and their mean loss."""
+        if self._stats is None:
+            epoch, step, samples, loss = self._pending_stats
+            mean = float(loss.mean()) if loss is not None and samples else float("nan")
+            self._stats = {"epoch": epoch, "step": step, "samples": samples, "mean_loss": mean}
+            self._pending_stats = None
+        return self._stats
 
     def add_hook(self, hook: Callable[[dict], None]) -> None:
         """Calls ``hook(stats)`` after every ``update`` (e.g. to log the batch's mean loss)."""

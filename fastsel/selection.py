@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 
 from fastsel import reference
+from fastsel import _checks
 from fastsel._checks import check_real
 from fastsel._extension import CPU_EXTENSION_AVAILABLE
 from fastsel.ops import BACKENDS, _resolve_backend, score
@@ -180,8 +181,7 @@ def _check_importance_values(w: torch.Tensor, k: int, replacement: bool) -> None
     raised on CPU tensors, asserted asynchronously on accelerators (no host sync)."""
     w32 = w.to(torch.float32)
     nan, negative, inf = torch.isnan(w32), w32 < 0, torch.isinf(w32) & (w32 > 0)
-    positive = int((w32 > 0).sum()) if w32.device.type == "cpu" else None
-    if w32.device.type != "cpu":
+    if not _checks.checks_on_host(w32):
         torch._assert_async(~nan.any(), "importance must not contain NaN")
         torch._assert_async(~negative.any(), "importance must be non-negative")
         torch._assert_async(~inf.any(), "importance must be finite")
@@ -202,6 +202,7 @@ def _check_importance_values(w: torch.Tensor, k: int, replacement: bool) -> None
         raise ValueError(f"importance must be finite; importance[{i}] = inf")
     if k == 0:
         return
+    positive = int((w32 > 0).sum())
     if positive == 0:
         raise ValueError("importance is all zero (in float32): nothing can be drawn")
     if not replacement and k > positive:

@@ -148,11 +148,13 @@ class BatchSelector:
         self.costs.scored += n + int(getattr(self.strategy, "last_scored", 0) or 0)
         self.costs.trained += idx.numel()
         self.costs.steps += 1
-        strategy_stats = getattr(self.strategy, "stats", None)
         # The statistics need a few device-to-host copies: they are computed when read (or
-        # for hooks), not on every step of a loop that never looks at them.
+        # for hooks), not on every step of a loop that never looks at them. A strategy whose
+        # state lives on the device gives a snapshot that reads it only then.
+        snapshot = getattr(self.strategy, "stats_snapshot", None)
+        strategy_stats = getattr(self.strategy, "stats", None)
         self._pending = (self.step, scores, idx, n,
-                         strategy_stats() if callable(strategy_stats) else None)
+                         snapshot() if callable(snapshot) else strategy_stats() if callable(strategy_stats) else None)
         self._stats = None
         if self._hooks:
             stats = self.stats
@@ -179,7 +181,7 @@ class BatchSelector:
                     if finite.numel():
                         stats[f"{field}_quantiles"] = dict(zip(STAT_QUANTILES, finite.quantile(q).tolist()))
             if strategy_stats is not None:  # e.g. whether an importance sampler has switched on
-                stats["strategy"] = strategy_stats
+                stats["strategy"] = strategy_stats() if callable(strategy_stats) else strategy_stats
             self._stats = stats
             self._pending = None
         return self._stats if self._stats is not None else {}

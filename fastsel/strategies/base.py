@@ -21,6 +21,7 @@ import torch
 
 from fastsel.reference import Scores
 from fastsel.selection import Selection
+from fastsel import _checks
 from fastsel._checks import check_int
 
 __all__ = ["Strategy", "EpochPlan", "ScoreTable", "TABLE_FIELDS", "seeded_generator", "StyleError"]
@@ -67,8 +68,13 @@ class EpochPlan(NamedTuple):
 class ScoreTable:
     """The latest value, running sum and count of per-sample scores for N samples (CPU).
 
-    ``update(indices, scores, epoch)`` stores ``TABLE_FIELDS[f](scores)`` for each field.
-    Never-seen samples hold NaN and ``last_epoch`` -1.
+    ``update_values(indices, values, epoch)`` stores ``values[f]`` (``extract`` computes
+    them as ``TABLE_FIELDS[f](scores)``) for each field. Never-seen samples hold NaN and
+    ``last_epoch`` -1.
+
+    Values on an accelerator are queued on their device and applied, in order, when the
+    table is next read (strategies read it when they plan an epoch): copying them to the
+    CPU at once would make every training step wait for the device.
     """
 
     def __init__(self, n: int, fields: tuple[str, ...] = ("loss",)):
@@ -77,11 +83,38 @@ class ScoreTable:
             raise ValueError(f"unknown table fields {sorted(unknown)}; known: {sorted(TABLE_FIELDS)}")
         self.n = n
         self.fields = tuple(dict.fromkeys(fields))
-        self.last = {f: torch.full((n,), float("nan")) for f in self.fields}
-        self.total = {f: torch.zeros(n, dtype=torch.float64) for f in self.fields}
-        self.finite = {f: torch.zeros(n, dtype=torch.int64) for f in self.fields}
-        self.count = torch.zeros(n, dtype=torch.int64)
-        self.last_epoch = torch.full((n,), -1, dtype=torch.int64)
+        self._last = {f: torch.full((n,), float("nan")) for f in self.fields}
+        self._total = {f: torch.zeros(n, dtype=torch.float64) for f in self.fields}
+        self._finite = {f: torch.zeros(n, dtype=torch.int64) for f in self.fields}
+        self._count = torch.zeros(n, dtype=torch.int64)
+        self._last_epoch = torch.full((n,), -1, dtype=torch.int64)
+        self._queued: list[tuple[torch.Tensor, dict[str, torch.Tensor], int]] = []
+
+    # The tables, with every queued update applied.
+    @property
+    def last(self) -> dict[str, torch.Tensor]:
+        self._apply_queued()
+        return self._last
+
+    @property
+    def total(self) -> dict[str, torch.Tensor]:
+        self._apply_queued()
+        return self._total
+
+    @property
+    def finite(self) -> dict[str, torch.Tensor]:
+        self._apply_queued()
+        return self._finite
+
+    @property
+    def count(self) -> torch.Tensor:
+        self._apply_queued()
+        return self._count
+
+    @property
+    def last_epoch(self) -> torch.Tensor:
+        self._apply_queued()
+        return self._last_epoch
 
     def values(self, field: str) -> torch.Tensor:
         return self.last[field]
@@ -95,15 +128,30 @@ class ScoreTable:
         return self.count > 0
 
     def update_values(self, indices: torch.Tensor, values: dict[str, torch.Tensor], epoch: int) -> None:
+        on_host = _checks.checks_on_host(indices) and all(_checks.checks_on_host(values[f]) for f in self.fields)
+        if on_host and not self._queued:
+            self._apply(indices, values, epoch)
+            return
+        # Copies on the device (cheap, asynchronous): later in-place changes of the
+        # caller's tensors must not reach the table.
+        self._queued.append((indices.detach().to(torch.int64, copy=True),
+                             {f: values[f].detach().to(torch.float32, copy=True) for f in self.fields}, epoch))
+
+    def _apply_queued(self) -> None:
+        queued, self._queued = self._queued, []
+        for indices, values, epoch in queued:
+            self._apply(indices, values, epoch)
+
+    def _apply(self, indices: torch.Tensor, values: dict[str, torch.Tensor], epoch: int) -> None:
         idx = indices.to("cpu", torch.int64)
         for f in self.fields:
             v = values[f].detach().to("cpu", torch.float32)
-            self.last[f][idx] = v
+            self._last[f][idx] = v
             finite = torch.isfinite(v)
-            self.total[f].index_add_(0, idx, torch.where(finite, v, 0.0).to(torch.float64))
-            self.finite[f].index_add_(0, idx, finite.to(torch.int64))
-        self.count.index_add_(0, idx, torch.ones_like(idx))
-        self.last_epoch[idx] = epoch
+            self._total[f].index_add_(0, idx, torch.where(finite, v, 0.0).to(torch.float64))
+            self._finite[f].index_add_(0, idx, finite.to(torch.int64))
+        self._count.index_add_(0, idx, torch.ones_like(idx))
+        self._last_epoch[idx] = epoch
 
     def extract(self, scores: Scores) -> dict[str, torch.Tensor]:
         return {f: TABLE_FIELDS[f](scores).detach() for f in self.fields}
@@ -118,12 +166,13 @@ class ScoreTable:
         if state["n"] != self.n or tuple(state["fields"]) != self.fields:
             raise ValueError(f"score table state is for n={state['n']} fields={tuple(state['fields'])}, "
                              f"this table has n={self.n} fields={self.fields}")
+        self._queued = []  # the state replaces everything, updates not yet applied included
         for f in self.fields:
-            self.last[f].copy_(state["last"][f])
-            self.total[f].copy_(state["total"][f])
-            self.finite[f].copy_(state["finite"][f])
-        self.count.copy_(state["count"])
-        self.last_epoch.copy_(state["last_epoch"])
+            self._last[f].copy_(state["last"][f])
+            self._total[f].copy_(state["total"][f])
+            self._finite[f].copy_(state["finite"][f])
+        self._count.copy_(state["count"])
+        self._last_epoch.copy_(state["last_epoch"])
 
 
 class Strategy:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -102,45 +102,93 @@ class CDFSampling(Strategy):
         self.smoothing = float(smoothing)
         self.reweight = reweight
         self.unbiased = reweight
-        self.initial_loss: Optional[float] = None
-        self.running_loss: Optional[float] = None
-        self.active = switch_ratio is None
+        # (initial loss, running loss, active) as float64 on the scores' device, NaN while
+        # no loss was seen: the switch is decided there, so a step never waits for the
+        # device. Read as Python numbers only by the properties, stats() and state_dict().
+        self._switch: Optional[torch.Tensor] = None
 
-    def _observe(self, loss: torch.Tensor) -> None:
-        finite = loss[torch.isfinite(loss)]
-        if finite.numel() == 0:
-            return
-        mean = float(finite.double().mean())
-        if self.initial_loss is None:
-            self.initial_loss = self.running_loss = mean
-        else:
-            self.running_loss = self.smoothing * self.running_loss + (1.0 - self.smoothing) * mean
-        if not self.active and self.running_loss < self.switch_ratio * self.initial_loss:
-            self.active = True
+    def _switch_on(self, device: torch.device) -> torch.Tensor:
+        if self._switch is None:
+            self._switch = torch.tensor([math.nan, math.nan, 0.0], dtype=torch.float64, device=device)
+        elif self._switch.device != device:
+            self._switch = self._switch.to(device)
+        return self._switch
+
+    def _switch_values(self, switch: Optional[torch.Tensor]) -> tuple[Optional[float], Optional[float], bool]:
+        if switch is None:
+            return None, None, self.switch_ratio is None
+        initial, running, active = switch.tolist()
+        return (None if math.isnan(initial) else initial, None if math.isnan(running) else running,
+                self.switch_ratio is None or active > 0)
+
+    @property
+    def initial_loss(self) -> Optional[float]:
+        """The first candidate batch's mean loss (None before any finite loss)."""
+        return self._switch_values(self._switch)[0]
+
+    @property
+    def running_loss(self) -> Optional[float]:
+        """The moving average of the candidate batches' mean loss."""
+        return self._switch_values(self._switch)[1]
+
+    @property
+    def active(self) -> bool:
+        """Whether the sampling is on."""
+        return self._switch_values(self._switch)[2]
+
+    def _observe(self, loss: torch.Tensor) -> torch.Tensor:
+        """Updates the switch with a candidate batch's losses; returns whether the
+        sampling is on (a bool tensor on the device)."""
+        switch = self._switch_on(loss.device)
+        finite = torch.isfinite(loss)
+        # NaN (0 / 0) when no loss is finite: the state is then left as it was
+        mean = torch.where(finite, loss, 0).double().sum() / finite.sum()
+        initial, running, active = switch.unbind()
+        initial = torch.where(initial.isnan(), mean, initial)
+        smoothed = torch.where(running.isnan(), mean, self.smoothing * running + (1.0 - self.smoothing) * mean)
+        running = torch.where(mean.isnan(), running, smoothed)
+        on = (active > 0) | (running < self.switch_ratio * initial)
+        self._switch = torch.stack([initial, running, on.double()])
+        return on
 
     def choose(self, scores: Scores, *, step: int, seed: int, inputs: Any = None,
                targets: Optional[torch.Tensor] = None) -> Selection:
         values = getattr(scores, self.by).detach()
         n = values.numel()
         keep_in_batch(self.keep, n)
-        self._observe(scores.loss.detach())
-        if not self.active:
-            sel = _uniform(n, self.keep, values.device, seed=seed, step=step)
-            return Selection(sel.indices, sel.weights, scores)
-        sel = _proportional(_importance(values), self.keep, replacement=self.replacement, seed=seed, step=step)
-        weights = sel.weights if self.reweight else torch.ones(self.keep, dtype=torch.float32, device=values.device)
-        return Selection(sel.indices, weights, scores)
+        importance = _importance(values)
+        ones = torch.ones(self.keep, dtype=torch.float32, device=values.device)
+        if self.switch_ratio is None:
+            sel = _proportional(importance, self.keep, replacement=self.replacement, seed=seed, step=step)
+            return Selection(sel.indices, sel.weights if self.reweight else ones, scores)
+        # Both draws, then the one the switch picks (torch.where on the device): the
+        # proportional one draws from ones while off, so that it is always well defined.
+        on = self._observe(scores.loss.detach())
+        drawn = _proportional(torch.where(on, importance, 1.0), self.keep, replacement=self.replacement,
+                              seed=seed, step=step)
+        uniform = _uniform(n, self.keep, values.device, seed=seed, step=step)
+        weights = torch.where(on, drawn.weights, ones) if self.reweight else ones
+        return Selection(torch.where(on, drawn.indices, uniform.indices), weights, scores)
+
+    def _stats_of(self, switch: Optional[torch.Tensor]) -> dict:
+        initial, running, active = self._switch_values(switch)
+        return {"active": active, "initial_loss": initial, "running_loss": running}
 
     def stats(self) -> dict:
-        return {"active": self.active, "initial_loss": self.initial_loss, "running_loss": self.running_loss}
+        return self._stats_of(self._switch)
+
+    def stats_snapshot(self) -> Callable[[], dict]:
+        """``stats()`` of this step, read from the device only when called."""
+        switch = None if self._switch is None else self._switch.clone()
+        return lambda: self._stats_of(switch)
 
     def state_dict(self) -> dict:
-        return {"initial_loss": self.initial_loss, "running_loss": self.running_loss, "active": self.active}
+        initial, running, active = self._switch_values(self._switch)
+        return {"initial_loss": initial, "running_loss": running, "active": active}
 
     def load_state_dict(self, state: dict) -> None:
-        self.initial_loss = None if state["initial_loss"] is None else float(state["initial_loss"])
-        self.running_loss = None if state["running_loss"] is None else float(state["running_loss"])
-        self.active = bool(state["active"])
+        values = [math.nan if state[k] is None else float(state[k]) for k in ("initial_loss", "running_loss")]
+        self._switch = torch.tensor(values + [float(bool(state["active"]))], dtype=torch.float64)
 
 
 class UpperBoundIS(Strategy):
@@ -208,9 +256,22 @@ class UpperBoundIS(Strategy):
         self.backward_cost = float(backward_cost)
         self.momentum = float(momentum)
         self.by = by
-        self.tau = 0.0
-        self.active = False
+        # The moving average of tau and whether the last step sampled, on the scores'
+        # device (the decision is made there, so a step never waits for the device); read
+        # as Python numbers only by the properties, stats() and state_dict().
+        self._tau: torch.Tensor = torch.zeros((), dtype=torch.float64)
+        self._active: torch.Tensor = torch.zeros((), dtype=torch.bool)
         self.last_threshold: Optional[float] = None
+
+    @property
+    def tau(self) -> float:
+        """The moving average of tau."""
+        return float(self._tau)
+
+    @property
+    def active(self) -> bool:
+        """Whether the last step's average tau exceeded its threshold."""
+        return bool(self._active)
 
     @property
     def candidate_batch(self) -> int:
@@ -225,37 +286,51 @@ class UpperBoundIS(Strategy):
         return (n + c) / c
 
     @staticmethod
+    def _increment(importance: torch.Tensor) -> torch.Tensor:
+        """``equivalent_batch_increment`` as a float64 tensor on the importances' device."""
+        s = importance.detach().to(torch.float64)
+        total = s.sum()
+        # Σ (g − u)² = Σ g² − 1/B because Σ g = 1, so the ratio under the root is (1/B) / Σ g².
+        g = s / torch.where(total > 0, total, 1.0)
+        return torch.where(total > 0, (s.numel() * (g * g).sum()).sqrt(), 1.0)
+
+    @staticmethod
     def equivalent_batch_increment(importance: torch.Tensor) -> float:
         """tau = 1 / sqrt(1 − ‖g − u‖² / ‖g‖²) of one candidate batch (1 if all zero)."""
-        s = importance.detach().to(torch.float64)
-        total = float(s.sum())
-        if s.numel() == 0 or total == 0:
-            return 1.0
-        g = s / total
-        # Σ (g − u)² = Σ g² − 1/B because Σ g = 1, so the ratio under the root is (1/B) / Σ g².
-        return math.sqrt(s.numel() * float((g * g).sum()))
+        return float(UpperBoundIS._increment(importance)) if importance.numel() else 1.0
 
     def choose(self, scores: Scores, *, step: int, seed: int, inputs: Any = None,
                targets: Optional[torch.Tensor] = None) -> Selection:
         importance = _importance(getattr(scores, self.by))
         n = importance.numel()
         keep_in_batch(self.keep, n)
-        self.tau = self.momentum * self.tau + (1.0 - self.momentum) * self.equivalent_batch_increment(importance)
+        device = importance.device
+        self._tau = self.momentum * self._tau.to(device) + (1.0 - self.momentum) * self._increment(importance)
         self.last_threshold = self.threshold(n)
-        self.active = self.tau > self.last_threshold
-        if self.active and bool((importance > 0).any()):
-            sel = sample(importance, self.keep, replacement=True, seed=seed, counter=step)
-        else:
-            sel = _uniform(n, self.keep, importance.device, seed=seed, step=step)
-        return Selection(sel.indices, sel.weights, scores)
+        self._active = self._tau > self.last_threshold
+        # Both draws, then the one the switch picks (torch.where on the device): the
+        # proportional one draws from ones when it is not used, so it is always defined.
+        sampling = self._active & (importance > 0).any()
+        drawn = sample(torch.where(sampling, importance, 1.0), self.keep, replacement=True, seed=seed, counter=step)
+        uniform = _uniform(n, self.keep, device, seed=seed, step=step)
+        return Selection(torch.where(sampling, drawn.indices, uniform.indices),
+                         torch.where(sampling, drawn.weights, uniform.weights), scores)
+
+    def _stats_of(self, tau: torch.Tensor, active: torch.Tensor, threshold: Optional[float]) -> dict:
+        return {"active": bool(active), "tau": float(tau), "tau_threshold": threshold}
 
     def stats(self) -> dict:
-        return {"active": self.active, "tau": self.tau, "tau_threshold": self.last_threshold}
+        return self._stats_of(self._tau, self._active, self.last_threshold)
+
+    def stats_snapshot(self) -> Callable[[], dict]:
+        """``stats()`` of this step, read from the device only when called."""
+        tau, active, threshold = self._tau.clone(), self._active.clone(), self.last_threshold
+        return lambda: self._stats_of(tau, active, threshold)
 
     def state_dict(self) -> dict:
         return {"tau": self.tau, "active": self.active, "last_threshold": self.last_threshold}
 
     def load_state_dict(self, state: dict) -> None:
-        self.tau = float(state["tau"])
-        self.active = bool(state["active"])
+        self._tau = torch.tensor(float(state["tau"]), dtype=torch.float64)
+        self._active = torch.tensor(bool(state["active"]))
         self.last_threshold = None if state["last_threshold"] is None else float(state["last_threshold"])

@@ -10,7 +10,7 @@ import torch
 from fastsel.ops import score
 from fastsel.reference import Scores
 from fastsel.selection import Selection, select_topk
-from fastsel._checks import check_positive_int, check_real
+from fastsel._checks import check_index_range, check_positive_int, check_real
 from fastsel.strategies.base import Strategy, keep_in_batch
 
 __all__ = ["RhoLoss"]
@@ -97,8 +97,7 @@ class RhoLoss(Strategy):
             idx = self.ids(inputs)
             if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"ids(inputs) must return a 1-D int64 tensor of dataset indices, got {idx!r:.80}")
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= irr.numel()):
-                raise IndexError(f"ids(inputs) returned indices outside the irreducible-loss table [0, {irr.numel()})")
+            check_index_range(idx, irr.numel(), "ids(inputs), indices into the irreducible-loss table,")
             out = irr[idx.to(irr.device).long()]
         else:
             if targets is None:
