@@ -57,6 +57,24 @@ unsigned int blocks_for(int64_t n) {
       std::min(kSelectMaxBlocks, (n + kSelectBlockThreads - 1) / kSelectBlockThreads));
 }
 
+// One op's launches: the device of its tensors made current, its current stream, and
+// grid-stride kernels over n elements (blocks_for(n) blocks of kSelectBlockThreads), each
+// launch checked.
+class Launcher {
+ public:
+  explicit Launcher(const at::Tensor& on) : guard_(on.device()), stream_(c10::cuda::getCurrentCUDAStream()) {}
+
+  template <typename... Params, typename... Args>
+  void grid_stride(void (*kernel)(Params...), int64_t n, Args&&... args) const {
+    kernel<<<blocks_for(n), kSelectBlockThreads, 0, stream_>>>(std::forward<Args>(args)...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+ private:
+  c10::cuda::CUDAGuard guard_;
+  cudaStream_t stream_;
+};
+
 // Grid-stride loop over [0, n) with int64 indices.
 #define FASTSEL_FOR_EACH_ELEMENT(i, n)                                                     \
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
@@ -283,8 +301,7 @@ at::Tensor select_topk(const at::Tensor& scores, int64_t k, bool largest) {
   check_k_at_most_n(k, n, op, "scores");
   if (n == 0 || k == 0) return empty_indices(k, scores);
 
-  const c10::cuda::CUDAGuard device_guard(scores.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Launcher launch(scores);
   if (scores.scalar_type() == at::kDouble) {
     // A float64 rank key takes all 64 bits: no room to pack the index, and at::topk does not
     // order equal values by index. A stable sort does: equal keys keep index order, which is
@@ -292,9 +309,8 @@ at::Tensor select_topk(const at::Tensor& scores, int64_t k, bool largest) {
     // sort of N int64 keys instead of a selection.
     using Key = SortableRankKey<double>;
     at::Tensor keys = at::empty({n}, scores.options().dtype(at::kLong));
-    sortable_rank_keys_kernel<double><<<blocks_for(n), kSelectBlockThreads, 0, stream>>>(
+    launch.grid_stride(sortable_rank_keys_kernel<double>, n,
         scores.const_data_ptr<double>(), scores.stride(0), n, largest, keys.mutable_data_ptr<Key::key_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const at::Tensor order = std::get<1>(at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false));
     // A copy of the first k, so that the N-element order is freed.
     return k < n ? order.narrow(0, 0, k).clone() : order;
@@ -303,9 +319,8 @@ at::Tensor select_topk(const at::Tensor& scores, int64_t k, bool largest) {
   check_packable(n, op, "scores");
   at::Tensor packed = at::empty({n}, scores.options().dtype(at::kLong));
   FASTSEL_DISPATCH_FLOAT32_OR_NARROWER(scores.scalar_type(), "fastsel_select_topk_cuda", [&] {
-    packed_rank_keys_kernel<scalar_t><<<blocks_for(n), kSelectBlockThreads, 0, stream>>>(
+    launch.grid_stride(packed_rank_keys_kernel<scalar_t>, n,
         scores.const_data_ptr<scalar_t>(), scores.stride(0), n, largest, packed.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return k_smallest_packed(packed, k);
 }
@@ -319,8 +334,7 @@ at::Tensor sample_without_replacement(const at::Tensor& importance, int64_t k, i
   if (n == 0 || k == 0) return empty_indices(k, importance);
   check_packable(n, op, "importance");
 
-  const c10::cuda::CUDAGuard device_guard(importance.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Launcher launch(importance);
   // The maximum stays on the device (a 0-d tensor, as in sample_with_replacement); max of
   // the stored dtype converted to float32 equals max of the float32 values (the reference's
   // race_scale(importance.to(float32))), rounding to nearest being monotonic; a NaN
@@ -329,11 +343,10 @@ at::Tensor sample_without_replacement(const at::Tensor& importance, int64_t k, i
   at::Tensor packed = at::empty({n}, importance.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, importance.scalar_type(),
                                   "fastsel_sample_without_replacement_cuda", [&] {
-    packed_race_keys_kernel<scalar_t><<<blocks_for(n), kSelectBlockThreads, 0, stream>>>(
+    launch.grid_stride(packed_race_keys_kernel<scalar_t>, n,
         importance.const_data_ptr<scalar_t>(), importance.stride(0), n,
         max_importance.const_data_ptr<scalar_t>(), static_cast<uint64_t>(seed),
         static_cast<uint64_t>(counter), packed.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return k_smallest_packed(packed, k);
 }
@@ -348,8 +361,7 @@ at::Tensor sample_with_replacement(const at::Tensor& importance, int64_t k, int6
   if (k == 0) return empty_indices(k, importance);
   TORCH_CHECK_VALUE(n > 0, op, ": cannot draw k = ", k, " samples from an empty importance");
 
-  const c10::cuda::CUDAGuard device_guard(importance.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Launcher launch(importance);
   const int weight_bits = replacement_weight_bits(n);
 
   // The maximum stays on the device (a 0-d tensor); max of the stored dtype converted to
@@ -358,18 +370,16 @@ at::Tensor sample_with_replacement(const at::Tensor& importance, int64_t k, int6
   at::Tensor weights = at::empty({n}, importance.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, importance.scalar_type(),
                                   "fastsel_sample_with_replacement_cuda", [&] {
-    replacement_weights_kernel<scalar_t><<<blocks_for(n), kSelectBlockThreads, 0, stream>>>(
+    launch.grid_stride(replacement_weights_kernel<scalar_t>, n,
         importance.const_data_ptr<scalar_t>(), importance.stride(0), n,
         max_importance.const_data_ptr<scalar_t>(), weight_bits, weights.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // Integer prefix sums: exact (total < 2^52), hence the same in any summation order.
   const at::Tensor prefix_sums = at::cumsum(weights, /*dim=*/0);
   at::Tensor out = empty_indices(k, importance);
-  replacement_draws_kernel<<<blocks_for(k), kSelectBlockThreads, 0, stream>>>(
+  launch.grid_stride(replacement_draws_kernel, k,
       prefix_sums.const_data_ptr<int64_t>(), n, k, static_cast<uint64_t>(seed), static_cast<uint64_t>(counter),
       out.mutable_data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
@@ -383,8 +393,7 @@ at::Tensor percentile(const at::Tensor& values_in, const at::Tensor& history_in)
   at::Tensor out = at::empty({n}, values_in.options().dtype(at::kFloat));
   if (n == 0) return out;
 
-  const c10::cuda::CUDAGuard device_guard(values_in.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Launcher launch(values_in);
   // Compare in the promoted dtype (float32 for any mix of float32/half/bf16, float64 as soon
   // as one side is float64): every conversion into it is exact, so the comparisons are
   // those of the reference's float64 ones.
@@ -400,18 +409,16 @@ at::Tensor percentile(const at::Tensor& values_in, const at::Tensor& history_in)
     if (history_size > 0) {
       constexpr at::ScalarType key_dtype = c10::CppTypeToScalarType<typename Key::key_t>::value;
       at::Tensor keys = at::empty({history_size}, history.options().dtype(key_dtype));
-      sortable_rank_keys_kernel<scalar_t><<<blocks_for(history_size), kSelectBlockThreads, 0, stream>>>(
+      launch.grid_stride(sortable_rank_keys_kernel<scalar_t>, history_size,
           history.const_data_ptr<scalar_t>(), history.stride(0), history_size, /*largest=*/false,
           keys.mutable_data_ptr<typename Key::key_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       // Integer keys: equal keys are indistinguishable, so any sort gives the same array.
       sorted_history = std::get<0>(at::sort(keys, /*stable=*/false, /*dim=*/0, /*descending=*/false));
     }
-    percentile_kernel<scalar_t><<<blocks_for(n), kSelectBlockThreads, 0, stream>>>(
+    launch.grid_stride(percentile_kernel<scalar_t>, n,
         values.const_data_ptr<scalar_t>(), values.stride(0), n,
         history_size > 0 ? sorted_history.const_data_ptr<typename Key::key_t>() : nullptr, history_size,
         out.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
