@@ -105,12 +105,13 @@ def sized_length(name: str, value: Any, expected: str) -> int:
 
 
 def checks_on_host(t: torch.Tensor) -> bool:
-    """Whether the values of ``t`` are checked on the host, raising at once (CPU tensors:
-    reading a value costs nothing), rather than asserted asynchronously on the device
-    (``torch._assert_async``; on an accelerator, reading a value would make the host wait
-    for the device at every training step). The tests turn this off to check that a
-    training step never reads a tensor on the host."""
-    return t.device.type == "cpu"
+    """Whether the values of ``t`` are checked on the host, raising at once, rather than
+    asserted asynchronously on the device (``torch._assert_async``): on a CUDA (or ROCm)
+    device, reading a value would make the host wait for the device at every training
+    step. On the CPU reading a value costs nothing; other devices have no asynchronous
+    assertion, so they are checked on the host too. The tests turn this off to check
+    that a training step never reads a tensor on the host."""
+    return t.device.type != "cuda"
 
 
 def check_index_range(idx: torch.Tensor, n: int, what: str) -> None:

@@ -104,6 +104,7 @@ class ScoreSampler(torch.utils.data.Sampler):
         self.costs = Costs()
         self.epoch = 0
         self._plan: Optional[EpochPlan] = None  # the current epoch's plan, once made
+        self._plan_weights: dict = {}           # its weights on the device asked for (weights())
         self._consumed = 0                      # batches of this epoch passed to update()
         self._exhausted = False                 # every batch of this epoch handed out
         self._batch_cache: Optional[tuple[EpochPlan, list[torch.Tensor]]] = None
@@ -118,6 +119,7 @@ class ScoreSampler(torch.utils.data.Sampler):
                                             data=self.data)
             self._check_plan(plan)
             self._plan = plan
+            self._plan_weights = {}
             self.costs.scored += getattr(self.strategy, "last_scored", 0)
         return self._plan
 
@@ -153,8 +155,10 @@ class ScoreSampler(torch.utils.data.Sampler):
         return self._batch_cache[1]
 
     def _advance_epoch(self) -> None:
+        self.table.apply_queued()  # an accelerator's scores of the epoch: one copy, once an epoch
         self.epoch += 1
         self._plan = None
+        self._plan_weights = {}
         self._consumed = 0
         self._exhausted = False
 
@@ -185,7 +189,11 @@ class ScoreSampler(torch.utils.data.Sampler):
             raise RuntimeError("sampler.weights() needs the current epoch's plan: iterate the sampler "
                                "(DataLoader(data, batch_sampler=sampler)) before asking for weights")
         idx = self._check_indices(indices, "weights")
-        return self._plan.weights[idx.cpu()].to(indices.device)
+        plan_weights = self._plan_weights.get(indices.device)
+        if plan_weights is None:  # the epoch's weights copied to the device once, not per batch
+            plan_weights = self._plan.weights.to(indices.device, torch.float32)
+            self._plan_weights = {indices.device: plan_weights}
+        return plan_weights[idx]
 
     def _check_indices(self, indices, where: str, device: Optional[torch.device] = None) -> torch.Tensor:
         if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32):
@@ -215,7 +223,9 @@ class ScoreSampler(torch.utils.data.Sampler):
         # The mean loss is read from the device when the stats are (or for hooks), not on
         # every step of a loop that never looks at them.
         self._stats = None
-        self._pending_stats = (self.epoch, self.costs.steps, idx.numel(), values.get("loss"))
+        loss = values.get("loss")  # its mean is taken now, on the device, and read later
+        mean = loss.to(torch.float32).mean() if loss is not None and idx.numel() else None
+        self._pending_stats = (self.epoch, self.costs.steps, idx.numel(), mean)
         if self._hooks:
             stats = self.stats
             for hook in self._hooks:
@@ -247,9 +257,9 @@ class ScoreSampler(torch.utils.data.Sampler):
     def stats(self) -> dict:
         """The last ``update``'s statistics: epoch, step, samples and their mean loss."""
         if self._stats is None:
-            epoch, step, samples, loss = self._pending_stats
-            mean = float(loss.mean()) if loss is not None and samples else float("nan")
-            self._stats = {"epoch": epoch, "step": step, "samples": samples, "mean_loss": mean}
+            epoch, step, samples, mean = self._pending_stats
+            self._stats = {"epoch": epoch, "step": step, "samples": samples,
+                           "mean_loss": float("nan") if mean is None else float(mean)}
             self._pending_stats = None
         return self._stats
 
@@ -273,6 +283,7 @@ class ScoreSampler(torch.utils.data.Sampler):
         self._consumed = int(state["consumed"])
         self.seed = int(state["seed"])
         self._plan = None if state["plan"] is None else EpochPlan(*state["plan"])
+        self._plan_weights = {}
         self._exhausted = False
         self.table.load_state_dict(state["table"])
         self.strategy.load_state_dict(state["strategy"])

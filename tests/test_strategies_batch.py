@@ -341,7 +341,7 @@ def test_rho_loss_table_with_ids():
     strat = RhoLoss(table, keep=3, ids=lambda inputs: inputs[1])
     sel = strat.choose(fake_scores(loss), step=0, seed=0, inputs=(torch.zeros(8, 2), ids), targets=None)
     assert set(ids[sel.indices].tolist()) == {1, 3, 7}  # the smallest irreducible losses
-    with pytest.raises(IndexError, match=r"irreducible-loss table, must be in \[0, 100\), got values in \[11, 109\]"):
+    with pytest.raises(IndexError, match=r"irreducible-loss table\) must be in \[0, 100\), got values in \[11, 109\]"):
         strat.choose(fake_scores(loss), step=0, seed=0, inputs=(None, ids + 10), targets=None)
 
 

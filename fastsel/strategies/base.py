@@ -73,9 +73,13 @@ class ScoreTable:
     ``last_epoch`` -1.
 
     Values on an accelerator are queued on their device and applied, in order, when the
-    table is next read (strategies read it when they plan an epoch): copying them to the
-    CPU at once would make every training step wait for the device.
+    table is next read (strategies read it when they plan an epoch), at the end of each
+    epoch (``ScoreSampler``), or once ``kMaxQueued`` updates wait: copying them to the CPU
+    at once would make every training step wait for the device. The queue is copied in one
+    transfer.
     """
+
+    kMaxQueued = 256
 
     def __init__(self, n: int, fields: tuple[str, ...] = ("loss",)):
         unknown = set(fields) - set(TABLE_FIELDS)
@@ -93,27 +97,27 @@ class ScoreTable:
     # The tables, with every queued update applied.
     @property
     def last(self) -> dict[str, torch.Tensor]:
-        self._apply_queued()
+        self.apply_queued()
         return self._last
 
     @property
     def total(self) -> dict[str, torch.Tensor]:
-        self._apply_queued()
+        self.apply_queued()
         return self._total
 
     @property
     def finite(self) -> dict[str, torch.Tensor]:
-        self._apply_queued()
+        self.apply_queued()
         return self._finite
 
     @property
     def count(self) -> torch.Tensor:
-        self._apply_queued()
+        self.apply_queued()
         return self._count
 
     @property
     def last_epoch(self) -> torch.Tensor:
-        self._apply_queued()
+        self.apply_queued()
         return self._last_epoch
 
     def values(self, field: str) -> torch.Tensor:
@@ -136,11 +140,23 @@ class ScoreTable:
         # caller's tensors must not reach the table.
         self._queued.append((indices.detach().to(torch.int64, copy=True),
                              {f: values[f].detach().to(torch.float32, copy=True) for f in self.fields}, epoch))
+        if len(self._queued) >= self.kMaxQueued:
+            self.apply_queued()
 
-    def _apply_queued(self) -> None:
-        queued, self._queued = self._queued, []
-        for indices, values, epoch in queued:
-            self._apply(indices, values, epoch)
+    def apply_queued(self) -> None:
+        """Applies the queued updates (one copy to the CPU). An update that fails stays
+        queued with the ones after it, so the next read raises again."""
+        if not self._queued:
+            return
+        sizes = [i.numel() for i, _, _ in self._queued]
+        host = torch.cat([torch.cat([i.to(torch.float64)] + [v[f].to(torch.float64) for f in self.fields])
+                          for i, v, _ in self._queued]).to("cpu")
+        rows = torch.split(host, [s * (1 + len(self.fields)) for s in sizes])
+        while self._queued:
+            parts = rows[len(rows) - len(self._queued)].view(1 + len(self.fields), -1)
+            self._apply(parts[0].to(torch.int64), {f: parts[1 + k] for k, f in enumerate(self.fields)},
+                        self._queued[0][2])
+            self._queued.pop(0)
 
     def _apply(self, indices: torch.Tensor, values: dict[str, torch.Tensor], epoch: int) -> None:
         idx = indices.to("cpu", torch.int64)

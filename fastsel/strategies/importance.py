@@ -10,6 +10,7 @@ import torch
 
 from fastsel.reference import Scores
 from fastsel.selection import Selection, sample
+from fastsel import _checks
 from fastsel._checks import check_bool, check_choice, check_positive_int, check_real
 from fastsel.strategies.base import Strategy, keep_in_batch
 
@@ -108,8 +109,9 @@ class CDFSampling(Strategy):
         self._switch: Optional[torch.Tensor] = None
 
     def _switch_on(self, device: torch.device) -> torch.Tensor:
-        if self._switch is None:
-            self._switch = torch.tensor([math.nan, math.nan, 0.0], dtype=torch.float64, device=device)
+        if self._switch is None:  # made on the device: no copy from the host
+            self._switch = torch.full((3,), math.nan, dtype=torch.float64, device=device)
+            self._switch[2] = 0.0
         elif self._switch.device != device:
             self._switch = self._switch.to(device)
         return self._switch
@@ -137,8 +139,8 @@ class CDFSampling(Strategy):
         return self._switch_values(self._switch)[2]
 
     def _observe(self, loss: torch.Tensor) -> torch.Tensor:
-        """Updates the switch with a candidate batch's losses; returns whether the
-        sampling is on (a bool tensor on the device)."""
+        """Updates the initial and running loss with a candidate batch's losses and the
+        switch; returns whether the sampling is on (a bool tensor on the device)."""
         switch = self._switch_on(loss.device)
         finite = torch.isfinite(loss)
         # NaN (0 / 0) when no loss is finite: the state is then left as it was
@@ -147,7 +149,9 @@ class CDFSampling(Strategy):
         initial = torch.where(initial.isnan(), mean, initial)
         smoothed = torch.where(running.isnan(), mean, self.smoothing * running + (1.0 - self.smoothing) * mean)
         running = torch.where(mean.isnan(), running, smoothed)
-        on = (active > 0) | (running < self.switch_ratio * initial)
+        on = active > 0
+        if self.switch_ratio is not None:
+            on = on | (running < self.switch_ratio * initial)
         self._switch = torch.stack([initial, running, on.double()])
         return on
 
@@ -158,12 +162,16 @@ class CDFSampling(Strategy):
         keep_in_batch(self.keep, n)
         importance = _importance(values)
         ones = torch.ones(self.keep, dtype=torch.float32, device=values.device)
-        if self.switch_ratio is None:
+        on = self._observe(scores.loss.detach())
+        if self.switch_ratio is not None and _checks.checks_on_host(on):
+            on = bool(on)  # free on the CPU: only the draw that is used
+        if on is True or self.switch_ratio is None:
             sel = _proportional(importance, self.keep, replacement=self.replacement, seed=seed, step=step)
             return Selection(sel.indices, sel.weights if self.reweight else ones, scores)
-        # Both draws, then the one the switch picks (torch.where on the device): the
-        # proportional one draws from ones while off, so that it is always well defined.
-        on = self._observe(scores.loss.detach())
+        if on is False:
+            return Selection(_uniform(n, self.keep, values.device, seed=seed, step=step).indices, ones, scores)
+        # On an accelerator, both draws and the one the switch picks (torch.where on the
+        # device): the proportional one draws from ones while off, so it is always defined.
         drawn = _proportional(torch.where(on, importance, 1.0), self.keep, replacement=self.replacement,
                               seed=seed, step=step)
         uniform = _uniform(n, self.keep, values.device, seed=seed, step=step)
@@ -259,19 +267,19 @@ class UpperBoundIS(Strategy):
         # The moving average of tau and whether the last step sampled, on the scores'
         # device (the decision is made there, so a step never waits for the device); read
         # as Python numbers only by the properties, stats() and state_dict().
-        self._tau: torch.Tensor = torch.zeros((), dtype=torch.float64)
-        self._active: torch.Tensor = torch.zeros((), dtype=torch.bool)
+        self._tau: Optional[torch.Tensor] = None  # made on the first step's device (0 before)
+        self._active: Optional[torch.Tensor] = None
         self.last_threshold: Optional[float] = None
 
     @property
     def tau(self) -> float:
         """The moving average of tau."""
-        return float(self._tau)
+        return 0.0 if self._tau is None else float(self._tau)
 
     @property
     def active(self) -> bool:
         """Whether the last step's average tau exceeded its threshold."""
-        return bool(self._active)
+        return self._active is not None and bool(self._active)
 
     @property
     def candidate_batch(self) -> int:
@@ -305,27 +313,34 @@ class UpperBoundIS(Strategy):
         n = importance.numel()
         keep_in_batch(self.keep, n)
         device = importance.device
-        self._tau = self.momentum * self._tau.to(device) + (1.0 - self.momentum) * self._increment(importance)
+        increment = self._increment(importance)
+        tau = increment.new_zeros(()) if self._tau is None else self._tau.to(device)
+        self._tau = self.momentum * tau + (1.0 - self.momentum) * increment
         self.last_threshold = self.threshold(n)
         self._active = self._tau > self.last_threshold
-        # Both draws, then the one the switch picks (torch.where on the device): the
-        # proportional one draws from ones when it is not used, so it is always defined.
         sampling = self._active & (importance > 0).any()
+        if _checks.checks_on_host(sampling):  # free on the CPU: only the draw that is used
+            if bool(sampling):
+                return Selection(*sample(importance, self.keep, replacement=True, seed=seed, counter=step)[:2],
+                                 scores)
+            return Selection(*_uniform(n, self.keep, device, seed=seed, step=step)[:2], scores)
+        # On an accelerator, both draws and the one the switch picks (torch.where on the
+        # device): the proportional one draws from ones when unused, so it is always defined.
         drawn = sample(torch.where(sampling, importance, 1.0), self.keep, replacement=True, seed=seed, counter=step)
         uniform = _uniform(n, self.keep, device, seed=seed, step=step)
         return Selection(torch.where(sampling, drawn.indices, uniform.indices),
                          torch.where(sampling, drawn.weights, uniform.weights), scores)
 
-    def _stats_of(self, tau: torch.Tensor, active: torch.Tensor, threshold: Optional[float]) -> dict:
-        return {"active": bool(active), "tau": float(tau), "tau_threshold": threshold}
-
     def stats(self) -> dict:
-        return self._stats_of(self._tau, self._active, self.last_threshold)
+        return {"active": self.active, "tau": self.tau, "tau_threshold": self.last_threshold}
 
     def stats_snapshot(self) -> Callable[[], dict]:
         """``stats()`` of this step, read from the device only when called."""
-        tau, active, threshold = self._tau.clone(), self._active.clone(), self.last_threshold
-        return lambda: self._stats_of(tau, active, threshold)
+        tau = None if self._tau is None else self._tau.clone()
+        active = None if self._active is None else self._active.clone()
+        threshold = self.last_threshold
+        return lambda: {"active": active is not None and bool(active), "tau": 0.0 if tau is None else float(tau),
+                        "tau_threshold": threshold}
 
     def state_dict(self) -> dict:
         return {"tau": self.tau, "active": self.active, "last_threshold": self.last_threshold}

@@ -90,6 +90,18 @@ class RhoLoss(Strategy):
             return self.keep
         return max(1, int(round(self.keep_fraction * n)))
 
+    def _table_on(self, device: torch.device) -> torch.Tensor:
+        """The irreducible-loss table on the ids' device, copied there once (and again only
+        if the table is changed in place), not at every step."""
+        irr = self.irreducible
+        if irr.device == device:
+            return irr
+        key = (device, irr.data_ptr(), irr._version)
+        cached = getattr(self, "_table_copy", None)
+        if cached is None or cached[0] != key:
+            self._table_copy = (key, irr.to(device))
+        return self._table_copy[1]
+
     def irreducible_losses(self, inputs: Any, targets: Optional[torch.Tensor], n: int) -> torch.Tensor:
         """The irreducible losses [n] of the candidate batch."""
         irr = self.irreducible
@@ -97,8 +109,8 @@ class RhoLoss(Strategy):
             idx = self.ids(inputs)
             if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"ids(inputs) must return a 1-D int64 tensor of dataset indices, got {idx!r:.80}")
-            check_index_range(idx, irr.numel(), "ids(inputs), indices into the irreducible-loss table,")
-            out = irr[idx.to(irr.device).long()]
+            check_index_range(idx, irr.numel(), "ids(inputs) (indices into the irreducible-loss table)")
+            out = self._table_on(idx.device)[idx.long()]
         else:
             if targets is None:
                 raise ValueError("RhoLoss needs the candidate batch's targets to compute irreducible losses")
