@@ -145,6 +145,29 @@ def neg_log_unit(u):
 
 
 @triton.jit
+def pow2_float(p):
+    """2^p (float32) for integer p in [-126, 127], from the exponent bits (exact)."""
+    return ((p + 127) << 23).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def race_scale(top):
+    """The two power-of-two factors (2^a, 2^(s - a)) of the header's ``race_scale`` for
+    the largest importance ``top`` (float32): 2^s = 2^-e with top = f 2^e, f in [0.5, 1)
+    (frexp), a = floor(s / 2); (1, 1) when top is not positive and finite. Computed in
+    the kernel from the maximum, where the reference spends several torch ops."""
+    bits = top.to(tl.uint32, bitcast=True)
+    exponent_field = (bits >> 23).to(tl.int32)
+    # A subnormal's frexp exponent comes from its leading one: the float value of the
+    # mantissa bits (exact below 2^24) has that position as its exponent.
+    lead = ((bits.to(tl.float32).to(tl.uint32, bitcast=True) >> 23).to(tl.int32) - 127)
+    e = tl.where(exponent_field != 0, exponent_field - 126, lead - 148)
+    s = tl.where((top > 0.0) & (bits < 0x7F800000), -e, 0)
+    a = s >> 1  # arithmetic shift: floor(s / 2) for negative s too
+    return pow2_float(a), pow2_float(s - a)
+
+
+@triton.jit
 def race_key_bits(w, scale_a, scale_b, seed_lo, seed_hi, counter_lo, counter_hi, index):
     """Exponential-race key of importance ``w`` (float32) for element ``index`` (header:
     ``race_key_bits``): the bits of E / ((w scale_a) scale_b), the two power-of-two

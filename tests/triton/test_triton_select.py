@@ -33,6 +33,7 @@ from fastsel.triton.selection_math import (  # noqa: E402
     open_unit_float,
     philox4x32_10,
     philox_block,
+    race_scale,
     split_words,
     unit_double,
     unit_float,
@@ -461,7 +462,7 @@ _PTX_CHECK = textwrap.dedent("""
 
     kernels = {
         "race_keys": ptx(_race_keys_kernel, {"packed_ptr": "*i64", "importance_ptr": "*fp32",
-            "scale_ptr": "*fp32", "n": "i32", "stride": "i32", "seed_lo": "u32", "seed_hi": "u32", "counter_lo": "u32",
+            "max_ptr": "*fp32", "n": "i32", "stride": "i32", "seed_lo": "u32", "seed_hi": "u32", "counter_lo": "u32",
             "counter_hi": "u32", "BLOCK": "constexpr"},
             {"BLOCK": 1024}),
         "rank_keys": ptx(_rank_keys_kernel, {"packed_ptr": "*i64", "scores_ptr": "*bf16",
@@ -554,3 +555,31 @@ def test_race_keys_of_tiny_and_huge_importances_match_reference(magnitude):
     assert torch.equal(key, ref.race_key_bits(w, 5, 9))
     finite = key[w > 0]
     assert bool((finite < 0x7F800000).all()), "positive importances must get finite keys"
+
+
+@triton.jit
+def _race_scale_kernel(top_ptr, out_ptr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    a, b = race_scale(tl.load(top_ptr + i))
+    tl.store(out_ptr + 2 * i, a)
+    tl.store(out_ptr + 2 * i + 1, b)
+
+
+def test_in_kernel_race_scale_matches_reference_on_every_kind_of_maximum():
+    """The kernel's scale, from the maximum's bits, equals the reference's torch ops for
+    zero, negative, NaN and infinite maxima (unit scale), every subnormal exponent, the
+    normal range's edges and odd/even exponents (floor(s / 2) for s of either sign)."""
+    tops = [0.0, -0.0, -1.0, float("nan"), float("inf"), float("-inf"), 1e-30, 0.3, 0.5, 1.0, 1.5, 2.0,
+            3.0, 1e10, 3.4028234663852886e38, 2.0 ** -126, 1.5 * 2.0 ** -126]
+    tops += [2.0 ** -p for p in range(127, 150)] + [3 * 2.0 ** -p for p in range(128, 149)]
+    tops += [2.0 ** p for p in range(-125, 128, 7)]
+    block = triton.next_power_of_2(len(tops))
+    top = torch.zeros(block, dtype=torch.float32)
+    top[: len(tops)] = torch.tensor(tops, dtype=torch.float64).to(torch.float32)
+    assert int((top[: len(tops)] > 0).sum()) > 80 and bool((top[1:len(tops)] < 2.0 ** -126).any())
+    out = torch.empty(2 * block, dtype=torch.float32)
+    _race_scale_kernel[(1,)](top, out, BLOCK=block)
+    for k, t in enumerate(top[: len(tops)]):
+        want = ref.race_scale(t.reshape(1))
+        got = out[2 * k: 2 * k + 2]
+        assert torch.equal(got, want), (float(t), got.tolist(), want.tolist())
