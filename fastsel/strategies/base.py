@@ -76,7 +76,8 @@ class ScoreTable:
     table is next read (strategies read it when they plan an epoch), at the end of each
     epoch (``ScoreSampler``), or once ``kMaxQueued`` updates wait: copying them to the CPU
     at once would make every training step wait for the device. The queue is copied in one
-    transfer.
+    transfer. A tensor obtained from ``values`` (or ``last``) is the table's own storage:
+    it shows queued updates once the table has applied them.
     """
 
     kMaxQueued = 256
