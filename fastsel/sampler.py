@@ -104,7 +104,7 @@ class ScoreSampler(torch.utils.data.Sampler):
         self.costs = Costs()
         self.epoch = 0
         self._plan: Optional[EpochPlan] = None  # the current epoch's plan, once made
-        self._plan_weights: dict = {}           # its weights on the device asked for (weights())
+        self._plan_weights: Optional[tuple[EpochPlan, torch.Tensor]] = None  # (plan, its weights on a device)
         self._consumed = 0                      # batches of this epoch passed to update()
         self._exhausted = False                 # every batch of this epoch handed out
         self._batch_cache: Optional[tuple[EpochPlan, list[torch.Tensor]]] = None
@@ -119,7 +119,6 @@ class ScoreSampler(torch.utils.data.Sampler):
                                             data=self.data)
             self._check_plan(plan)
             self._plan = plan
-            self._plan_weights = {}
             self.costs.scored += getattr(self.strategy, "last_scored", 0)
         return self._plan
 
@@ -158,7 +157,6 @@ class ScoreSampler(torch.utils.data.Sampler):
         self.table.apply_queued()  # an accelerator's scores of the epoch: one copy, once an epoch
         self.epoch += 1
         self._plan = None
-        self._plan_weights = {}
         self._consumed = 0
         self._exhausted = False
 
@@ -189,11 +187,11 @@ class ScoreSampler(torch.utils.data.Sampler):
             raise RuntimeError("sampler.weights() needs the current epoch's plan: iterate the sampler "
                                "(DataLoader(data, batch_sampler=sampler)) before asking for weights")
         idx = self._check_indices(indices, "weights")
-        plan_weights = self._plan_weights.get(indices.device)
-        if plan_weights is None:  # the epoch's weights copied to the device once, not per batch
-            plan_weights = self._plan.weights.to(indices.device, torch.float32)
-            self._plan_weights = {indices.device: plan_weights}
-        return plan_weights[idx]
+        cached = self._plan_weights
+        if cached is None or cached[0] is not self._plan or cached[1].device != indices.device:
+            # the epoch's weights copied to the device once, not per batch
+            cached = self._plan_weights = (self._plan, self._plan.weights.to(indices.device, torch.float32))
+        return cached[1][idx]
 
     def _check_indices(self, indices, where: str, device: Optional[torch.device] = None) -> torch.Tensor:
         if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32):
@@ -283,7 +281,6 @@ class ScoreSampler(torch.utils.data.Sampler):
         self._consumed = int(state["consumed"])
         self.seed = int(state["seed"])
         self._plan = None if state["plan"] is None else EpochPlan(*state["plan"])
-        self._plan_weights = {}
         self._exhausted = False
         self.table.load_state_dict(state["table"])
         self.strategy.load_state_dict(state["strategy"])

@@ -16,8 +16,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import torch
 
-from fastsel import reference
-from fastsel import _checks
+from fastsel import _checks, reference
 from fastsel._checks import check_real
 from fastsel._extension import CPU_EXTENSION_AVAILABLE
 from fastsel.ops import BACKENDS, _resolve_backend, score

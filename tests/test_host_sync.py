@@ -203,12 +203,12 @@ def test_cdf_without_switch_still_tracks_the_loss(device_like):
 def test_score_table_queue_is_bounded_and_keeps_what_it_could_not_apply(device_like, monkeypatch):
     from fastsel.strategies.base import ScoreTable
 
-    monkeypatch.setattr(ScoreTable, "kMaxQueued", 3)
+    monkeypatch.setattr(ScoreTable, "MAX_QUEUED", 3)
     table = ScoreTable(10)
     for k in range(2):
         table.update_values(torch.tensor([k]), {"loss": torch.tensor([float(k + 1)])}, epoch=0)
     assert len(table._queued) == 2
-    # the third waits for nothing: the queue is applied (one copy per kMaxQueued updates)
+    # the third waits for nothing: the queue is applied (one copy per MAX_QUEUED updates)
     device_like(lambda: table.update_values(torch.tensor([2]), {"loss": torch.tensor([3.0])}, epoch=0))
     assert not table._queued
     # an update that cannot be applied (an index a device assertion would have caught)

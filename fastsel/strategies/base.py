@@ -74,13 +74,13 @@ class ScoreTable:
 
     Values on an accelerator are queued on their device and applied, in order, when the
     table is next read (strategies read it when they plan an epoch), at the end of each
-    epoch (``ScoreSampler``), or once ``kMaxQueued`` updates wait: copying them to the CPU
+    epoch (``ScoreSampler``), or once ``MAX_QUEUED`` updates wait: copying them to the CPU
     at once would make every training step wait for the device. The queue is copied in one
     transfer. A tensor obtained from ``values`` (or ``last``) is the table's own storage:
     it shows queued updates once the table has applied them.
     """
 
-    kMaxQueued = 256
+    MAX_QUEUED = 256
 
     def __init__(self, n: int, fields: tuple[str, ...] = ("loss",)):
         unknown = set(fields) - set(TABLE_FIELDS)
@@ -141,7 +141,7 @@ class ScoreTable:
         # caller's tensors must not reach the table.
         self._queued.append((indices.detach().to(torch.int64, copy=True),
                              {f: values[f].detach().to(torch.float32, copy=True) for f in self.fields}, epoch))
-        if len(self._queued) >= self.kMaxQueued:
+        if len(self._queued) >= self.MAX_QUEUED:
             self.apply_queued()
 
     def apply_queued(self) -> None:
@@ -149,15 +149,15 @@ class ScoreTable:
         queued with the ones after it, so the next read raises again."""
         if not self._queued:
             return
-        sizes = [i.numel() for i, _, _ in self._queued]
-        host = torch.cat([torch.cat([i.to(torch.float64)] + [v[f].to(torch.float64) for f in self.fields])
-                          for i, v, _ in self._queued]).to("cpu")
-        rows = torch.split(host, [s * (1 + len(self.fields)) for s in sizes])
-        while self._queued:
-            parts = rows[len(rows) - len(self._queued)].view(1 + len(self.fields), -1)
-            self._apply(parts[0].to(torch.int64), {f: parts[1 + k] for k, f in enumerate(self.fields)},
-                        self._queued[0][2])
-            self._queued.pop(0)
+        # one flat float64 transfer (exact for indices below 2^53 and for float32 values)
+        host = torch.cat([t.to(torch.float64) for i, v, _ in self._queued
+                          for t in (i, *(v[f] for f in self.fields))]).to("cpu")
+        parts = torch.split(host, [i.numel() for i, _, _ in self._queued for _ in range(1 + len(self.fields))])
+        width = 1 + len(self.fields)
+        for k, (_, _, epoch) in enumerate(list(self._queued)):
+            indices, *values = parts[k * width:(k + 1) * width]
+            self._apply(indices.to(torch.int64), dict(zip(self.fields, values)), epoch)
+            self._queued.pop(0)  # only once applied: a failure keeps it and the ones after it
 
     def _apply(self, indices: torch.Tensor, values: dict[str, torch.Tensor], epoch: int) -> None:
         idx = indices.to("cpu", torch.int64)

@@ -51,6 +51,19 @@ def _proportional(importance: torch.Tensor, k: int, *, replacement: bool, seed: 
     return sample(importance, k, replacement=replacement, seed=seed, counter=step)
 
 
+def _switched(on: torch.Tensor, importance: torch.Tensor, draw: Callable[[torch.Tensor], Selection],
+              uniform: Callable[[], Selection]) -> Selection:
+    """``draw(importance)`` where the 0-d bool ``on`` holds, else ``uniform()``. On the
+    CPU ``on`` is read (free there) and only the used draw is made. On CUDA reading it
+    would make the step wait for the device: both draws are made and ``torch.where``
+    picks, the first one drawing from ones when unused so that it is always defined."""
+    if _checks.checks_on_host(on):
+        return draw(importance) if bool(on) else uniform()
+    drawn, flat = draw(torch.where(on, importance, 1.0)), uniform()
+    return Selection(torch.where(on, drawn.indices, flat.indices), torch.where(on, drawn.weights, flat.weights),
+                     None)
+
+
 class CDFSampling(Strategy):
     """CDF importance sampling (Knutsson, Unnebäck, Jönsson & Eilertsen 2023, "CDF-based
     importance sampling and visualization for neural network training", VCBM,
@@ -161,22 +174,16 @@ class CDFSampling(Strategy):
         n = values.numel()
         keep_in_batch(self.keep, n)
         importance = _importance(values)
-        ones = torch.ones(self.keep, dtype=torch.float32, device=values.device)
         on = self._observe(scores.loss.detach())
-        if self.switch_ratio is not None and _checks.checks_on_host(on):
-            on = bool(on)  # free on the CPU: only the draw that is used
-        if on is True or self.switch_ratio is None:
-            sel = _proportional(importance, self.keep, replacement=self.replacement, seed=seed, step=step)
-            return Selection(sel.indices, sel.weights if self.reweight else ones, scores)
-        if on is False:
-            return Selection(_uniform(n, self.keep, values.device, seed=seed, step=step).indices, ones, scores)
-        # On an accelerator, both draws and the one the switch picks (torch.where on the
-        # device): the proportional one draws from ones while off, so it is always defined.
-        drawn = _proportional(torch.where(on, importance, 1.0), self.keep, replacement=self.replacement,
-                              seed=seed, step=step)
-        uniform = _uniform(n, self.keep, values.device, seed=seed, step=step)
-        weights = torch.where(on, drawn.weights, ones) if self.reweight else ones
-        return Selection(torch.where(on, drawn.indices, uniform.indices), weights, scores)
+
+        def draw(w: torch.Tensor) -> Selection:
+            return _proportional(w, self.keep, replacement=self.replacement, seed=seed, step=step)
+
+        sel = draw(importance) if self.switch_ratio is None else _switched(
+            on, importance, draw, lambda: _uniform(n, self.keep, values.device, seed=seed, step=step))
+        # the uniform draw's weights are ones
+        weights = sel.weights if self.reweight else torch.ones_like(sel.weights)
+        return Selection(sel.indices, weights, scores)
 
     def _stats_of(self, switch: Optional[torch.Tensor]) -> dict:
         initial, running, active = self._switch_values(switch)
@@ -297,12 +304,14 @@ class UpperBoundIS(Strategy):
     def _increment(importance: torch.Tensor) -> torch.Tensor:
         """``equivalent_batch_increment`` as a float64 tensor on the importances' device."""
         s = importance.detach().to(torch.float64)
-        total = s.sum()
         # Σ (g − u)² = Σ g² − 1/B because Σ g = 1, so the ratio under the root is (1/B) / Σ g².
-        g = s / torch.where(total > 0, total, 1.0)
         if _checks.checks_on_host(s):  # the host's correctly rounded sqrt, as in earlier versions
-            return torch.tensor(math.sqrt(s.numel() * float((g * g).sum())) if float(total) > 0 else 1.0,
+            total = float(s.sum())
+            g = s / total if total > 0 else s
+            return torch.tensor(math.sqrt(s.numel() * float((g * g).sum())) if total > 0 else 1.0,
                                 dtype=torch.float64)
+        total = s.sum()
+        g = s / torch.where(total > 0, total, 1.0)
         return torch.where(total > 0, (s.numel() * (g * g).sum()).sqrt(), 1.0)
 
     @staticmethod
@@ -321,18 +330,10 @@ class UpperBoundIS(Strategy):
         self._tau = self.momentum * tau + (1.0 - self.momentum) * increment
         self.last_threshold = self.threshold(n)
         self._active = self._tau > self.last_threshold
-        sampling = self._active & (importance > 0).any()
-        if _checks.checks_on_host(sampling):  # free on the CPU: only the draw that is used
-            if bool(sampling):
-                return Selection(*sample(importance, self.keep, replacement=True, seed=seed, counter=step)[:2],
-                                 scores)
-            return Selection(*_uniform(n, self.keep, device, seed=seed, step=step)[:2], scores)
-        # On an accelerator, both draws and the one the switch picks (torch.where on the
-        # device): the proportional one draws from ones when unused, so it is always defined.
-        drawn = sample(torch.where(sampling, importance, 1.0), self.keep, replacement=True, seed=seed, counter=step)
-        uniform = _uniform(n, self.keep, device, seed=seed, step=step)
-        return Selection(torch.where(sampling, drawn.indices, uniform.indices),
-                         torch.where(sampling, drawn.weights, uniform.weights), scores)
+        sel = _switched(self._active & (importance > 0).any(), importance,
+                        lambda w: sample(w, self.keep, replacement=True, seed=seed, counter=step),
+                        lambda: _uniform(n, self.keep, device, seed=seed, step=step))
+        return Selection(sel.indices, sel.weights, scores)
 
     def stats(self) -> dict:
         return {"active": self.active, "tau": self.tau, "tau_threshold": self.last_threshold}

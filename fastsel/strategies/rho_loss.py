@@ -80,6 +80,7 @@ class RhoLoss(Strategy):
         if ids is not None and not callable(ids):
             raise TypeError(f"ids must be a callable inputs -> indices, got {type(ids).__name__}")
         self.irreducible = irreducible
+        self._table_copy: Optional[tuple] = None  # (device, data_ptr, version) and the table there
         self.keep_fraction = keep_fraction
         self.keep = keep
         self.ids = ids
@@ -97,7 +98,7 @@ class RhoLoss(Strategy):
         if irr.device == device:
             return irr
         key = (device, irr.data_ptr(), irr._version)
-        cached = getattr(self, "_table_copy", None)
+        cached = self._table_copy
         if cached is None or cached[0] != key:
             self._table_copy = (key, irr.to(device))
         return self._table_copy[1]
