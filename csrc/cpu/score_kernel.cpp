@@ -523,7 +523,7 @@ struct RowJob {
     const int64_t runner_up = runner_up_index(row, C, top, buf);
     const MmsWeights& mw = mms->weights;
     if (mms->mode == kMmsTop2 || mw.inv_dist != nullptr) {
-      out->mms[i] = mms_top2_or_gram(row, top.v1, a, runner_up, r.margin, acc_t(-1), buf);
+      out->mms[i] = mms_top2_or_gram(row, top.v1, a, runner_up, r.margin, buf);
       return;
     }
     const acc_t distance = mms_needs_runner_up(r.margin, runner_up)
@@ -535,19 +535,16 @@ struct RowJob {
                                           });
   }
 
-  // The top-2 MMS (distance: ||w_a - w_r||, or negative when not computed yet; unused
-  // when the [C, C] inverse distances exist), or the exact MMS from the inverse distances.
-  // Also for the generic path (write_mms).
-  acc_t mms_top2_or_gram(const scalar_t* row, acc_t za, int64_t a, int64_t r, acc_t margin,
-                         acc_t distance, float* buf) const {
+  // The top-2 MMS, or the exact MMS from the [C, C] inverse distances (small C), for the
+  // generic path (write_mms) and the group path (group_mms).
+  acc_t mms_top2_or_gram(const scalar_t* row, acc_t za, int64_t a, int64_t r, acc_t margin, float* buf) const {
     const MmsWeights& mw = mms->weights;
     if (mms->mode == kMmsExact) {
       return mms_exact_gram<acc_t>(za, a, r, margin, mw, [&](auto&& visit_block) { row_blocks(row, buf, visit_block); });
     }
     if (const auto trivial = mms_without_distance(margin, r)) return *trivial;
     if (mw.inv_dist != nullptr) return margin * static_cast<const acc_t*>(mw.inv_dist)[a * C + r];
-    if (distance < acc_t(0)) distance = pair_distance(static_cast<const acc_t*>(mw.w), mw.D, a, r);
-    return margin / distance;
+    return margin / pair_distance(static_cast<const acc_t*>(mw.w), mw.D, a, r);
   }
 
   // MMS of the rows of a group (C <= kBlock), after their row passes: the rows are still
@@ -558,39 +555,38 @@ struct RowJob {
   // way reach_factor (mms.h) adapts.
   void group_mms(int64_t i0, int64_t rows, const bool* ok, const float* v1, const float* v2,
                  const float* i1, const RowCandidates* candidates, float& reach_factor, float* buf) const {
-    if constexpr (std::is_same_v<acc_t, float>) {
-      const MmsWeights& mw = mms->weights;
-      ListedColumns list;
-      for (int64_t r = 0; r < rows; ++r) {
-        if (!ok[r]) continue;
-        const scalar_t* row = base + (i0 + r) * row_stride;
-        const int64_t a = static_cast<int64_t>(i1[r]);
-        const float margin = v1[r] - v2[r];
-        list.gather(candidates[r], row);
-        int64_t ru = candidates[r].covers(v2[r]) ? list.find(v2[r], a) : -1;
-        if (ru < 0) {
-          Top2<float> top;
-          top.v1 = v1[r]; top.v2 = v2[r]; top.i1 = a; top.i2 = -1;
-          ru = runner_up_index(row, C, top, buf);
-        }
-        if (mms->mode == kMmsTop2 || mw.inv_dist != nullptr) {
-          out->mms[i0 + r] = mms_top2_or_gram(row, v1[r], a, ru, margin, -1.f, buf);
-          continue;
-        }
-        const float distance = mms_needs_runner_up(margin, ru) ? pair_distance(static_cast<const float*>(mw.w), mw.D, a, ru) : 1.f;
-        out->mms[i0 + r] = mms_exact_pruned<float>(v1[r], a, ru, margin, distance, mw, [&](float threshold, auto&& visit) {
-          if (list.complete && candidates[r].covers(threshold)) {
-            for (int k = 0; k < list.n; ++k) {
-              const int64_t j = list.index[k];
-              if (list.value[k] >= threshold && j != a && j != ru) visit(j, list.value[k]);
-            }
-            reach_factor = std::max(1.f, reach_factor * kReachDecay);
-            return;
-          }
-          if (list.complete) reach_factor = std::min(kMaxReachFactor, reach_factor * kReachGrowth);  // floor too high
-          sweep_candidates(row, threshold, a, ru, buf, visit);
-        });
+    static_assert(std::is_same_v<acc_t, float>);
+    const MmsWeights& mw = mms->weights;
+    ListedColumns list;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!ok[r]) continue;
+      const scalar_t* row = base + (i0 + r) * row_stride;
+      const int64_t a = static_cast<int64_t>(i1[r]);
+      const float margin = v1[r] - v2[r];
+      list.gather(candidates[r], row);
+      int64_t ru = candidates[r].covers(v2[r]) ? list.find(v2[r], a) : -1;
+      if (ru < 0) {
+        Top2<float> top;
+        top.v1 = v1[r]; top.v2 = v2[r]; top.i1 = a; top.i2 = -1;
+        ru = runner_up_index(row, C, top, buf);
       }
+      if (mms->mode == kMmsTop2 || mw.inv_dist != nullptr) {
+        out->mms[i0 + r] = mms_top2_or_gram(row, v1[r], a, ru, margin, buf);
+        continue;
+      }
+      const float distance = mms_needs_runner_up(margin, ru) ? pair_distance(static_cast<const float*>(mw.w), mw.D, a, ru) : 1.f;
+      out->mms[i0 + r] = mms_exact_pruned<float>(v1[r], a, ru, margin, distance, mw, [&](float threshold, auto&& visit) {
+        if (list.complete && candidates[r].covers(threshold)) {
+          for (int k = 0; k < list.n; ++k) {
+            const int64_t j = list.index[k];
+            if (list.value[k] >= threshold && j != a && j != ru) visit(j, list.value[k]);
+          }
+          reach_factor = std::max(1.f, reach_factor * kReachDecay);
+          return;
+        }
+        if (list.complete) reach_factor = std::min(kMaxReachFactor, reach_factor * kReachGrowth);  // floor too high
+        sweep_candidates(row, threshold, a, ru, buf, visit);
+      });
     }
   }
 
