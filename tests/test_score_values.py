@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import fastsel
 from fastsel_test_helpers import (
     BACKENDS,
+    requires_extension,
     FLOAT_DTYPES,
     assert_scores_close,
     oracle,
@@ -577,6 +578,77 @@ def test_mms_matches_oracle_and_brute_force(backend, mms, c, d, wdtype):
     if mms == "exact":
         top2 = fastsel.score(logits, target, weight=weight, mms="top2", backend=backend).mms
         assert (s.mms <= top2 * (1 + 1e-5)).all()  # the min over all competitors <= runner-up's
+
+
+def _gram_mms_float32(logits: torch.Tensor, weight: torch.Tensor, mode: str) -> torch.Tensor:
+    """The MMS as the CPU kernel computes it for C <= 256, op for op in float32.
+
+    The kernel takes 1 / ||w_a - w_j|| from the Gram form (one ``mm``, ``sub`` with
+    alpha 2, ``rsqrt``) and the row's exact MMS as min over j != a of (z_a - z_j) * that,
+    where a NaN product is passed over, or its top-2 MMS as (z_a - z_r) * that for the
+    first runner-up r; 0 on a tie at the maximum, +inf without a finite competitor.
+    Only for heads without near-duplicate classes (whose pairs the kernel recomputes
+    from the row difference).
+    """
+    w = weight.float().contiguous()
+    gram = torch.mm(w, w.t())
+    sq = gram.diagonal()
+    sum_sq = sq[:, None] + sq[None, :]
+    d2 = torch.sub(sum_sq, gram, alpha=2)
+    off_diagonal = ~torch.eye(len(w), dtype=torch.bool)
+    assert not ((d2 < sum_sq / 64) & off_diagonal).any(), "a near-duplicate pair: not modelled"
+    inv = d2.clamp_min(0).rsqrt()
+    z = logits.float()
+    top2 = z.topk(min(2, z.shape[1]), dim=1)
+    za = top2.values[:, :1]
+    a = z.argmax(dim=1)
+    prod = (za - z) * inv[a]
+    if mode == "exact":
+        prod = torch.where(torch.isnan(prod), INF, prod).scatter(1, a[:, None], INF)
+        best = prod.min(dim=1).values
+    else:
+        runner_up = z.scatter(1, a[:, None], -INF).argmax(dim=1)  # the first one
+        best = prod.gather(1, runner_up[:, None]).squeeze(1)
+    if z.shape[1] == 1:
+        return torch.full_like(best, INF)
+    margin = top2.values[:, 0] - top2.values[:, 1]
+    best = torch.where(torch.isfinite(margin) & (margin > 0), best, torch.full_like(best, INF))
+    return torch.where(margin == 0, torch.zeros_like(best), best)
+
+
+@requires_extension
+@pytest.mark.parametrize("mms", ["exact", "top2"])
+@pytest.mark.parametrize("c", [1, 2, 3, 10, 16, 17, 31, 32, 33, 100, 129, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: dtype_ids[d])
+def test_gram_mms_bit_exact(c, dtype, mms):
+    """C <= 256 (the Gram method): the kernel's MMS equals the float32 model bit for bit.
+
+    Covers the lane-wise path (C <= 128, 16 rows at a time; the exact MMS with the
+    inverse distances in registers up to C = 32, the top-2 MMS by one gather), the
+    row-wise path above, a partial last group, ties at the maximum and at the runner-up,
+    -inf logits, rows with a single finite class, and a class whose weight row is NaN
+    (the exact MMS passes its products over).
+    """
+    g = torch.Generator().manual_seed(c)
+    n = 37
+    logits = (3 * torch.randn(n, c, generator=g)).to(dtype)
+    if c >= 2:
+        logits[0, 0] = logits[0, 1] = logits[0].max() + 1  # tie at the maximum: 0
+        logits[1, : c // 2] = -INF  # -inf entries
+        logits[2] = -INF
+        logits[2, c - 1] = 1.0  # a single finite class: +inf
+    if c >= 3:
+        logits[3, 1] = logits[3, 2] = logits[3].max() + 2  # ties at the max again, later
+        logits[4, c - 1] = logits[4].max() + 1
+        logits[4, 0] = logits[4, c // 2] = logits[4, c - 1] - 0.5  # tied runner-ups
+    weight = torch.randn(c, 8, generator=g)
+    if c >= 4:
+        weight[c // 3] = float("nan")
+    target = random_target(n, c, seed=3)
+    got = fastsel.score(logits, target, weight=weight, mms=mms, backend="cpu").mms
+    want = _gram_mms_float32(logits, weight, mms)
+    # the top-2 MMS of a row whose prediction or runner-up is the NaN class is NaN
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
 def _mms_adversarial_batch(c: int, d: int):

@@ -210,6 +210,89 @@ std::optional<acc_t> mms_without_distance(acc_t margin, int64_t r) {
   return std::nullopt;
 }
 
+// min over j in [0, n), j != skip, of (za - x[j]) * q[j], where za is the row's maximum
+// and x[j] < za for j != skip (a tie returns before this), so no 0 * inf: the Gram
+// method's per-row loop. A NaN product (a NaN weight) is passed over, as std::min(best,
+// NaN) does. The float version runs a vector's width of classes per step: the scalar
+// loop waits on its min's latency every class (~150 ns a row at C = 100).
+inline double min_scaled_gap(const double* x, const double* q, int64_t n, double za, int64_t skip) {
+  double best = std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    if (j != skip) best = std::min(best, (za - x[j]) * q[j]);
+  }
+  return best;
+}
+
+inline float min_scaled_gap(const float* x, const float* q, int64_t n, float za, int64_t skip) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const Vec top(za), inf(kInf), lane = Vec::arange(0.f, 1.f);
+  Vec best(kInf);
+  auto step = [&](const Vec& xv, const Vec& qv, int64_t k) {
+    // the skipped class's lane, by its offset in the step (exact in float)
+    const Vec t = Vec::blendv((top - xv) * qv, inf, lane == Vec(static_cast<float>(skip - k)));
+    best = Vec::blendv(best, t, t < best);  // std::min(best, t): NaN t leaves best
+  };
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) step(Vec::loadu(x + k), Vec::loadu(q + k), k);
+  if (k < n) step(load_partial(x + k, n - k, -kInf), load_partial(q + k, n - k, 1.f), k);  // gap +inf
+  return hmin(best);
+}
+
+#if defined(FASTSEL_VEC512)
+// mms_without_distance for 16 rows at once: 0 where the margin is 0 (a tie), +inf where
+// the row has no runner-up or the margin is not finite, `value` elsewhere.
+inline Vec lanes_without_distance(const Vec& margin, const Vec& runner_up, const Vec& value) {
+  const __m512 zero = _mm512_setzero_ps(), inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  const __mmask16 tie = _mm512_cmp_ps_mask(margin, zero, _CMP_EQ_OQ);
+  const __mmask16 needs = _mm512_cmp_ps_mask(runner_up, zero, _CMP_GE_OQ) &
+                          _mm512_cmp_ps_mask(margin, zero, _CMP_GT_OQ) & _mm512_cmp_ps_mask(margin, inf, _CMP_LT_OQ);
+  return _mm512_mask_mov_ps(_mm512_mask_mov_ps(inf, needs, value), tie, zero);
+}
+
+// Classes up to which lanes_mms_gram holds a row of the inverse distances in registers.
+constexpr int64_t kLaneMmsMaxClasses = 32;
+
+// Exact MMS, from the [C, C] inverse distances inv (C <= kLaneMmsMaxClasses), of the 16
+// rows of the lane-wise layout x[j * 16 + l] = z_lj, given their maxima v1, runner-up
+// values v2 and the predictions a (lane l: row l's). The same products and minimum as
+// mms_exact_gram per row (so the same bits): inv is symmetric, so the entries the 16
+// lanes need at class j, inv[a_l, j], are row j's entries a_l, picked from registers
+// with one permute instead of 16 row reads. Lanes of invalid rows come out meaningless.
+inline Vec lanes_mms_gram(const float* x, int64_t C, const float* inv, const Vec& v1, const Vec& v2,
+                          const Vec& a, const Vec& runner_up) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const __m512 inf = _mm512_set1_ps(kInf);
+  const __m512i a_index = _mm512_cvttps_epi32(a);
+  const __mmask16 lo_mask = static_cast<__mmask16>((1u << std::min<int64_t>(C, 16)) - 1);
+  const __mmask16 hi_mask = static_cast<__mmask16>(C > 16 ? (1u << (C - 16)) - 1 : 0);
+  __m512 best = inf;
+  for (int64_t j = 0; j < C; ++j) {
+    const __m512 lo = _mm512_maskz_loadu_ps(lo_mask, inv + j * C);
+    const __m512 hi = _mm512_maskz_loadu_ps(hi_mask, inv + j * C + 16);
+    const __m512 q = _mm512_permutex2var_ps(lo, a_index, hi);
+    const __m512 t = _mm512_mul_ps(_mm512_sub_ps(v1, _mm512_loadu_ps(x + j * 16)), q);
+    // std::min(best, t) for j != a: NaN t leaves best
+    const __mmask16 take = _mm512_cmp_ps_mask(t, best, _CMP_LT_OQ) &
+                           _mm512_cmp_ps_mask(a, _mm512_set1_ps(static_cast<float>(j)), _CMP_NEQ_UQ);
+    best = _mm512_mask_mov_ps(best, take, t);
+  }
+  return lanes_without_distance(v1 - v2, runner_up, best);
+}
+
+// Top-2 MMS of the same 16 rows, margin * inv[a, r] with r = runner_up (-1: none), as
+// mms_top2_or_gram per row: one gather for the 16 rows instead of a call chain per row.
+inline Vec lanes_mms_top2(int64_t C, const float* inv, const Vec& v1, const Vec& v2, const Vec& a,
+                          const Vec& runner_up) {
+  const Vec margin = v1 - v2;
+  const __mmask16 ok = _mm512_cmp_ps_mask(runner_up, _mm512_setzero_ps(), _CMP_GE_OQ) &
+                       _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GE_OQ);
+  const __m512i index = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_cvttps_epi32(a), _mm512_set1_epi32(static_cast<int>(C))),
+                                         _mm512_cvttps_epi32(runner_up));
+  const __m512 q = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), ok, index, inv, 4);  // masked lanes not read
+  return lanes_without_distance(margin, runner_up, _mm512_mul_ps(margin, q));
+}
+#endif
+
 // Exact MMS of one valid row with prediction a (value za), runner-up r and top-2
 // margin (za - z_r), when the [C, C] inverse distances are precomputed (small C):
 // blocks(visit_block) must call visit_block(x, j0, n) for the row's columns as acc_t
@@ -220,9 +303,7 @@ acc_t mms_exact_gram(acc_t za, int64_t a, int64_t r, acc_t margin, const MmsWeig
   acc_t best = std::numeric_limits<acc_t>::infinity();
   blocks([&](const acc_t* x, int64_t j0, int64_t n) {
     const acc_t* q = static_cast<const acc_t*>(mw.inv_dist) + a * n;  // one block: j0 = 0, n = C
-    for (int64_t j = 0; j < n; ++j) {
-      if (j != a) best = std::min(best, (za - x[j]) * q[j]);  // z_j < za: no 0 * inf
-    }
+    best = min_scaled_gap(x, q, n, za, a);
   });
   return best;
 }

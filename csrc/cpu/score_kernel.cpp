@@ -755,8 +755,20 @@ struct RowJob {
     }
     finalize_lanes(i0, rows, v1, v2, i1, Vec::loadu(n_eq_a), d_sub, s1, s2, Vec::loadu(zy_a),
                    Vec::loadu(yf_a));
-    alignas(64) float m_a[kLanes], chk_a[kLanes], v2_a[kLanes], i1_a[kLanes], i2_a[kLanes];
+    alignas(64) float m_a[kLanes], chk_a[kLanes], v2_a[kLanes], i1_a[kLanes], i2_a[kLanes], mms_a[kLanes];
     v1.store(m_a); check.store(chk_a); v2.store(v2_a); i1.store(i1_a); i2.store(i2_a);
+    bool lane_mms_done = false;
+#if defined(FASTSEL_VEC512)
+    // 16 rows at once from the [C, C] inverse distances (mms.h); else per row (lane_mms)
+    const auto* inv = static_cast<const float*>(mms->weights.inv_dist);
+    if (inv != nullptr && mms->mode == kMmsExact && C <= kLaneMmsMaxClasses) {
+      lanes_mms_gram(tbuf, C, inv, v1, v2, i1, i2).store(mms_a);
+      lane_mms_done = true;
+    } else if (inv != nullptr && mms->mode == kMmsTop2) {
+      lanes_mms_top2(C, inv, v1, v2, i1, i2).store(mms_a);
+      lane_mms_done = true;
+    }
+#endif
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
       // NaN / +inf (non-finite check sum other than -inf) or no finite element
@@ -767,7 +779,11 @@ struct RowJob {
         continue;
       }
       out->pred[i] = static_cast<int64_t>(i1_a[r]);
-      lane_mms(i, m_a[r], v2_a[r], static_cast<int64_t>(i1_a[r]), static_cast<int64_t>(i2_a[r]), buf);
+      if (lane_mms_done) {
+        out->mms[i] = mms_a[r];
+      } else {
+        lane_mms(i, m_a[r], v2_a[r], static_cast<int64_t>(i1_a[r]), static_cast<int64_t>(i2_a[r]), buf);
+      }
     }
   }
 };
