@@ -621,7 +621,8 @@ def _gram_mms_float32(logits: torch.Tensor, weight: torch.Tensor, mode: str) -> 
 @pytest.mark.parametrize("c", [1, 2, 3, 10, 16, 17, 31, 32, 33, 100, 129, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: dtype_ids[d])
 def test_gram_mms_bit_exact(c, dtype, mms):
-    """C <= 256 (the Gram method): the kernel's MMS equals the float32 model bit for bit.
+    """C <= 256 and N >= C^2 (the Gram method): the kernel's MMS equals the float32 model
+    bit for bit.
 
     Covers the lane-wise path (C <= 128, 16 rows at a time; the exact MMS with the
     inverse distances in registers up to C = 32, the top-2 MMS by one gather), the
@@ -630,7 +631,7 @@ def test_gram_mms_bit_exact(c, dtype, mms):
     (the exact MMS passes its products over).
     """
     g = torch.Generator().manual_seed(c)
-    n = 37
+    n = max(37, c * c + 5)  # fewer rows take the per-row distances (test_mms_matches_oracle...)
     logits = (3 * torch.randn(n, c, generator=g)).to(dtype)
     if c >= 2:
         logits[0, 0] = logits[0, 1] = logits[0].max() + 1  # tie at the maximum: 0

@@ -17,9 +17,9 @@
 // (RowCandidates); wider rows sweep the row again while it is in cache
 // (for_each_at_least), as do rows whose list falls short.
 //
-// For small C the Gram matrix is the cheaper side (C^2 D is tiny, while a distance costs
-// D per row): the [C, C] inverse distances are computed once per call (inverse_distances
-// in score_kernel.cpp) and each row takes a plain multiply-min over its C entries.
+// For small C and many rows the Gram matrix is the cheaper side (use_mms_gram): the
+// [C, C] inverse distances are computed once per call (inverse_distances in
+// score_kernel.cpp) and each row takes a plain multiply-min over its C entries.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -34,8 +34,17 @@
 
 namespace fastsel::cpu {
 
-// Classes up to which the exact MMS uses the [C, C] inverse-distance matrix.
+// Classes up to which the MMS may use the [C, C] inverse-distance matrix.
 constexpr int64_t kMmsGramMaxClasses = 256;
+
+// Whether a call of N rows takes its MMS distances from the [C, C] matrix (C^2 D
+// multiply-adds once, then C per row) rather than per row (~2 distances of D each, plus
+// the candidate search). D drops out of the comparison, and C^2 <= N is where the two
+// cost the same on this project's machine (D = 512, 2 threads: at C = 100 the matrix
+// took 0.22 ms against 0.09 for 640 rows, 6.3 ms against 8.2 for 65536; equal at
+// C = 256, N = 65536). The two agree to float32 rounding, not bit for bit, so a row's
+// MMS can change in its last bits with the size of the batch it is scored in.
+inline bool use_mms_gram(int64_t N, int64_t C) { return C <= kMmsGramMaxClasses && C * C <= N; }
 
 struct MmsWeights {
   const void* inv_dist = nullptr;  // [C, C] 1 / ||w_a - w_j||, acc_t, when C <= kMmsGramMaxClasses
