@@ -38,13 +38,17 @@ namespace fastsel::cpu {
 constexpr int64_t kMmsGramMaxClasses = 256;
 
 // Whether a call of N rows takes its MMS distances from the [C, C] matrix (C^2 D
-// multiply-adds once, then C per row) rather than per row (~2 distances of D each, plus
-// the candidate search). D drops out of the comparison, and C^2 <= N is where the two
-// cost the same on this project's machine (D = 512, 2 threads: at C = 100 the matrix
-// took 0.22 ms against 0.09 for 640 rows, 6.3 ms against 8.2 for 65536; equal at
-// C = 256, N = 65536). The two agree to float32 rounding, not bit for bit, so a row's
+// multiply-adds once, then C per row) rather than per row (the exact MMS ~2 distances
+// of D each plus the candidate search, the top-2 MMS one distance). D drops out of the
+// comparison; where the two cost the same was measured on this project's machine
+// (D = 512, 2 threads, interleaved A/B): the exact MMS at C^2 ~ 4N (C = 100: the matrix
+// 0.16 ms against 0.09-0.11 per row for 640 rows, 0.35 against 0.41-0.54 for 4096;
+// C = 256: 0.79 against 0.47-0.64 for 4096 rows, 2.07 against 2.28 for 16384), the
+// top-2 MMS at C^2 ~ N. The two agree to float32 rounding, not bit for bit, so a row's
 // MMS can change in its last bits with the size of the batch it is scored in.
-inline bool use_mms_gram(int64_t N, int64_t C) { return C <= kMmsGramMaxClasses && C * C <= N; }
+inline bool use_mms_gram(int64_t N, int64_t C, bool exact) {
+  return C <= kMmsGramMaxClasses && C * C <= (exact ? 4 : 1) * N;
+}
 
 struct MmsWeights {
   const void* inv_dist = nullptr;  // [C, C] 1 / ||w_a - w_j||, acc_t, when C <= kMmsGramMaxClasses

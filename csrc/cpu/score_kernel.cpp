@@ -905,7 +905,7 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
   at::Tensor w, radius, inv_dist;
   if (mms_mode != kMmsNone) {
     w = weight->to(opts.dtype()).contiguous();
-    if (use_mms_gram(N, C)) {  // both modes read their distances from the matrix
+    if (use_mms_gram(N, C, mms_mode == kMmsExact)) {  // distances from the matrix
       inv_dist = inverse_distances(w);
       mms_in.weights.inv_dist = inv_dist.const_data_ptr();
     }
