@@ -4,8 +4,10 @@ On an accelerator every ``.item()``, ``bool(t)``, ``float(t)`` or ``.tolist()`` 
 tensor makes the host wait until the device has run everything queued before it. There is
 no GPU here, so the tests simulate one on the CPU: ``fastsel._checks.checks_on_host`` is
 turned off (so value checks take their asynchronous device path and the score table
-queues its updates, as they do on an accelerator), and every way of reading a tensor
-value on the host raises. A selector step, a sampler update, and each in-batch strategy's
+queues its updates, as they do on an accelerator), and the usual ways of reading a
+tensor value on the host raise: ``item``, ``tolist``, ``bool``/``int``/``float``/index
+conversion, ``cpu``, ``numpy`` and ``to("cpu")``. Syncs that go through none of them
+(``nonzero``, boolean-mask indexing, ``torch.equal``) are not caught. A selector step, a sampler update, and each in-batch strategy's
 choose then have to run through; reading their statistics or state afterwards may sync,
 and does.
 """

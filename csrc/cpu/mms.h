@@ -227,7 +227,8 @@ std::optional<acc_t> mms_without_distance(acc_t margin, int64_t r) {
 // and x[j] < za for j != skip (a tie returns before this), so no 0 * inf: the Gram
 // method's per-row loop. A NaN product (a NaN weight) is passed over, as std::min(best,
 // NaN) does. The float version runs a vector's width of classes per step: the scalar
-// loop waits on its min's latency every class (~150 ns a row at C = 100).
+// loop waited on its min's latency every class (the MMS at 65536 x 100 on one thread
+// went from 87 to 58 ns a row).
 inline double min_scaled_gap(const double* x, const double* q, int64_t n, double za, int64_t skip) {
   double best = std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < n; ++j) {

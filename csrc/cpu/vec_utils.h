@@ -65,17 +65,8 @@ inline float hmax(const Vec& v) {
 #endif
 }
 
-inline float hmin(const Vec& v) {
-#if defined(FASTSEL_VEC512)
-  return _mm512_reduce_min_ps(v);
-#else
-  alignas(64) float a[kLanes];
-  v.store(a);
-  float m = a[0];
-  for (int64_t i = 1; i < kLanes; ++i) m = std::min(m, a[i]);
-  return m;
-#endif
-}
+// Negation is exact, so this is the lanes' minimum (for lanes without NaN).
+inline float hmin(const Vec& v) { return -hmax(-v); }
 
 // Number of lanes of v equal to x.
 inline int count_equal(const Vec& v, float x) {

@@ -281,12 +281,12 @@ class UpperBoundIS(Strategy):
     @property
     def tau(self) -> float:
         """The moving average of tau."""
-        return 0.0 if self._tau is None else float(self._tau)
+        return self._stats_of(self._tau, self._active, None)["tau"]
 
     @property
     def active(self) -> bool:
         """Whether the last step's average tau exceeded its threshold."""
-        return self._active is not None and bool(self._active)
+        return self._stats_of(self._tau, self._active, None)["active"]
 
     @property
     def candidate_batch(self) -> int:
@@ -307,9 +307,10 @@ class UpperBoundIS(Strategy):
         # Σ (g − u)² = Σ g² − 1/B because Σ g = 1, so the ratio under the root is (1/B) / Σ g².
         if _checks.checks_on_host(s):  # the host's correctly rounded sqrt, as in earlier versions
             total = float(s.sum())
-            g = s / total if total > 0 else s
-            return torch.tensor(math.sqrt(s.numel() * float((g * g).sum())) if total > 0 else 1.0,
-                                dtype=torch.float64)
+            if not total > 0:
+                return torch.tensor(1.0, dtype=torch.float64)
+            g = s / total
+            return torch.tensor(math.sqrt(s.numel() * float((g * g).sum())), dtype=torch.float64)
         total = s.sum()
         g = s / torch.where(total > 0, total, 1.0)
         return torch.where(total > 0, (s.numel() * (g * g).sum()).sqrt(), 1.0)
@@ -317,7 +318,7 @@ class UpperBoundIS(Strategy):
     @staticmethod
     def equivalent_batch_increment(importance: torch.Tensor) -> float:
         """tau = 1 / sqrt(1 − ‖g − u‖² / ‖g‖²) of one candidate batch (1 if all zero)."""
-        return float(UpperBoundIS._increment(importance)) if importance.numel() else 1.0
+        return float(UpperBoundIS._increment(importance))
 
     def choose(self, scores: Scores, *, step: int, seed: int, inputs: Any = None,
                targets: Optional[torch.Tensor] = None) -> Selection:
@@ -335,16 +336,20 @@ class UpperBoundIS(Strategy):
                         lambda: _uniform(n, self.keep, device, seed=seed, step=step))
         return Selection(sel.indices, sel.weights, scores)
 
+    @staticmethod
+    def _stats_of(tau: Optional[torch.Tensor], active: Optional[torch.Tensor], threshold) -> dict:
+        return {"active": active is not None and bool(active), "tau": 0.0 if tau is None else float(tau),
+                "tau_threshold": threshold}
+
     def stats(self) -> dict:
-        return {"active": self.active, "tau": self.tau, "tau_threshold": self.last_threshold}
+        return self._stats_of(self._tau, self._active, self.last_threshold)
 
     def stats_snapshot(self) -> Callable[[], dict]:
         """``stats()`` of this step, read from the device only when called."""
         tau = None if self._tau is None else self._tau.clone()
         active = None if self._active is None else self._active.clone()
         threshold = self.last_threshold
-        return lambda: {"active": active is not None and bool(active), "tau": 0.0 if tau is None else float(tau),
-                        "tau_threshold": threshold}
+        return lambda: self._stats_of(tau, active, threshold)
 
     def state_dict(self) -> dict:
         return {"tau": self.tau, "active": self.active, "last_threshold": self.last_threshold}
