@@ -652,6 +652,29 @@ def test_gram_mms_bit_exact(c, dtype, mms):
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("c", [10, 40, 200])
+def test_gram_mms_recomputes_cancelling_pairs(c):
+    """The Gram method (C <= 256, N >= C^2) with rows that share a large component and a
+    near-duplicate pair: ||w_a||^2 + ||w_j||^2 - 2 w_a.w_j cancels for every pair (in
+    float32 the near-duplicate pair's distance, ~0.008 against norms ~160, would be lost
+    entirely), so the kernel recomputes them from the row difference; both orders of the
+    near-duplicate pair (as prediction and runner-up) must match brute force."""
+    g = torch.Generator().manual_seed(c)
+    weight = torch.randn(c, 64, generator=g) + 20.0
+    weight[3] = weight[1] + 1e-3 * torch.randn(64, generator=g)
+    n = c * c + 5
+    logits = 3 * torch.randn(n, c, generator=g)
+    for i, (a, r) in enumerate(((1, 3), (3, 1), (1, 2), (3, c - 1))):
+        logits[i, a] = logits[i].max() + 1.0
+        logits[i, r] = logits[i, a] - 0.25
+    target = random_target(n, c, seed=5)
+    for mms in ("exact", "top2"):
+        got = fastsel.score(logits, target, weight=weight, mms=mms, backend="cpu").mms
+        torch.testing.assert_close(got.double(), _mms_brute(logits, weight, mms), rtol=1e-4, atol=1e-6)
+    # rows 0 and 1 (the near-duplicate pair both ways): 0.25 / ~0.008
+    assert (got[:2] > 10).all()
+
+
 def _mms_adversarial_batch(c: int, d: int):
     """Rows and a head that stress how the CPU kernel finds MMS candidates.
 

@@ -859,33 +859,47 @@ void throw_if_bad_target(int64_t bad_row, const at::Tensor& target, int64_t C,
 constexpr double kGramCancellationRatio = 1.0 / 64;
 
 // 1 / ||w_a - w_j|| for every pair of rows of w (contiguous), [C, C] (inf for identical
-// rows). One at::mm gives the Gram form ||w_a||^2 + ||w_j||^2 - 2 w_a.w_j; it cancels
-// where two rows nearly coincide (in float32, rows 1e-3 apart relative to their norm came
-// out ~10% off), so those pairs are recomputed from the difference of the rows. The
-// diagonal is never read (j != a). Centring the rows first would flag fewer pairs when
-// all rows share a large component, but cost more per call (~+25 us at C = 100) than the
-// recomputation of the few pairs flagged in practice.
+// rows and on the diagonal, which is never read: j != a). One at::mm gives the Gram form
+// ||w_a||^2 + ||w_j||^2 - 2 w_a.w_j; it cancels where two rows nearly coincide (in
+// float32, rows 1e-3 apart relative to their norm came out ~10% off), so those pairs are
+// recomputed from the difference of the rows. Centring the rows first would flag fewer
+// pairs when all rows share a large component, but cost more per call (~+25 us at
+// C = 100) than the recomputation of the few pairs flagged in practice.
+//
+// Everything after the product is one loop over the upper triangle, mirrored: the eight
+// elementwise torch ops it replaced (sum of norms, sub, compare, nonzero, clamp, rsqrt)
+// cost ~20 us a call at C = 10, most of the MMS of a 640-row batch, and the mirror
+// makes the matrix symmetric bit for bit, which lanes_mms_gram (mms.h) relies on.
 at::Tensor inverse_distances(const at::Tensor& w) {
+  const int64_t C = w.size(0), D = w.size(1);
   const at::Tensor gram = at::mm(w, w.t());
-  const at::Tensor sq = gram.diagonal();
-  const at::Tensor sum_sq = sq.unsqueeze(1) + sq.unsqueeze(0);
-  at::Tensor d2 = at::sub(sum_sq, gram, /*alpha=*/2);
-  at::Tensor cancelling = d2 < sum_sq.mul(kGramCancellationRatio);
-  cancelling.fill_diagonal_(false);
-  const at::Tensor pairs = cancelling.nonzero();  // [K, 2], usually empty
-  if (pairs.size(0) > 0) {
-    const int64_t* pair = pairs.const_data_ptr<int64_t>();
-    const int64_t C = w.size(0), D = w.size(1);
-    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "fastsel_inverse_distances", [&] {
-      const scalar_t* rows = w.const_data_ptr<scalar_t>();
-      scalar_t* out = d2.mutable_data_ptr<scalar_t>();
-      for (int64_t k = 0; k < pairs.size(0); ++k) {
-        const scalar_t d = pair_distance(rows, D, pair[2 * k], pair[2 * k + 1]);
-        out[pair[2 * k] * C + pair[2 * k + 1]] = d * d;
+  at::Tensor inv = at::empty({C, C}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "fastsel_inverse_distances", [&] {
+    const scalar_t* g = gram.const_data_ptr<scalar_t>();
+    const scalar_t* rows = w.const_data_ptr<scalar_t>();
+    scalar_t* out = inv.mutable_data_ptr<scalar_t>();
+    const scalar_t ratio = static_cast<scalar_t>(kGramCancellationRatio);
+    // row a does C - 1 - a pairs: a grain of rows is ~4096 pairs on average
+    at::parallel_for(0, C, std::max<int64_t>(1, 8192 / std::max<int64_t>(C, 1)), [&](int64_t a0, int64_t a1) {
+      for (int64_t a = a0; a < a1; ++a) {
+        out[a * C + a] = std::numeric_limits<scalar_t>::infinity();
+        const scalar_t sq_a = g[a * C + a];
+        for (int64_t j = a + 1; j < C; ++j) {
+          const scalar_t sum_sq = sq_a + g[j * C + j];
+          scalar_t d2 = std::fma(scalar_t(-2), g[a * C + j], sum_sq);
+          if (d2 < sum_sq * ratio) {  // cancelling (false for NaN)
+            const scalar_t d = pair_distance(rows, D, a, j);
+            d2 = d * d;
+          }
+          // clamp at 0 keeping NaN (a NaN weight row), then 1 / sqrt as torch's rsqrt
+          const scalar_t q = scalar_t(1) / std::sqrt(d2 < scalar_t(0) ? scalar_t(0) : d2);
+          out[a * C + j] = q;
+          out[j * C + a] = q;
+        }
       }
     });
-  }
-  return d2.clamp_min_(0).rsqrt_();
+  });
+  return inv;
 }
 
 // ||w_j - mu|| for every row j of w ([C, D] float, contiguous), mu the mean row: the
