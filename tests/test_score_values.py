@@ -671,7 +671,7 @@ def test_gram_mms_recomputes_cancelling_pairs(c):
     for mms in ("exact", "top2"):
         got = fastsel.score(logits, target, weight=weight, mms=mms, backend="cpu").mms
         torch.testing.assert_close(got.double(), _mms_brute(logits, weight, mms), rtol=1e-4, atol=1e-6)
-    # rows 0 and 1 (the near-duplicate pair both ways): 0.25 / ~0.008
+    # the top-2 MMS of rows 0 and 1 is the near-duplicate pair's, both ways: 0.25 / ~0.008
     assert (got[:2] > 10).all()
 
 
