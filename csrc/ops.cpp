@@ -1,8 +1,10 @@
 // Operator schemas of fastsel and the CPU implementations behind them.
 //
-// torch.ops.fastsel.score_forward(logits, target, ignore_index, weight, mms_mode)
+// torch.ops.fastsel.score_forward(logits, target, ignore_index, weight, mms_mode, max_distance=None)
 //   -> (loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse)
-//   mms_mode: 0 none (mms is an empty tensor), 1 exact, 2 top2.
+//   mms_mode: 0 none (mms is an empty tensor), 1 exact, 2 top2. max_distance: optional [C]
+//   upper bounds of max_j ||w_a - w_j|| (fastsel.mms_head); they only prune the exact MMS
+//   search (its values are the same with or without them).
 // torch.ops.fastsel.score_backward(grad_loss, logits, target, lse, ignore_index)
 //   -> grad_logits = grad_loss[:, None] * (softmax(logits) - onehot(target)), 0 on ignored rows.
 //
@@ -28,7 +30,8 @@
 
 TORCH_LIBRARY(fastsel, m) {
   m.def(
-      "score_forward(Tensor logits, Tensor target, int ignore_index, Tensor? weight, int mms_mode) "
+      "score_forward(Tensor logits, Tensor target, int ignore_index, Tensor? weight, int mms_mode, "
+      "Tensor? max_distance=None) "
       "-> (Tensor loss, Tensor entropy, Tensor margin, Tensor true_margin, Tensor grad_norm, "
       "Tensor confidence, Tensor pred, Tensor mms, Tensor lse)");
   m.def(

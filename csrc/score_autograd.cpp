@@ -23,12 +23,14 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 ScoreOutputs call_score_forward(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
-                                const std::optional<at::Tensor>& weight, int64_t mms_mode) {
+                                const std::optional<at::Tensor>& weight, int64_t mms_mode,
+                                const std::optional<at::Tensor>& max_distance) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fastsel::score_forward", "")
                        .typed<ScoreOutputs(const at::Tensor&, const at::Tensor&, int64_t,
-                                           const std::optional<at::Tensor>&, int64_t)>();
-  return op.call(logits, target, ignore_index, weight, mms_mode);
+                                           const std::optional<at::Tensor>&, int64_t,
+                                           const std::optional<at::Tensor>&)>();
+  return op.call(logits, target, ignore_index, weight, mms_mode, max_distance);
 }
 
 at::Tensor call_score_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
@@ -44,10 +46,10 @@ class ScoreFunction : public torch::autograd::Function<ScoreFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
                                int64_t ignore_index, const std::optional<at::Tensor>& weight,
-                               int64_t mms_mode) {
+                               int64_t mms_mode, const std::optional<at::Tensor>& max_distance) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse] =
-        call_score_forward(logits, target, ignore_index, weight, mms_mode);
+        call_score_forward(logits, target, ignore_index, weight, mms_mode, max_distance);
     ctx->save_for_backward({logits, target, lse});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->mark_non_differentiable({entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse});
@@ -61,13 +63,14 @@ class ScoreFunction : public torch::autograd::Function<ScoreFunction> {
       grad_logits = call_score_backward(grads[0].contiguous(), saved[0], saved[1], saved[2],
                                         ctx->saved_data["ignore_index"].toInt());
     }
-    return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 ScoreOutputs score_forward_autograd(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
-                                    const std::optional<at::Tensor>& weight, int64_t mms_mode) {
-  const variable_list out = ScoreFunction::apply(logits, target, ignore_index, weight, mms_mode);
+                                    const std::optional<at::Tensor>& weight, int64_t mms_mode,
+                                    const std::optional<at::Tensor>& max_distance) {
+  const variable_list out = ScoreFunction::apply(logits, target, ignore_index, weight, mms_mode, max_distance);
   return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
 }
 

@@ -1,7 +1,7 @@
 """fastsel: fused per-sample scoring and data selection for PyTorch training loops."""
 
 from fastsel._extension import CPU_EXTENSION_AVAILABLE, build_info
-from fastsel.ops import BACKENDS, MMS_MODES, Scores, available_backends, score
+from fastsel.ops import BACKENDS, MMS_MODES, MmsHead, Scores, available_backends, mms_head, score
 from fastsel import strategies
 from fastsel.data import Indexed
 from fastsel.sampler import Costs, ScoreSampler
@@ -23,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "score",
     "Scores",
+    "MmsHead",
+    "mms_head",
     "strategies",
     "Indexed",
     "ScoreSampler",

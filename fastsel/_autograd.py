@@ -38,7 +38,7 @@ def register_score_autograd(forward_op, backward_op: Callable) -> None:
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
 
-def score_forward_fake(logits, target, ignore_index, weight, mms_mode):
+def score_forward_fake(logits, target, ignore_index, weight, mms_mode, max_distance=None):
     """Output metadata of a ``score_forward``-schema op (for FakeTensor tracing)."""
     n = logits.shape[0]
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32

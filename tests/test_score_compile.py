@@ -43,6 +43,9 @@ def _forward_samples():
                              None, 0), id="N0"))
     out.append(pytest.param((random_logits(3, 2500, seed=2, dtype=torch.bfloat16), random_target(3, 2500),
                              -100, torch.randn(2500, 8), 1), id="bf16-C2500-exact"))
+    w = torch.randn(300, 8)  # with an MmsHead's max_distance (the sixth, optional argument)
+    out.append(pytest.param((random_logits(5, 300, seed=3).requires_grad_(True), random_target(5, 300), -100,
+                             w, 1, fastsel.mms_head(w).max_distance), id="C300-exact-max_distance"))
     return out
 
 
@@ -212,3 +215,14 @@ def test_compile_dynamic_two_batch_sizes():
         torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 1, f"recompiled for a new batch size: {counter.frame_count} frames"
+
+
+@requires_extension
+def test_compile_fullgraph_with_mms_head():
+    """An MmsHead traces too (its in-place-update check is skipped while compiling) and
+    gives the plain weight's MMS."""
+    weight = torch.randn(300, 16, generator=torch.Generator().manual_seed(4))
+    head = fastsel.mms_head(weight)
+    logits, target = random_logits(64, 300, seed=4), random_target(64, 300)
+    compiled = torch.compile(lambda x, y: fastsel.score(x, y, weight=head, backend="cpu").mms, fullgraph=True)
+    assert torch.equal(compiled(logits, target), fastsel.score(logits, target, weight=weight, backend="cpu").mms)

@@ -733,6 +733,67 @@ def test_mms_exact_adversarial_rows_and_batch_independence(backend, c, dtype):
     assert (exact < top2).any()  # some row's minimum is not its runner-up: candidates were needed
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: dtype_ids[d])
+@pytest.mark.parametrize("c", [300, 1000, 5000])
+def test_mms_head_changes_no_value(backend, c, dtype):
+    """An MmsHead (each class's largest distance, precomputed) only prunes the exact search:
+    the MMS is bit for bit the same as with the plain weight, on the rows built to defeat
+    the candidate lists (near-duplicate classes, a far class, a top logit far above the
+    rest), for rows of one block and wider, and for the top-2 MMS (which ignores it)."""
+    logits, weight = _mms_adversarial_batch(c, 64)
+    logits = logits.to(dtype)
+    target = random_target(logits.shape[0], c)
+    head = fastsel.mms_head(weight)
+    assert head.max_distance.shape == (c,) and head.max_distance.dtype == torch.float64
+    for mms in ("exact", "top2"):
+        plain = fastsel.score(logits, target, weight=weight, mms=mms, backend=backend).mms
+        with_head = fastsel.score(logits, target, weight=head, mms=mms, backend=backend).mms
+        assert torch.equal(with_head, plain), mms
+        torch.testing.assert_close(with_head.double(), _mms_brute(logits, weight, mms), rtol=1e-4, atol=1e-5)
+
+
+def test_mms_head_max_distance_is_an_upper_bound_and_is_used():
+    """max_distance bounds every pair's distance from above (tightly: the maximum itself,
+    up to the rounding room), and the CPU kernel really prunes with it: a head whose
+    bounds are too small (not one mms_head makes) drops the candidates that beat the
+    runner-up, so its exact MMS falls back to the top-2 one."""
+    logits, weight = _mms_adversarial_batch(1000, 64)
+    target = random_target(logits.shape[0], 1000)
+    head = fastsel.mms_head(weight)
+    dist = torch.cdist(weight.double(), weight.double())
+    assert (dist <= head.max_distance[:, None]).all()
+    torch.testing.assert_close(head.max_distance, dist.amax(dim=1), rtol=1e-4, atol=0)
+    exact = fastsel.score(logits, target, weight=weight, backend="cpu").mms
+    top2 = fastsel.score(logits, target, weight=weight, mms="top2", backend="cpu").mms
+    assert (exact < top2).any()  # some rows need their candidates
+    wrong = fastsel.MmsHead(weight, torch.full((1000,), 1e-6, dtype=torch.float64), head.version)
+    assert torch.equal(fastsel.score(logits, target, weight=wrong, backend="cpu").mms, top2)
+
+
+def test_mms_head_bad_input_and_stale_weight():
+    weight = torch.randn(50, 8)
+    head = fastsel.mms_head(weight)
+    logits, target = random_logits(4, 50), random_target(4, 50)
+    for bad, err in ((torch.randn(50), ValueError), (torch.zeros(0, 4), ValueError),
+                     (torch.ones(5, 4, dtype=torch.int64), TypeError), ([[1.0]], ValueError)):
+        with pytest.raises(err, match="weight"):
+            fastsel.mms_head(bad)
+    with pytest.raises(ValueError, match=r"max_distance must be \[C\] = \[50\]"):
+        fastsel.score(logits, target, weight=head._replace(max_distance=torch.ones(49, dtype=torch.float64)))
+    with pytest.raises(ValueError, match=r"weight must be the classifier matrix of shape \[C, D\] = \[7"):
+        fastsel.score(random_logits(4, 7), random_target(4, 7), weight=head)  # a head of another layer
+    with pytest.raises(RuntimeError, match="max_distance must be a floating point"):
+        torch.ops.fastsel.score_forward(logits, target, -100, weight, 1, torch.ones(50, dtype=torch.int64))
+    fastsel.score(logits, target, weight=head)  # fine while the weight is unchanged
+    with torch.no_grad():
+        weight.mul_(2)  # an optimizer step, say
+    with pytest.raises(ValueError, match="modified in place after fastsel.mms_head"):
+        fastsel.score(logits, target, weight=head)
+    with torch.inference_mode():  # an inference tensor has no version to check
+        w = torch.randn(50, 8)
+        fastsel.score(logits, target, weight=fastsel.mms_head(w))
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: dtype_ids[d])
 @pytest.mark.parametrize("mms", ["exact", "top2"])
 def test_mms_logit_dtypes_and_empty_batch(backend, dtype, mms):

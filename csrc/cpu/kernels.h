@@ -11,7 +11,7 @@ namespace fastsel::cpu {
 
 ScoreOutputs score_forward(const at::Tensor& logits, const at::Tensor& target,
                            int64_t ignore_index, const std::optional<at::Tensor>& weight,
-                           int64_t mms_mode);
+                           int64_t mms_mode, const std::optional<at::Tensor>& max_distance);
 
 at::Tensor score_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                           const at::Tensor& target, const at::Tensor& lse,

@@ -950,8 +950,8 @@ at::Tensor centred_radii(const at::Tensor& w) {
 
 ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target,
                            int64_t ignore_index, const std::optional<at::Tensor>& weight,
-                           int64_t mms_mode) {
-  check_score_forward_args(logits_in, target, weight, mms_mode);
+                           int64_t mms_mode, const std::optional<at::Tensor>& max_distance) {
+  check_score_forward_args(logits_in, target, weight, mms_mode, max_distance);
   const int64_t N = logits_in.size(0), C = logits_in.size(1);
   // Rows may have any stride; columns must be unit-stride for vector loads.
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
@@ -960,7 +960,7 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
 
   MmsInputs mms_in;
   mms_in.mode = mms_mode;
-  at::Tensor w, radius, inv_dist;
+  at::Tensor w, radius, inv_dist, farthest;
   if (mms_mode != kMmsNone) {
     w = weight->to(opts.dtype()).contiguous();
     if (use_mms_gram(N, C, mms_mode == kMmsExact)) {  // distances from the matrix
@@ -977,6 +977,10 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
         const scalar_t* r = radius.const_data_ptr<scalar_t>();
         mms_in.weights.radius_max = *std::max_element(r, r + C);
       });
+      if (max_distance.has_value()) {
+        farthest = max_distance->to(opts.dtype()).contiguous();
+        mms_in.weights.max_distance = farthest.const_data_ptr();
+      }
     }
   }
 

@@ -20,7 +20,7 @@ namespace fastsel::cuda {
 // device-side assertion.
 ScoreOutputs score_forward(const at::Tensor& logits, const at::Tensor& target,
                            int64_t ignore_index, const std::optional<at::Tensor>& weight,
-                           int64_t mms_mode);
+                           int64_t mms_mode, const std::optional<at::Tensor>& max_distance);
 
 // grad_logits = grad_loss[:, None] * (softmax(logits) - onehot(target)), 0 on ignored rows.
 at::Tensor score_backward(const at::Tensor& grad_loss, const at::Tensor& logits,

@@ -391,10 +391,12 @@ at::Tensor inverse_distances(const at::Tensor& c_rows, const at::Tensor& sq_rows
 
 }  // namespace
 
+// max_distance (the CPU search's pruning bounds) is checked and not needed here: the
+// exact MMS on CUDA takes its distances from a Gram product.
 ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target,
                            int64_t ignore_index, const std::optional<at::Tensor>& weight,
-                           int64_t mms_mode) {
-  check_score_forward_args(logits_in, target, weight, mms_mode);
+                           int64_t mms_mode, const std::optional<at::Tensor>& max_distance) {
+  check_score_forward_args(logits_in, target, weight, mms_mode, max_distance);
   TORCH_CHECK(logits_in.is_cuda(), "fastsel.score: the CUDA kernel needs CUDA logits, got ",
               logits_in.device());
   const int64_t N = logits_in.size(0), C = logits_in.size(1);

@@ -48,7 +48,8 @@ inline void check_target(const at::Tensor& target, const at::Tensor& logits, con
 // Checks of score_forward's arguments (the Python wrapper checks first, with friendlier
 // exception types; these guard direct calls of the op).
 inline void check_score_forward_args(const at::Tensor& logits, const at::Tensor& target,
-                                     const std::optional<at::Tensor>& weight, int64_t mms_mode) {
+                                     const std::optional<at::Tensor>& weight, int64_t mms_mode,
+                                     const std::optional<at::Tensor>& max_distance = std::nullopt) {
   TORCH_CHECK(logits.dim() == 2, "fastsel.score: logits must be 2-D [N, C], got ", logits.sizes());
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()),
               "fastsel.score: logits must be floating point, got ", logits.scalar_type());
@@ -64,6 +65,14 @@ inline void check_score_forward_args(const at::Tensor& logits, const at::Tensor&
     TORCH_CHECK(w.dim() == 2 && w.size(0) == C && w.size(1) >= 1,
                 "fastsel.score: weight must be [C, D] = [", C, ", D] with D >= 1, got ", w.sizes());
     check_same_device(w, logits, "fastsel.score", "weight");
+  }
+  if (max_distance.has_value()) {
+    const at::Tensor& d = *max_distance;
+    TORCH_CHECK(weight.has_value(), "fastsel.score: max_distance needs a weight");
+    TORCH_CHECK(d.dim() == 1 && d.size(0) == C && at::isFloatingType(d.scalar_type()),
+                "fastsel.score: max_distance must be a floating point [C] = [", C, "] tensor, got ",
+                d.scalar_type(), " ", d.sizes());
+    check_same_device(d, logits, "fastsel.score", "max_distance");
   }
 }
 
