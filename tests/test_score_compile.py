@@ -217,7 +217,6 @@ def test_compile_dynamic_two_batch_sizes():
     assert counter.frame_count == 1, f"recompiled for a new batch size: {counter.frame_count} frames"
 
 
-@requires_extension
 def test_compile_fullgraph_with_mms_head():
     """An MmsHead traces too (its in-place-update check is skipped while compiling) and
     gives the plain weight's MMS."""
