@@ -763,6 +763,11 @@ def test_mms_head_max_distance_is_an_upper_bound_and_is_used():
     dist = torch.cdist(weight.double(), weight.double())
     assert (dist <= head.max_distance[:, None]).all()
     torch.testing.assert_close(head.max_distance, dist.amax(dim=1), rtol=1e-4, atol=0)
+    # more classes than one block of rows (mms_head never holds [C, C]), and C = 1
+    wide = torch.randn(5000, 8, generator=torch.Generator().manual_seed(2))
+    wide_dist = torch.cdist(wide.double(), wide.double()).amax(dim=1)
+    torch.testing.assert_close(fastsel.mms_head(wide).max_distance, wide_dist, rtol=1e-4, atol=0)
+    assert fastsel.mms_head(torch.randn(1, 8)).max_distance.shape == (1,)
     exact = fastsel.score(logits, target, weight=weight, backend="cpu").mms
     top2 = fastsel.score(logits, target, weight=weight, mms="top2", backend="cpu").mms
     assert (exact < top2).any()  # some rows need their candidates
@@ -775,7 +780,7 @@ def test_mms_head_bad_input_and_stale_weight():
     head = fastsel.mms_head(weight)
     logits, target = random_logits(4, 50), random_target(4, 50)
     for bad, err in ((torch.randn(50), ValueError), (torch.zeros(0, 4), ValueError),
-                     (torch.ones(5, 4, dtype=torch.int64), TypeError), ([[1.0]], ValueError)):
+                     (torch.ones(5, 4, dtype=torch.int64), TypeError), ([[1.0]], TypeError)):
         with pytest.raises(err, match="weight"):
             fastsel.mms_head(bad)
     with pytest.raises(ValueError, match=r"max_distance must be \[C\] = \[50\]"):

@@ -338,8 +338,9 @@ acc_t mms_exact_pruned(acc_t za, int64_t a, int64_t r, acc_t margin, acc_t runne
   // Lowered by a few ulps of the operands' magnitude so that rounding can never drop a
   // class that could beat the runner-up.
   // The farthest class a can have: r_a + max_k r_k, or the head's own maximum when given
-  // (fastsel.mms_head: with random rows 1.03-1.15x the median distance against ~1.5x for
-  // the radii, which leaves ~0.16 candidate distances a row instead of ~1.1).
+  // (fastsel.mms_head: in a float64 simulation of random 1000 x 512 heads, 1.03-1.15x
+  // the median distance against ~1.5x for the radii, leaving ~0.16 candidate distances a
+  // row instead of ~1.1).
   const acc_t* max_distance = static_cast<const acc_t*>(mw.max_distance);
   acc_t farthest = radius[a] + static_cast<acc_t>(mw.radius_max);
   if (max_distance != nullptr) farthest = std::min(farthest, max_distance[a]);  // NaN: not taken

@@ -49,7 +49,7 @@ inline void check_target(const at::Tensor& target, const at::Tensor& logits, con
 // exception types; these guard direct calls of the op).
 inline void check_score_forward_args(const at::Tensor& logits, const at::Tensor& target,
                                      const std::optional<at::Tensor>& weight, int64_t mms_mode,
-                                     const std::optional<at::Tensor>& max_distance = std::nullopt) {
+                                     const std::optional<at::Tensor>& max_distance) {
   TORCH_CHECK(logits.dim() == 2, "fastsel.score: logits must be 2-D [N, C], got ", logits.sizes());
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()),
               "fastsel.score: logits must be floating point, got ", logits.scalar_type());
