@@ -1,10 +1,19 @@
-// Autograd of torch.ops.fastsel.score_forward, in C++ (the Autograd dispatch key, so for
-// CPU and CUDA tensors alike).
+// Autograd of torch.ops.fastsel.score_forward and score_backward, in C++ (the Autograd
+// dispatch key, so for CPU and CUDA tensors alike).
 //
 // Only loss (output 0) is differentiable: d loss_i / d z_i = softmax(z_i) - onehot(y_i),
 // recomputed by score_backward from the logits and the saved per-row log-sum-exp
 // (output 8), so nothing of size [N, C] is kept between forward and backward. The other
 // outputs are non-differentiable: backward through them raises.
+//
+// score_backward is differentiable too, so gradient penalties and Hessian-vector products
+// work as with F.cross_entropy. With p = softmax(z), m_i = [y_i != ignore_index] and
+// B_ij = m_i g_i (p_ij - [j == y_i]) its output, for an upstream gradient G [N, C]:
+//   d/dg_i = m_i (sum_j G_ij p_ij - G_iy)
+//   d/dz_ik = m_i g_i p_ik (G_ik - sum_j G_ij p_ij)
+// lse is taken to be logsumexp(z): its dependence on z is inside d/dz (the softmax
+// Jacobian), so lse itself gets no gradient and must not require one. These formulas are
+// written with differentiable ATen ops, so every further order works as well.
 //
 // The same formula registered from Python (torch.library.register_autograd, still used
 // for the Triton ops in fastsel/_autograd.py) costs ~20 us of Python per call, more than
@@ -13,6 +22,7 @@
 #include <torch/library.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ATen.h>
 
 #include "fastsel/op_contract.h"
 
@@ -67,6 +77,57 @@ class ScoreFunction : public torch::autograd::Function<ScoreFunction> {
   }
 };
 
+// The derivatives of score_backward (see the top of this file), from differentiable ATen
+// ops on the saved inputs: only run when a second-order gradient is asked for.
+class ScoreBackwardFunction : public torch::autograd::Function<ScoreBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_loss, const at::Tensor& logits,
+                               const at::Tensor& target, const at::Tensor& lse, int64_t ignore_index) {
+    TORCH_CHECK(!lse.requires_grad(),
+                "fastsel.score_backward: lse must not require grad: it is taken to be logsumexp(logits) and "
+                "its gradient is part of the gradient with respect to logits (pass lse.detach())");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor grad = call_score_backward(grad_loss, logits, target, lse, ignore_index);
+    ctx->save_for_backward({grad_loss, logits, target});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    return {grad};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& grad_loss = saved[0];
+    const at::Tensor& logits = saved[1];
+    const at::Tensor& target = saved[2];
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    at::Tensor d_grad_loss, d_logits;
+    const at::Tensor& upstream = grads[0];
+    if (upstream.defined() && (ctx->needs_input_grad(0) || ctx->needs_input_grad(1))) {
+      const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      const at::Tensor keep = target.ne(ignore_index);                       // [N]
+      const at::Tensor p = at::softmax(logits.to(acc), 1);                   // [N, C]
+      const at::Tensor G = upstream.to(acc);
+      const at::Tensor pG = p * G;
+      const at::Tensor s = pG.sum(1, /*keepdim=*/true);                      // [N, 1]
+      if (ctx->needs_input_grad(0)) {
+        const at::Tensor y = at::where(keep, target, at::zeros_like(target)).to(at::kLong).unsqueeze(1);
+        const at::Tensor d = s.squeeze(1) - G.gather(1, y).squeeze(1);
+        d_grad_loss = at::where(keep, d, at::zeros_like(d)).to(grad_loss.scalar_type());
+      }
+      if (ctx->needs_input_grad(1)) {
+        const at::Tensor g = grad_loss.to(acc);
+        const at::Tensor g_kept = at::where(keep, g, at::zeros_like(g)).unsqueeze(1);
+        d_logits = (g_kept * (pG - p * s)).to(logits.scalar_type());
+      }
+    }
+    return {d_grad_loss, d_logits, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor score_backward_autograd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                                   const at::Tensor& lse, int64_t ignore_index) {
+  return ScoreBackwardFunction::apply(grad_loss, logits, target, lse, ignore_index)[0];
+}
+
 ScoreOutputs score_forward_autograd(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
                                     const std::optional<at::Tensor>& weight, int64_t mms_mode,
                                     const std::optional<at::Tensor>& max_distance) {
@@ -79,4 +140,5 @@ ScoreOutputs score_forward_autograd(const at::Tensor& logits, const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(fastsel, Autograd, m) {
   m.impl("score_forward", &fastsel::score_forward_autograd);
+  m.impl("score_backward", &fastsel::score_backward_autograd);
 }

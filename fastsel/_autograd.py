@@ -7,6 +7,12 @@ recomputed in the backward from the logits and the saved per-row log-sum-exp (ou
 so nothing of size [N, C] is stored between forward and backward. The other outputs are
 marked non-differentiable: calling ``backward`` through them raises instead of silently
 producing a zero gradient.
+
+The backward op is differentiable as well (gradient penalties, Hessian-vector products),
+by the formulas of ``csrc/score_autograd.cpp``: with p = softmax(z), m_i = [y_i !=
+ignore_index] and upstream G, d/dg_i = m_i (sum_j G_ij p_ij - G_iy) and d/dz_ik = m_i g_i
+p_ik (G_ik - sum_j G_ij p_ij); lse is taken to be logsumexp(z), so it gets no gradient of
+its own. Written with differentiable torch ops, so higher orders work too.
 """
 
 from __future__ import annotations
@@ -16,9 +22,30 @@ from typing import Callable
 import torch
 
 
-def register_score_autograd(forward_op, backward_op: Callable) -> None:
-    """Registers the autograd formula of a ``score_forward``-schema op.
+def score_backward_derivatives(upstream, grad_loss, logits, target, ignore_index, needs_grad_loss: bool,
+                               needs_logits: bool):
+    """(d/d grad_loss, d/d logits) of ``score_backward`` for the upstream gradient [N, C]
+    (None where not needed), in differentiable torch ops."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    keep = target != ignore_index
+    p = torch.softmax(logits.to(acc), dim=1)
+    g_up = upstream.to(acc)
+    pg = p * g_up
+    s = pg.sum(dim=1, keepdim=True)
+    d_grad_loss = d_logits = None
+    if needs_grad_loss:
+        y = torch.where(keep, target, torch.zeros_like(target)).long().unsqueeze(1)
+        d = s.squeeze(1) - g_up.gather(1, y).squeeze(1)
+        d_grad_loss = torch.where(keep, d, torch.zeros_like(d)).to(grad_loss.dtype)
+    if needs_logits:
+        g = grad_loss.to(acc)
+        g_kept = torch.where(keep, g, torch.zeros_like(g)).unsqueeze(1)
+        d_logits = (g_kept * (pg - p * s)).to(logits.dtype)
+    return d_grad_loss, d_logits
 
+
+def register_score_autograd(forward_op, backward_op: Callable) -> None:
+    """Registers the autograd formulas of a ``score_forward``-schema op and of its
     ``backward_op(grad_loss, logits, target, lse, ignore_index) -> grad_logits``.
     """
 
@@ -36,6 +63,23 @@ def register_score_autograd(forward_op, backward_op: Callable) -> None:
         return grad_logits, None, None, None, None
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+    def setup_backward_context(ctx, inputs, output):
+        grad_loss, logits, target, lse, ignore_index = inputs
+        if lse.requires_grad:
+            raise RuntimeError("fastsel.score_backward: lse must not require grad: it is taken to be "
+                               "logsumexp(logits) and its gradient is part of the gradient with respect "
+                               "to logits (pass lse.detach())")
+        ctx.save_for_backward(grad_loss, logits, target)
+        ctx.ignore_index = ignore_index
+
+    def backward_of_backward(ctx, upstream):
+        grad_loss, logits, target = ctx.saved_tensors
+        d_grad_loss, d_logits = score_backward_derivatives(
+            upstream, grad_loss, logits, target, ctx.ignore_index, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return d_grad_loss, d_logits, None, None, None
+
+    torch.library.register_autograd(backward_op, backward_of_backward, setup_context=setup_backward_context)
 
 
 def score_forward_fake(logits, target, ignore_index, weight, mms_mode, max_distance=None):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fastsel
-from fastsel_test_helpers import out_dtype, random_logits, random_target
+from fastsel_test_helpers import out_dtype, random_logits, random_target, requires_extension
 
 INF = math.inf
 dtype_ids = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64"}
@@ -235,3 +235,114 @@ def test_grad_accumulates_over_two_calls(backend):
     _, g1 = _ce_grad(x, t1)
     _, g2 = _ce_grad(x, t2)
     torch.testing.assert_close(x.grad, g1 + 2 * g2, rtol=1e-5, atol=1e-6)
+
+
+# ---- second and higher orders: gradient penalties, Hessian-vector products ----------------
+
+
+def _penalty_grad(fn, x, upstream):
+    """d ||d (upstream . fn(x)) / dx|| / dx: a gradient penalty's gradient (double backward)."""
+    x = x.detach().requires_grad_(True)
+    g, = torch.autograd.grad((fn(x) * upstream).sum(), x, create_graph=True)
+    h, = torch.autograd.grad(g.norm(), x)
+    return h
+
+
+@pytest.mark.parametrize("n,c", [(1, 1), (4, 2), (6, 7), (3, 37)])
+def test_gradgradcheck_float64(backend, n, c):
+    x = random_logits(n, c, scale=2.0, dtype=torch.float64, seed=n * c).requires_grad_(True)
+    target = random_target(n, c, seed=c)
+    if n > 2:
+        target[1] = -100
+    upstream = torch.rand(n, dtype=torch.float64, requires_grad=True)
+
+    def loss(z, u):
+        return fastsel.score(z, target, backend=backend).loss * u
+
+    assert torch.autograd.gradgradcheck(loss, (x, upstream), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradgradcheck_neg_inf_and_custom_ignore(backend):
+    x = random_logits(5, 6, scale=2.0, dtype=torch.float64, seed=3)
+    x[0, 2] = x[3, 0] = -INF
+    x.requires_grad_(True)
+    target = torch.tensor([0, 3, 7, 1, 5])  # 7 is ignore_index
+
+    def loss(z):
+        return fastsel.score(z, target, ignore_index=7, backend=backend).loss
+
+    # gradgradcheck perturbs every entry; -inf entries stay -inf (p = 0 there)
+    g, = torch.autograd.grad(loss(x).sum(), x, create_graph=True)
+    h, = torch.autograd.grad((g * g).sum(), x)
+    xr = x.detach().requires_grad_(True)
+    gr, = torch.autograd.grad(F.cross_entropy(xr, target, ignore_index=7, reduction="sum"), xr,
+                              create_graph=True)
+    hr, = torch.autograd.grad((gr * gr).sum(), xr)
+    torch.testing.assert_close(h, hr, rtol=1e-12, atol=1e-14)
+    assert (h[2] == 0).all() and h[0, 2] == 0 and h[3, 0] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=lambda d: dtype_ids[d])
+def test_gradient_penalty_matches_cross_entropy(backend, dtype):
+    n, c = 33, 17
+    x = random_logits(n, c, scale=3.0, dtype=dtype, seed=21)
+    target = random_target(n, c, seed=4, ignore_frac=0.2)
+    upstream = torch.rand(n, dtype=out_dtype(dtype))
+    got = _penalty_grad(lambda z: fastsel.score(z, target, backend=backend).loss, x, upstream)
+    want = _penalty_grad(lambda z: F.cross_entropy(z.to(out_dtype(dtype)), target.long(), reduction="none"),
+                         x, upstream)
+    assert got.dtype == dtype and torch.isfinite(got).all() and got.abs().sum() > 0
+    rtol, atol = GRAD_TOL[dtype]
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol * 4, atol=atol * 4)
+
+
+def test_hessian_vector_product_and_third_order(backend):
+    """Hessian-vector products of the loss, and one order further (the derivatives of the
+    backward are themselves written in differentiable ops)."""
+    n, c = 3, 4
+    x = random_logits(n, c, scale=2.0, dtype=torch.float64, seed=8).requires_grad_(True)
+    target = torch.tensor([1, -100, 3])
+    v = torch.randn(n, c, dtype=torch.float64)
+
+    def hvp(fn, x):
+        g, = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+        hv, = torch.autograd.grad((g * v).sum(), x, create_graph=True)
+        third, = torch.autograd.grad((hv * hv).sum(), x)
+        return hv.detach(), third
+
+    got = hvp(lambda z: fastsel.score(z, target, backend=backend).loss, x)
+    want = hvp(lambda z: F.cross_entropy(z, target, reduction="none"), x)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-14)
+    assert got[1].abs().sum() > 0
+
+
+def test_double_backward_registers_no_fallback_warning(backend):
+    """PyTorch warns when an op reached by autograd has no autograd kernel; the backward op
+    has one, so a gradient penalty is warning-free (and correct, above)."""
+    import warnings
+
+    x = random_logits(4, 5, dtype=torch.float64, seed=1).requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g, = torch.autograd.grad(fastsel.score(x, random_target(4, 5), backend=backend).loss.sum(), x,
+                                 create_graph=True)
+        g.norm().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@requires_extension
+def test_backward_op_refuses_lse_that_requires_grad():
+    x = random_logits(3, 4, dtype=torch.float64, seed=2)
+    target = random_target(3, 4)
+    lse = torch.logsumexp(x, dim=1).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="lse must not require grad"):
+        torch.ops.fastsel.score_backward(torch.ones(3, dtype=torch.float64), x, target, lse, -100)
+    # the op's own derivative, lse detached, against a float64 gradgradcheck
+    xg = x.clone().requires_grad_(True)
+    g = torch.rand(3, dtype=torch.float64, requires_grad=True)
+
+    def backward_op(g, z):
+        return torch.ops.fastsel.score_backward(g, z, target, torch.logsumexp(z, dim=1).detach(), -100)
+
+    assert torch.autograd.gradcheck(backward_op, (g, xg), eps=1e-6, atol=1e-7, rtol=1e-5)

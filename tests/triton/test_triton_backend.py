@@ -42,3 +42,35 @@ def test_score_triton_backend_opcheck():
 def test_score_triton_backend_rejects_bad_target():
     with pytest.raises(IndexError, match="target"):
         fastsel.score(torch.randn(3, 4), torch.tensor([0, 4, 1]), backend="triton")
+
+
+def test_score_triton_backend_double_backward():
+    """Gradient penalties and gradgradcheck through the Triton ops (the backward op has
+    its own autograd formula)."""
+    torch.manual_seed(2)
+    target = torch.tensor([0, 3, -100, 1, 4])
+    x = (torch.randn(5, 6, dtype=torch.float64) * 2).requires_grad_()
+    u = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda z, w: fastsel.score(z, target, backend="triton").loss * w, (x, u), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+    def penalty(fn, z):
+        z = z.detach().requires_grad_()
+        g, = torch.autograd.grad(fn(z).sum(), z, create_graph=True)
+        h, = torch.autograd.grad(g.norm(), z)
+        return h
+
+    x32 = torch.randn(5, 6) * 3
+    got = penalty(lambda z: fastsel.score(z, target, backend="triton").loss, x32)
+    want = penalty(lambda z: F.cross_entropy(z, target, reduction="none"), x32)
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
+
+
+def test_triton_backward_op_refuses_lse_that_requires_grad():
+    from fastsel import _triton_ops  # noqa: F401
+
+    x = torch.randn(3, 4)
+    lse = torch.logsumexp(x, dim=1).requires_grad_()
+    with pytest.raises(RuntimeError, match="lse must not require grad"):
+        torch.ops.fastsel.triton_score_backward(torch.ones(3), x, torch.tensor([0, 1, 2]), lse, -100)
