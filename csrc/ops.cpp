@@ -8,7 +8,7 @@
 // torch.ops.fastsel.score_backward(grad_loss, logits, target, lse, ignore_index)
 //   -> grad_logits = grad_loss[:, None] * (softmax(logits) - onehot(target)), 0 on ignored rows.
 //
-// Selection ops (METHODS.md section 2; per-element math in fastsel/selection_keys.h,
+// Selection ops (docs/methods.md section 2; per-element math in fastsel/selection_keys.h,
 // specification in fastsel/reference.py). All take 1-D inputs and return int64 indices:
 // torch.ops.fastsel.select_topk(scores, k, largest) -> [k], best first; ties: lowest
 //   index first; NaN ranks last.

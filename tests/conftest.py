@@ -177,7 +177,7 @@ def random_target(n: int, c: int, *, seed: int = 1, ignore_index: int = -100,
 
 
 def python_scores(z, y, *, ignore_index=-100, weight=None, mms="exact") -> dict:
-    """Scores of ONE row ``z`` (list of floats) written directly from METHODS.md section 1 and
+    """Scores of ONE row ``z`` (list of floats) written directly from docs/methods.md section 1 and
     the conventions of ``fastsel.reference`` in plain Python (math module), independent of
     the torch reference. ``weight`` is a list of C rows (lists of floats) or None.
     """

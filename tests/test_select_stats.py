@@ -1,4 +1,4 @@
-"""Statistical and property tests of the sampling ops (METHODS.md section 2):
+"""Statistical and property tests of the sampling ops (docs/methods.md section 2):
 ``fastsel.sample`` (with and without replacement), its importance weights,
 ``select_topk`` and ``percentile``, on every CPU-tensor backend.
 

@@ -51,7 +51,7 @@ paper's "aggressive" schedule is not used. With mixing augmentations, selection 
 score table use the scores of each sample's dominant label, which ``augment`` makes the
 sample's own.
 
-Clocks and costs (METHODS.md section 4): the training clock (wall and process CPU time)
+Clocks and costs (docs/methods.md section 4): the training clock (wall and process CPU time)
 runs from the first step to the last and is paused while the test set is evaluated
 (``ceil(evals * budget)`` points, at least 3, evenly spaced in steps, plus step 0). It
 includes data indexing, augmentation, selection (scoring forwards included), epoch

@@ -1,4 +1,4 @@
-"""Selection strategies (the methods of the project's METHODS.md section 3), each usable
+"""Selection strategies (the methods of docs/methods.md section 3), each usable
 in the in-batch style (``fastsel.BatchSelector``), the epoch style
 (``fastsel.ScoreSampler``), or both, as its ``styles`` attribute says."""
 

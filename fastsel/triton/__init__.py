@@ -30,7 +30,7 @@ if TRITON_AVAILABLE:
 
     __all__ += ["score_forward_triton", "score_backward_triton", "mms_exact_triton"]
 
-# Selection ops (METHODS.md section 2): per-element keys of
+# Selection ops (docs/methods.md section 2): per-element keys of
 # csrc/include/fastsel/selection_keys.h (device helpers in ``selection_math``).
 if TRITON_AVAILABLE:
     from fastsel.triton.percentile_count import percentile_triton

@@ -1,7 +1,7 @@
 """Backward of the fused loss in Triton: d(sum_i g_i loss_i) / dz = g_i (softmax(z_i) - onehot(y_i)).
 
 loss_i = lse_i - z_{i,y_i}, so d loss_i / d z_ij = exp(z_ij - lse_i) - [j == y_i]: the
-forward pass saves only the per-row lse (METHODS.md section 1) and the softmax is
+forward pass saves only the per-row lse (docs/methods.md section 1) and the softmax is
 recomputed here in one streaming pass over the row, nothing of size [N, C] being kept
 between forward and backward. Rows whose target is ``ignore_index`` have a constant loss
 (0) and get a zero gradient, as do rows with an out-of-range target (the caller reports
