@@ -103,7 +103,8 @@ class ScoreBackwardFunction : public torch::autograd::Function<ScoreBackwardFunc
     const at::Tensor& upstream = grads[0];
     if (upstream.defined() && (ctx->needs_input_grad(0) || ctx->needs_input_grad(1))) {
       const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-      const at::Tensor keep = target.ne(ignore_index);                       // [N]
+      // in int64: an int32 target compared with a wider ignore_index would wrap it
+      const at::Tensor keep = target.to(at::kLong).ne(ignore_index);         // [N]
       const at::Tensor p = at::softmax(logits.to(acc), 1);                   // [N, C]
       const at::Tensor G = upstream.to(acc);
       const at::Tensor pG = p * G;

@@ -27,7 +27,7 @@ def score_backward_derivatives(upstream, grad_loss, logits, target, ignore_index
     """(d/d grad_loss, d/d logits) of ``score_backward`` for the upstream gradient [N, C]
     (None where not needed), in differentiable torch ops."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    keep = target != ignore_index
+    keep = target.long() != ignore_index  # int64: an int32 target would wrap a wide ignore_index
     p = torch.softmax(logits.to(acc), dim=1)
     g_up = upstream.to(acc)
     pg = p * g_up

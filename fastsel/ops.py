@@ -26,6 +26,7 @@ __all__ = ["score", "Scores", "MmsHead", "mms_head", "available_backends", "BACK
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 MMS_MODES = {"exact": 1, "top2": 2}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _triton_importable() -> bool:
@@ -57,6 +58,7 @@ class MmsHead(NamedTuple):
     weight: torch.Tensor
     max_distance: torch.Tensor  # [C] float64, >= max_j ||w_a - w_j|| as the kernels compute it
     version: Optional[int]  # weight._version when computed (None: an inference tensor has none)
+    snapshot: Optional[torch.Tensor] = None  # a copy of the weight's bits when computed
 
 
 def mms_head(weight: torch.Tensor) -> MmsHead:
@@ -72,7 +74,12 @@ def mms_head(weight: torch.Tensor) -> MmsHead:
     (a whole data set with a trained model): at 65536 x 1000 the exact MMS then added
     +31% to +45% over the call without weight (the top-2 MMS +34% to +36%, the plain
     weight +67% to +72%). A weight updated in place after this (an optimizer step) makes
-    ``score`` raise: compute the head again. Other backends take ``head.weight`` as is.
+    ``score`` raise: compute the head again. The CPU kernel, the only one that uses the
+    precomputed distances, also compares the weight with a copy of its bits taken here,
+    so an update that bumps no version counter (``weight.data.copy_(...)``, an inference
+    tensor) raises as well; the copy doubles the head's memory, and the comparison costs
+    one read of the weight per call (not made under ``torch.compile``). Other backends
+    take ``head.weight`` as is.
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor of shape [C, D], got {type(weight).__name__}")
@@ -82,7 +89,9 @@ def mms_head(weight: torch.Tensor) -> MmsHead:
     if weight.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"weight must be a floating point tensor, got {weight.dtype}")
     with torch.no_grad():
-        w = weight.detach().to(torch.float64)
+        # in float64, rows rescaled by a power of two so that their largest entry is near 1:
+        # no square overflows or underflows (cdist of 1e-300 rows would give 0)
+        w, e = reference.unit_rows(weight.detach())
         rows = max(1, (1 << 22) // w.shape[0])  # [rows, C] float64 blocks of <= 32 MiB
         # the largest distances have no cancellation to fear in cdist's Gram form
         farthest = torch.cat([torch.cdist(w[i:i + rows], w).amax(dim=1) for i in range(0, w.shape[0], rows)])
@@ -90,12 +99,52 @@ def mms_head(weight: torch.Tensor) -> MmsHead:
         # the distance itself; the search's own 1e-4 slack is on top of this.
         norm_max = w.norm(dim=1).amax()
         farthest = (farthest + norm_max * 2.0 ** -21) * (1 + 1e-5)
-        farthest = torch.nan_to_num(farthest, nan=float("inf"))
-    return MmsHead(weight, farthest, _version_of(weight))
+        farthest = torch.nan_to_num(reference.times_power_of_two(farthest, -e), nan=float("inf"))  # back from w 2^e
+    return MmsHead(weight, farthest, _version_of(weight), weight.detach().clone())
 
 
 def _version_of(t: torch.Tensor) -> Optional[int]:
     return None if t.is_inference() else t._version
+
+
+_BIT_DTYPES = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+               torch.bfloat16: torch.int16}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two float tensors of one shape and dtype hold the same bits (NaN included)."""
+    bits = _BIT_DTYPES[a.dtype]
+    return torch.equal(a.detach().view(bits), b.view(bits))
+
+
+def _unpack_head(head: MmsHead, backend: str, mms: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, max_distance) of a head, checked for staleness: its version counter on
+    every backend, its bits where the precomputed distances are used (the CPU kernel's
+    exact MMS)."""
+    weight, max_distance = head.weight, head.max_distance
+    if not isinstance(weight, torch.Tensor) or not isinstance(max_distance, torch.Tensor):
+        raise TypeError("weight: an MmsHead must hold tensors (weight, max_distance): build it with "
+                        "fastsel.mms_head(weight)")
+    stale = ValueError("weight: the MmsHead's weight was modified in place after fastsel.mms_head() "
+                       "(e.g. by an optimizer step); compute the head again")
+    if max_distance.shape != (weight.shape[0],) or max_distance.device != weight.device:
+        raise ValueError(f"weight: the MmsHead's max_distance must be [C] = [{weight.shape[0]}] "
+                         f"on {weight.device}, got {tuple(max_distance.shape)} on {max_distance.device}")
+    if torch.compiler.is_compiling():
+        return weight, max_distance
+    if _version_of(weight) != head.version:
+        raise stale
+    if backend == "cpu" and mms == "exact":
+        snapshot = head.snapshot
+        if snapshot is None:
+            if head.version is None:  # nothing to check against: an inference tensor has no version
+                raise ValueError("weight: this MmsHead holds no copy of its weight and the weight has no "
+                                 "version counter (an inference tensor), so an in-place update could not be "
+                                 "detected; build the head with fastsel.mms_head(weight)")
+        elif (snapshot.shape != weight.shape or snapshot.dtype != weight.dtype
+              or snapshot.device != weight.device or not _same_bits(weight, snapshot)):
+            raise stale
+    return weight, max_distance
 
 
 def _validate(logits, target, weight, mms, ignore_index, backend) -> None:
@@ -123,6 +172,9 @@ def _validate(logits, target, weight, mms, ignore_index, backend) -> None:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64 [-2^63, 2^63 - 1] (targets are int64 or int32), "
+                         f"got {ignore_index}")
     if mms not in MMS_MODES:
         raise ValueError(f"mms must be one of {sorted(MMS_MODES)}, got {mms!r}")
     if weight is not None:
@@ -178,6 +230,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 def _check_target_range(target: torch.Tensor, c: int, ignore_index: int) -> None:
     """Target values must be class indices or ignore_index (the kernels check in-kernel)."""
+    target = target.long()  # an int32 target compared with a wider ignore_index would wrap it
     bad = ((target < 0) | (target >= c)) & (target != ignore_index)
     if _checks.checks_on_host(target):
         if bool(bad.any()):
@@ -206,7 +259,11 @@ def score(
         target: int64 or int32 class indices in [0, C), or ``ignore_index``.
         weight: the last layer's weight [C, D] (e.g. ``model.fc.weight``); adds ``mms``,
             the Minimal Margin Score of Weinstein, Fine & Hel-Or. Or an ``MmsHead`` of it
-            (``mms_head``), which makes the exact MMS cheaper on the CPU at C > 256.
+            (``mms_head``), which makes the exact MMS cheaper on the CPU at C > 256. A
+            weight row holding NaN or +-inf has no distance to the others: the MMS is
+            then NaN wherever a distance is needed (``"exact"``: every row but ties (0)
+            and rows without a finite competitor (+inf); ``"top2"``: the rows whose
+            prediction or runner-up is such a class), on every backend and batch size.
         mms: ``"exact"`` (minimum over every competing class) or ``"top2"`` (the runner-up
             only, the approximation of the original MMS code).
         ignore_index: rows with this target get loss 0 and NaN target-dependent scores.
@@ -217,21 +274,22 @@ def score(
     Returns:
         ``Scores`` of [N] tensors, float32 (float64 for float64 logits), ``pred`` int64.
         ``scores.loss`` equals ``F.cross_entropy(logits, target, reduction="none")`` and
-        is differentiable with respect to ``logits``; nothing else carries a gradient.
+        is differentiable with respect to ``logits`` (second and higher derivatives
+        included); nothing else carries a gradient. Meta tensors give meta outputs of
+        the right shapes and dtypes.
     """
-    max_distance = None
-    if isinstance(weight, MmsHead):
-        if not torch.compiler.is_compiling() and _version_of(weight.weight) != weight.version:
-            raise ValueError(
-                "weight: the MmsHead's weight was modified in place after fastsel.mms_head() "
-                "(e.g. by an optimizer step); compute the head again"
-            )
-        weight, max_distance = weight.weight, weight.max_distance
-        if max_distance.shape != (weight.shape[0],) or max_distance.device != weight.device:
-            raise ValueError(f"weight: the MmsHead's max_distance must be [C] = [{weight.shape[0]}] "
-                             f"on {weight.device}, got {tuple(max_distance.shape)} on {max_distance.device}")
+    head = weight if isinstance(weight, MmsHead) else None
+    if head is not None:
+        weight = head.weight
     _validate(logits, target, weight, mms, ignore_index, backend)
     resolved = _resolve_backend(backend, logits.device)
+    max_distance = None
+    if head is not None:
+        weight, max_distance = _unpack_head(head, resolved, mms)
+    if logits.device.type == "meta":  # no values: the outputs' metadata only, as any torch op
+        mode = 0 if weight is None else MMS_MODES[mms]
+        out = score_forward_fake(logits, target, ignore_index, weight, mode)
+        return Scores(*out[:7], out[7] if weight is not None else None, out[8])
     if resolved == "torch":
         if not torch.compiler.is_compiling():
             _check_target_range(target, logits.shape[1], ignore_index)
@@ -245,11 +303,25 @@ def score(
         op = torch.ops.fastsel.triton_score_forward
     else:  # "cpu" and "cuda": the compiled op, dispatched on the tensors' device
         op = torch.ops.fastsel.score_forward
+    cuda_scale = None
+    if resolved == "cuda" and weight is not None:
+        # The CUDA kernel takes a distance to a row holding NaN or +-inf as it comes out
+        # (inf - x = inf: an MMS of 0); a row of NaN makes every such distance NaN, which
+        # is the rule (reference.py), and the exact MMS gets the rule for the whole call.
+        weight = torch.where(torch.isfinite(weight).all(dim=1, keepdim=True), weight, float("nan"))
+        if weight.dtype == torch.float64 and logits.dtype != torch.float64:
+            # the kernel takes the weight in the score dtype: bring a float64 weight into
+            # float32's range by a power of two 2^e, and the MMS back by the same factor
+            weight, cuda_scale = reference.unit_rows(weight)
     if resolved == "triton" or max_distance is None or mode != MMS_MODES["exact"]:
         out = op(logits, target, ignore_index, weight, mode)
     else:
         out = op(logits, target, ignore_index, weight, mode, max_distance)
     loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms_out, lse = out
+    if resolved == "cuda" and mode == MMS_MODES["exact"]:
+        mms_out = reference.mms_for_nonfinite_weight(mms_out, margin, weight)
+    if cuda_scale is not None and mode != 0:  # the MMS of w 2^e is 2^-e that of w
+        mms_out = reference.times_power_of_two(mms_out.double(), cuda_scale).to(mms_out.dtype)
     return Scores(loss, entropy, margin, true_margin, grad_norm, confidence, pred,
                   mms_out if weight is not None else None, lse)
 

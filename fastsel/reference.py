@@ -3,10 +3,11 @@
 This module is the specification the kernels are tested against (run it on float64
 inputs to get the oracle) and the ``backend="torch"`` fallback used when the C++
 extension is not built. It favours clarity over speed: it materialises [N, C]
-intermediates that the kernels never do.
+intermediates that the kernels never do. It is at least as exact as the kernels: every
+score is computed from the row relative to its maximum, t_j = z_j - max(z), as they do.
 
-Score definitions follow ``METHODS.md`` section 1; conventions that the papers leave
-open are fixed here and mirrored by every kernel:
+Score definitions follow ``docs/methods.md``; conventions that the papers leave open are
+fixed here and mirrored by every kernel:
 
 * ``pred`` is ``torch.argmax``: the lowest index among the maxima; a NaN counts as
   larger than everything (the first NaN wins).
@@ -20,10 +21,13 @@ open are fixed here and mirrored by every kernel:
 * Rows whose target is ``ignore_index`` get ``loss = 0`` (as
   ``F.cross_entropy(reduction="none")``) and NaN ``true_margin`` / ``grad_norm``.
 * ``mms``: ``min_{j != a} (z_a - z_j) / ||w_a - w_j||``; a pair with ``z_a == z_j``
-  contributes 0 whatever the distance (the point is on the boundary). This reference
-  computes the distances from the Gram form of centred rows in float64
-  (``squared_class_distances``); the CPU kernel computes them from the difference of the
-  rows (no cancellation); they agree to rounding.
+  contributes 0 whatever the distance (the point is on the boundary), and a row without
+  a finite competitor (top-2 margin +inf) is +inf. Every other row needs distances: a
+  weight row holding NaN or +-inf has none, so such a row's MMS is NaN when the weight
+  has a non-finite entry anywhere (``"exact"``: the minimum runs over every class) or in
+  its predicted or runner-up class (``"top2"``). The distances come from the Gram form of
+  centred rows in float64, rescaled by a power of two (``class_distances``), with the
+  pairs that cancel recomputed from the difference of the rows, as the kernels do.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from typing import NamedTuple, Optional
 import torch
 
 __all__ = ["Scores", "score_reference", "score_backward_reference", "accumulate_dtype",
-           "centred_rows", "squared_class_distances"]
+           "CentredRows", "centred_rows", "class_distances", "pair_distances", "mms_from_distance",
+           "mms_for_nonfinite_weight", "times_power_of_two", "unit_rows"]
 
 
 class Scores(NamedTuple):
@@ -74,36 +79,126 @@ def _top2(z: torch.Tensor):
     return v1, i1, v2, i2
 
 
-def _pair_distance(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """||w_a - w_b|| for index vectors a, b, computed from the difference (exact)."""
-    return (weight[a] - weight[b]).norm(dim=1)
+# ---- class distances for the MMS --------------------------------------------------------
 
 
-def centred_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of ``weight`` minus their mean, in float64, and their squared norms: the
-    terms of ``squared_class_distances``, to compute once per call."""
+class CentredRows(NamedTuple):
+    """What ``class_distances`` needs of a weight [C, D], computed once per call: ``raw``,
+    the rows in float64 times 2^``exponent`` (a power of two that puts the largest finite
+    entry in [0.5, 1), so that no square overflows or underflows whatever the weight's
+    magnitude), non-finite rows zeroed; ``rows``, those centred on their mean; their
+    squared norms; and which rows are finite."""
+
+    rows: torch.Tensor
+    sq_norms: torch.Tensor
+    finite: torch.Tensor
+    exponent: torch.Tensor
+    raw: torch.Tensor
+
+
+def times_power_of_two(t: torch.Tensor, k) -> torch.Tensor:
+    """t * 2^k (k an int or an integer tensor), exact where the result is in range: in two
+    steps, since 2^k itself may overflow (2^1029 for a subnormal float64)."""
+    k = torch.as_tensor(k, device=t.device).to(torch.float64)
+    half = torch.div(k, 2, rounding_mode="floor")
+    one = torch.ones((), dtype=t.dtype, device=t.device)
+    return t * torch.ldexp(one, half.to(t.dtype)) * torch.ldexp(one, (k - half).to(t.dtype))
+
+
+def unit_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight in float64 times 2^e, e): e (a 0-d tensor) puts the largest finite entry in
+    [0.5, 1) (e = 0 when no finite entry is nonzero); NaN and +-inf stay as they are."""
     w = weight.double()
-    w = w - w.mean(dim=0)
-    return w, (w * w).sum(dim=1)
+    finite = torch.isfinite(w)
+    top = torch.where(finite, w.abs(), 0).amax() if w.numel() else w.new_zeros(())
+    e = -torch.frexp(top).exponent.to(torch.int64)
+    return times_power_of_two(w, e), e
 
 
-def squared_class_distances(weight: torch.Tensor, classes: Optional[torch.Tensor] = None, *,
-                            centred: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-    """``||w_a - w_j||^2`` for ``a`` in ``classes`` (every class when None) and every ``j``:
-    [rows, C] float64, from the Gram form ``||w_a||^2 + ||w_j||^2 - 2 w_a.w_j``.
-    ``centred``: ``centred_rows(weight)`` when the caller has it already.
+def centred_rows(weight: torch.Tensor) -> CentredRows:
+    """The terms of ``class_distances``, to compute once per call."""
+    w, e = unit_rows(weight)
+    finite = torch.isfinite(w).all(dim=1)
+    raw = torch.where(finite[:, None], w, 0.0)
+    rows = raw - raw.mean(dim=0)
+    return CentredRows(rows, (rows * rows).sum(dim=1), finite, e, raw)
 
-    That form cancels when two class rows nearly coincide: in float32, rows 1e-3 apart
-    relative to their norm came out ~10% off. So the rows are centred first (which
-    changes no distance and removes what all rows share) and the Gram form is evaluated in
-    float64, where products of float32 values are exact: the relative error of a distance
-    is then ~1e-16 * ||w||^2 / ||w_a - w_j||^2. The difference of the rows, as the CPU
-    kernel takes it, has no cancellation at all but costs a pass over D per pair.
+
+# Pairs whose squared distance is below this fraction of ||w_a||^2 + ||w_j||^2 (centred)
+# lose more than ~4 bits to cancellation in the Gram form, and pairs of rows whose
+# squares come near float64's underflow (rows far smaller than the largest) lose them
+# all: both are recomputed from the difference of the uncentred rows, scaled per pair,
+# so that every distance is good to a few float64 ulps.
+_CANCELLATION_RATIO = 1.0 / 16
+_TINY_SQUARES = 2.0 ** -900
+_RECOMPUTE_ELEMENTS = 1 << 22  # [pairs, D] temporaries of the recomputation
+
+
+def _difference_norms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||a_i - b_i|| per row, each difference divided by its largest entry first."""
+    diff = a - b
+    top = diff.abs().amax(dim=1, keepdim=True)
+    unit = diff / torch.where(top > 0, top, torch.ones_like(top))
+    return top.squeeze(1) * (unit * unit).sum(dim=1).sqrt()
+
+
+def class_distances(weight: torch.Tensor, classes: Optional[torch.Tensor] = None, *,
+                    centred: Optional[CentredRows] = None) -> torch.Tensor:
+    """``||w_a - w_j||`` for ``a`` in ``classes`` (every class when None) and every ``j``:
+    [rows, C] float64; NaN for a pair with a non-finite row. ``centred``:
+    ``centred_rows(weight)`` when the caller has it already.
+
+    From the Gram form ``||w_a||^2 + ||w_j||^2 - 2 w_a.w_j`` of centred rows (centring
+    changes no distance and removes what all rows share) in float64, where products of
+    float32 values are exact. The form cancels when two rows nearly coincide (in
+    float32, rows 1e-3 apart relative to their norm came out ~10% off): those pairs, and
+    pairs of rows too small for their squares, are recomputed from the difference of the
+    rows.
     """
-    w, sq = centred if centred is not None else centred_rows(weight)
-    w_a = w if classes is None else w[classes]
-    sq_a = sq if classes is None else sq[classes]
-    return (sq_a[:, None] + sq[None, :] - 2.0 * (w_a @ w.T)).clamp_min_(0)
+    c = centred if centred is not None else centred_rows(weight)
+    pick = (lambda t: t) if classes is None else (lambda t: t[classes])
+    w_a, sq_a = pick(c.rows), pick(c.sq_norms)
+    both = sq_a[:, None] + c.sq_norms[None, :]
+    d2 = (both - 2.0 * (w_a @ c.rows.T)).clamp_min_(0)
+    raw_a = pick(c.raw)
+    nonzero = (raw_a != 0).any(dim=1)[:, None] | (c.raw != 0).any(dim=1)[None, :]
+    flagged = (((d2 < both * _CANCELLATION_RATIO) | (both < _TINY_SQUARES)) & nonzero).nonzero()
+    dist = d2.sqrt_()
+    chunk = max(1, _RECOMPUTE_ELEMENTS // max(1, c.raw.shape[1]))
+    for k in range(0, flagged.shape[0], chunk):
+        r, j = flagged[k:k + chunk].unbind(1)
+        dist[r, j] = _difference_norms(raw_a[r], c.raw[j])
+    dist = times_power_of_two(dist, -c.exponent)
+    finite_a = pick(c.finite)
+    return torch.where(finite_a[:, None] & c.finite[None, :], dist, float("nan"))
+
+
+def pair_distances(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||w_a - w_b|| (float64) for index vectors a, b, from the difference of the rows (no
+    cancellation), each difference divided by its largest entry (no overflow or
+    underflow); NaN for a pair with a non-finite row."""
+    w = weight.double()
+    finite = torch.isfinite(w).all(dim=1)
+    dist = _difference_norms(torch.where(finite[:, None], w, 0.0)[a], torch.where(finite[:, None], w, 0.0)[b])
+    return torch.where(finite[a] & finite[b], dist, float("nan"))
+
+
+def mms_from_distance(margin: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    """The top-2 MMS, margin / distance, with the rows that need no distance: 0 for a tie
+    (margin 0), +inf without a finite competitor (margin +inf). NaN margins (invalid
+    rows) stay NaN."""
+    quotient = (margin.double() / distance.double()).to(margin.dtype)  # a float64 distance may exceed float32
+    return torch.where(margin == 0, torch.zeros_like(margin),
+                       torch.where(margin == float("inf"), margin, quotient))
+
+
+def mms_for_nonfinite_weight(mms: torch.Tensor, margin: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The exact MMS under the rule for a weight with a NaN or +-inf entry: NaN wherever a
+    distance is needed (see the module doc); ``mms`` where the weight is finite. On the
+    weight's device, without reading anything on the host."""
+    nan = torch.full_like(margin, float("nan"))
+    fallback = mms_from_distance(margin, nan)
+    return torch.where(torch.isfinite(weight).all(), mms, fallback)
 
 
 # Classes up to which _mms_exact computes the [C, C] distances once and gathers rows of
@@ -117,18 +212,22 @@ def _mms_exact(z: torch.Tensor, pred: torch.Tensor, weight: torch.Tensor) -> tor
     centred = centred_rows(weight)
     table = None
     if c <= _MMS_TABLE_MAX_CLASSES and c <= n:
-        table = squared_class_distances(weight, centred=centred).sqrt_().to(z.dtype)
+        table = class_distances(weight, centred=centred)
     rows = max(1, (1 << 22) // max(c, 1))  # bound the [rows, C] temporaries
     for start in range(0, n, rows):
         zz = z[start:start + rows]
         a = pred[start:start + rows]
-        dist = table[a] if table is not None else (
-            squared_class_distances(weight, a, centred=centred).sqrt_().to(z.dtype))
+        dist = table[a] if table is not None else class_distances(weight, a, centred=centred)
+        # z_a - z_j in z's dtype (the kernels' gap), the quotient in float64 (a float64
+        # distance may lie beyond float32's range), rounded once to z's dtype
         diff = zz.gather(1, a[:, None]) - zz
-        ratio = torch.where(diff == 0, torch.zeros_like(diff), diff / dist)
+        ratio = torch.where(diff == 0, torch.zeros_like(dist), diff.double() / dist)
         ratio = ratio.scatter(1, a[:, None], float("inf"))
-        out[start:start + rows] = ratio.min(dim=1).values
+        out[start:start + rows] = ratio.min(dim=1).values.to(z.dtype)
     return out
+
+
+# ---- the scores ---------------------------------------------------------------------------
 
 
 def score_reference(
@@ -142,6 +241,14 @@ def score_reference(
 
     Inputs are assumed validated (``fastsel.score`` does that). Computation happens in
     ``accumulate_dtype(logits.dtype)``; pass float64 logits to get the test oracle.
+
+    Every value comes from t_j = z_j - m (m the row's maximum) and d = sum_j exp(t_j)
+    split as n_eq + d_sub (the maxima apart): log d = log1p(d - 1) keeps the loss and
+    1 - p_y of confident rows (loss 1e-20, not 0) and the log 2 of two tied maxima at
+    1e308 (which lse = m + log d rounds away); a span that overflows (t_j = -inf for
+    z_j = -1e308 against m = 1e308) is a class of zero probability. The loss's value is
+    this one; its gradient is that of m + log sum_j exp(z_j - m) (m a constant), so
+    second and higher derivatives are PyTorch's own.
     """
     acc = accumulate_dtype(logits.dtype)
     z = logits.to(acc)
@@ -150,61 +257,82 @@ def score_reference(
     ignored = target == ignore_index
     y = torch.where(ignored, torch.zeros_like(target), target)
 
-    lse = torch.logsumexp(z, dim=1)
-    z_y = z.gather(1, y[:, None]).squeeze(1)
-    loss = torch.where(ignored, torch.zeros_like(lse), lse - z_y)
-
     with torch.no_grad():
         zd = z.detach()
-        lse_d = lse.detach()
-        # -inf logits have p = 0; 0 * (-inf) would be NaN, so weight them out explicitly.
-        logp = zd - lse_d[:, None]
-        p = logp.exp()
-        plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
-        entropy = -plogp.sum(dim=1)
+        row_max = zd.amax(dim=1) if n > 0 else zd.new_empty(0)
+        # Invalid rows: NaN or +inf anywhere, or no finite maximum at all.
+        invalid = ~torch.isfinite(row_max) | torch.isnan(zd).any(dim=1)
+        m = torch.where(invalid, torch.zeros_like(row_max), row_max)  # keeps inf - inf out
+        t = zd - m[:, None]  # <= 0 on valid rows
+        at_max = t == 0
+        e = torch.where(at_max, torch.ones_like(t), t.exp())  # exp(t_j); exactly 1 at the maxima
+        e_sub = torch.where(at_max, torch.zeros_like(e), e)
+        n_eq = at_max.sum(dim=1).to(acc)
+        dm1 = (n_eq - 1.0) + e_sub.sum(dim=1)  # d - 1, exact for the maxima
+        d = dm1 + 1.0
+        log_d = torch.log1p(dm1)
+        lse = m + log_d
+        # -sum p log p = log d - sum exp(t) t / d; a zero-probability class adds nothing
+        et = torch.where(e > 0, e * t, torch.zeros_like(t))
+        entropy = log_d - et.sum(dim=1) / d
+        confidence = 1.0 / d
+
+        z_y = zd.gather(1, y[:, None]).squeeze(1)
+        t_y = t.gather(1, y[:, None]).squeeze(1)
+        loss_value = (m - z_y) + log_d
+        # ||p - onehot(y)|| d = ||(d - e_y, e_j for j != y)||, with d - e_y = d - 1 when y is
+        # a maximum (exact) and >= 1 otherwise (no cancellation either way); the vector is
+        # divided by its largest entry first, so that no square underflows (1 - p_y = 1e-300)
+        e_y = e.gather(1, y[:, None]).squeeze(1)
+        one_minus_py = torch.where(t_y == 0, dm1, d - e_y)
+        others = e.scatter(1, y[:, None], 0.0)
+        top = torch.maximum(one_minus_py, others.amax(dim=1) if c > 1 else torch.zeros_like(d))
+        top = torch.where(top > 0, top, torch.ones_like(top))
+        ratio = others / top[:, None]
+        grad_norm = top * ((one_minus_py / top) ** 2 + (ratio * ratio).sum(dim=1)).sqrt() / d
 
         v1, i1, v2, i2 = _top2(zd)
         margin = v1 - v2
         runner_up_of_y = torch.where(y == i1, v2, v1)
-        true_margin = zd.gather(1, y[:, None]).squeeze(1) - runner_up_of_y
-        p_y = p.gather(1, y[:, None]).squeeze(1)
-        # ||p - onehot(y)||^2 = sum p^2 - 2 p_y + 1, written as
-        # (1 - p_y)^2 + sum_{j != y} p_j^2 is the same quantity without cancellation.
-        p_rest = p.scatter(1, y[:, None], 0.0)
-        grad_norm2 = (1.0 - p_y) ** 2 + (p_rest * p_rest).sum(dim=1)
-        grad_norm = grad_norm2.sqrt()
-        confidence = (v1 - lse_d).exp()
+        true_margin = z_y - runner_up_of_y
         pred = zd.argmax(dim=1) if n > 0 else torch.zeros(0, dtype=torch.long, device=z.device)
 
-        nan = torch.full_like(lse_d, float("nan"))
+        nan = torch.full_like(m, float("nan"))
         true_margin = torch.where(ignored, nan, true_margin)
         grad_norm = torch.where(ignored, nan, grad_norm)
 
         mms_out = None
         if weight is not None:
-            w = weight.to(acc)
             if mms == "top2":
-                dist = _pair_distance(w, i1, i2) if c > 1 else torch.ones_like(margin)
-                mms_out = torch.where(margin == 0, torch.zeros_like(margin), margin / dist)
-                if c == 1:
-                    mms_out = torch.full_like(margin, float("inf"))
+                dist = pair_distances(weight, i1, i2) if c > 1 else torch.ones_like(margin)
+                mms_out = mms_from_distance(margin, dist)
             else:
-                mms_out = _mms_exact(zd, i1, w) if n > 0 else torch.empty(0, dtype=acc)
+                mms_out = _mms_exact(zd, i1, weight) if n > 0 else torch.empty(0, dtype=acc, device=z.device)
+                mms_out = mms_for_nonfinite_weight(mms_out, margin, weight)
 
-        # Invalid rows: NaN or +inf anywhere, or no finite maximum at all.
-        row_max = zd.amax(dim=1) if n > 0 else lse_d
-        invalid = ~torch.isfinite(row_max) | torch.isnan(zd).any(dim=1)
         entropy = torch.where(invalid, nan, entropy)
         margin = torch.where(invalid, nan, margin)
         true_margin = torch.where(invalid, nan, true_margin)
         grad_norm = torch.where(invalid, nan, grad_norm)
         confidence = torch.where(invalid, nan, confidence)
+        lse = torch.where(invalid, nan, lse)
         if mms_out is not None:
             mms_out = torch.where(invalid, nan, mms_out)
-    # The loss keeps its graph; invalid rows become NaN without cutting it.
+
+    # The loss: its graph is m + log sum exp(z - m) - z_y (m constant: the gradient is the
+    # exact softmax - onehot), its value loss_value (the graph's value rounds log d away
+    # where d - 1 is tiny against 1, or log 2 against m = 1e308).
+    # An ignored row's logits take no part in the graph (they may hold NaN or +-inf): its
+    # gradient is exactly 0, as the kernels give, not 0 * NaN.
+    z = torch.where(ignored[:, None], torch.zeros_like(z), z)
+    m = torch.where(ignored, torch.zeros_like(m), m)
+    graph = (m + torch.log(torch.exp(z - m[:, None]).sum(dim=1))) - z.gather(1, y[:, None]).squeeze(1)
+    correction = (loss_value - graph).detach()
+    correction = torch.where(torch.isfinite(correction), correction, torch.zeros_like(correction))
+    loss = torch.where(ignored, torch.zeros_like(graph), graph + correction)
+    # Invalid rows become NaN without cutting the graph.
     loss = torch.where(invalid & ~ignored, torch.full_like(loss, float("nan")), loss)
-    lse = torch.where(invalid, torch.full_like(lse, float("nan")), lse)
-    return Scores(loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms_out, lse.detach())
+    return Scores(loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms_out, lse)
 
 
 def score_backward_reference(
@@ -226,7 +354,7 @@ def score_backward_reference(
     return (grad * g[:, None]).to(logits.dtype)
 
 
-# ---- selection ops (METHODS.md section 2) -----------------------------------------------
+# ---- selection ops (docs/methods.md section 2) -----------------------------------------------
 #
 # Mirrors csrc/include/fastsel/selection_keys.h operation for operation; read the header
 # for the design. Integers are int64 tensors holding uint32 (or smaller) values; float
@@ -411,7 +539,7 @@ def percentile_reference(values: torch.Tensor, history: torch.Tensor) -> torch.T
     if h.numel() == 0:
         out = torch.ones(v.shape, dtype=torch.float32, device=v.device)
     else:
-        below = torch.searchsorted(torch.sort(h).values, v, side="left")
+        below = torch.searchsorted(torch.sort(h).values, v.contiguous(), side="left")
         out = below.to(torch.float32) / _f32(float(h.numel())).to(v.device)
     return torch.where(torch.isnan(v), torch.full_like(out, float("nan")), out)
 

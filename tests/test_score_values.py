@@ -585,8 +585,10 @@ def _gram_mms_float32(logits: torch.Tensor, weight: torch.Tensor, mode: str) -> 
 
     The kernel takes 1 / ||w_a - w_j|| from the Gram form (one ``mm``, ``sub`` with
     alpha 2, ``rsqrt``) and the row's exact MMS as min over j != a of (z_a - z_j) * that,
-    where a NaN product is passed over, or its top-2 MMS as (z_a - z_r) * that for the
-    first runner-up r; 0 on a tie at the maximum, +inf without a finite competitor.
+    or its top-2 MMS as (z_a - z_r) * that for the first runner-up r; 0 on a tie at the
+    maximum, +inf without a finite competitor. A weight row holding NaN makes the exact
+    MMS NaN on every other row (the rule of fastsel/reference.py); the top-2 MMS takes
+    the NaN product of its own pair.
     Only for heads without near-duplicate classes (whose pairs the kernel recomputes
     from the row difference).
     """
@@ -604,8 +606,9 @@ def _gram_mms_float32(logits: torch.Tensor, weight: torch.Tensor, mode: str) -> 
     a = z.argmax(dim=1)
     prod = (za - z) * inv[a]
     if mode == "exact":
-        prod = torch.where(torch.isnan(prod), INF, prod).scatter(1, a[:, None], INF)
-        best = prod.min(dim=1).values
+        best = prod.scatter(1, a[:, None], INF).min(dim=1).values
+        if not torch.isfinite(w).all():
+            best = torch.full_like(best, NAN)
     else:
         runner_up = z.scatter(1, a[:, None], -INF).argmax(dim=1)  # the first one
         best = prod.gather(1, runner_up[:, None]).squeeze(1)
@@ -871,7 +874,7 @@ def test_definitions_against_torch_ops(backend, dtype, c):
 
 @all_dtypes
 def test_probability_margin_identity(backend, dtype):
-    """p_(1) - p_(2) = confidence * (1 - exp(-margin)) (METHODS.md section 1)."""
+    """p_(1) - p_(2) = confidence * (1 - exp(-margin)) (docs/methods.md section 1)."""
     n, c = 50, 12
     logits = random_logits(n, c, scale=2.0, dtype=dtype, seed=21)
     target = random_target(n, c)
@@ -911,7 +914,7 @@ def test_inputs_not_mutated(backend):
 def test_running_max_moves(backend, dtype, c):
     """Rows whose maximum keeps moving (ascending), jumps late by a lot, or sits first.
 
-    A wrong rescaling of the running sums (d, s1, s2 in METHODS.md) shows up here.
+    A wrong rescaling of the running sums (d, s1, s2 in docs/methods.md) shows up here.
     """
     ramp = torch.linspace(-20.0, 20.0, c, dtype=torch.float64)
     rows = [

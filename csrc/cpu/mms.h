@@ -92,6 +92,47 @@ inline double pair_distance(const double* w, int64_t D, int64_t a, int64_t b) {
   return std::sqrt(s);
 }
 
+// The range in which pair_distance's plain sum of squares is accurate: above the lower
+// bound every square that underflowed (< 2^-149 in float, 2^-1074 in double) is at most
+// D * 2^-49 (2^-114) of the sum; a finite result had no square overflow.
+template <typename T>
+constexpr T kMinPlainDistance = std::is_same_v<T, float> ? T(0x1p-50) : T(0x1p-480);
+
+// ||w_a - w_b|| for rows outside that range, or holding NaN / +-inf: NaN when either row
+// holds a non-finite entry (the distance, and so the MMS term, is undefined), else the
+// sum of squares in double of the rows scaled by a power of two (exact) that puts their
+// largest entry in [0.5, 1): no overflow, and no underflow that matters.
+template <typename T>
+T careful_pair_distance(const T* w, int64_t D, int64_t a, int64_t b) {
+  const T* wa = w + a * D;
+  const T* wb = w + b * D;
+  double top = 0.0;
+  for (int64_t k = 0; k < D; ++k) {
+    const double x = static_cast<double>(wa[k]), y = static_cast<double>(wb[k]);
+    if (!std::isfinite(x) || !std::isfinite(y)) return std::numeric_limits<T>::quiet_NaN();
+    top = std::max(top, std::max(std::abs(x), std::abs(y)));
+  }
+  if (top == 0.0) return T(0);
+  int e = 0;
+  std::frexp(top, &e);  // top = f 2^e, f in [0.5, 1)
+  double s = 0.0;
+  for (int64_t k = 0; k < D; ++k) {
+    const double d = std::ldexp(static_cast<double>(wa[k]), -e) - std::ldexp(static_cast<double>(wb[k]), -e);
+    s += d * d;
+  }
+  return static_cast<T>(std::ldexp(std::sqrt(s), e));
+}
+
+// pair_distance, or careful_pair_distance where the plain sum cannot be trusted (tiny,
+// huge or non-finite rows, identical rows): the same value as pair_distance for every
+// pair of ordinary rows, NaN for a pair with a non-finite row.
+template <typename T>
+T checked_pair_distance(const T* w, int64_t D, int64_t a, int64_t b) {
+  const T d = pair_distance(w, D, a, b);
+  if (d >= kMinPlainDistance<T> && d <= std::numeric_limits<T>::max()) return d;  // false for NaN
+  return careful_pair_distance(w, D, a, b);
+}
+
 // Bit (j - at) of a w-bit chunk starting at `at`, or 0 when j lies outside it.
 inline uint64_t chunk_bit(int64_t j, int64_t at, int64_t w) {
   const uint64_t off = static_cast<uint64_t>(j - at);
@@ -354,7 +395,7 @@ acc_t mms_exact_pruned(acc_t za, int64_t a, int64_t r, acc_t margin, acc_t runne
     acc_t bound = radius_a + radius[j];
     if (max_distance != nullptr) bound = std::min(bound, std::min(max_distance[a], max_distance[j]));
     if (gap * acc_t(1 - 1e-4) > best * bound) return;
-    best = std::min(best, gap / pair_distance(w, mw.D, a, j));
+    best = std::min(best, gap / checked_pair_distance(w, mw.D, a, j));
   });
   return best;
 }

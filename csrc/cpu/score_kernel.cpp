@@ -19,8 +19,11 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "fastsel/row_scores.h"
@@ -159,14 +162,20 @@ struct LaneSums {
 
   void rebase(float old_m, float new_m) {
     const float delta = old_m - new_m;
-    const Vec scale(std::exp(delta));
+    const float factor = std::exp(delta);
+    if (factor == 0.f) {  // the old terms vanish (and delta * d_old may overflow to -inf)
+      d_sub = s1 = s2 = Vec(0.f);
+      n_not_below = 0;
+      return;
+    }
+    const Vec scale(factor);
     // Fold the old maxima into lane 0; all lanes scale together.
     alignas(64) float extra[kLanes] = {};
     extra[0] = static_cast<float>(n_not_below);
     const Vec d_old = d_sub + Vec::loadu(extra);
     s1 = (s1 + Vec(delta) * d_old) * scale;
     d_sub = d_old * scale;
-    s2 = (s2 + Vec::loadu(extra)) * scale * scale;
+    s2 = (s2 + Vec::loadu(extra) * Vec(s2_unit<float>())) * scale * scale;  // s2 is scaled (row_scores.h)
     n_not_below = 0;  // everything swept so far now lies below the new maximum
   }
 
@@ -180,18 +189,20 @@ struct LaneSums {
     const __m512 e = exp_nonpositive(t);
     const __mmask16 below = _mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_LT_OQ);
     const __m512 d = d_sub, a = s1, b = s2;
+    const __m512 scaled = _mm512_mul_ps(e, _mm512_set1_ps(s2_root(0.f)));  // s2 is scaled (row_scores.h)
     d_sub = _mm512_mask_add_ps(d, below, d, e);
     s1 = _mm512_mask3_fmadd_ps(e, t, a, below);
-    s2 = _mm512_mask3_fmadd_ps(e, e, b, below);
+    s2 = _mm512_mask3_fmadd_ps(scaled, scaled, b, below);
     return ~static_cast<uint32_t>(below) & 0xFFFFu;
 #else
     const Vec t = at::vec::clamp_min(x - m, Vec(kExpFloor));  // max(floor, t): keeps NaN
     const Vec e = exp_nonpositive(t);
     const Vec below = t < Vec(0.f);
     const Vec e_below = e & below;
+    const Vec scaled = e_below * Vec(s2_root(0.f));  // s2 is scaled (row_scores.h)
     d_sub = d_sub + e_below;
     s1 = at::vec::fmadd(e_below, t, s1);
-    s2 = at::vec::fmadd(e_below, e_below, s2);
+    s2 = at::vec::fmadd(scaled, scaled, s2);
 #if defined(FASTSEL_VEC256)
     return ~static_cast<uint32_t>(_mm256_movemask_ps(below)) & 0xFFu;
 #else
@@ -527,7 +538,7 @@ struct RowJob {
       return;
     }
     const acc_t distance = mms_needs_runner_up(r.margin, runner_up)
-                               ? pair_distance(static_cast<const acc_t*>(mw.w), mw.D, a, runner_up)
+                               ? checked_pair_distance(static_cast<const acc_t*>(mw.w), mw.D, a, runner_up)
                                : acc_t(1);
     out->mms[i] = mms_exact_pruned<acc_t>(top.v1, a, runner_up, r.margin, distance, mw,
                                           [&](acc_t threshold, auto&& visit) {
@@ -544,7 +555,7 @@ struct RowJob {
     }
     if (const auto trivial = mms_without_distance(margin, r)) return *trivial;
     if (mw.inv_dist != nullptr) return margin * static_cast<const acc_t*>(mw.inv_dist)[a * C + r];
-    return margin / pair_distance(static_cast<const acc_t*>(mw.w), mw.D, a, r);
+    return margin / checked_pair_distance(static_cast<const acc_t*>(mw.w), mw.D, a, r);
   }
 
   // MMS of the rows of a group (C <= kBlock), after their row passes: the rows are still
@@ -574,7 +585,7 @@ struct RowJob {
         out->mms[i0 + r] = mms_top2_or_gram(row, v1[r], a, ru, margin, buf);
         continue;
       }
-      const float distance = mms_needs_runner_up(margin, ru) ? pair_distance(static_cast<const float*>(mw.w), mw.D, a, ru) : 1.f;
+      const float distance = mms_needs_runner_up(margin, ru) ? checked_pair_distance(static_cast<const float*>(mw.w), mw.D, a, ru) : 1.f;
       out->mms[i0 + r] = mms_exact_pruned<float>(v1[r], a, ru, margin, distance, mw, [&](float threshold, auto&& visit) {
         if (list.complete && candidates[r].covers(threshold)) {
           for (int k = 0; k < list.n; ++k) {
@@ -600,13 +611,25 @@ struct RowJob {
       if (C < kMaxVectorClasses) ok = score_row_vectorized(row, C, buf, st, top);
     }
     int64_t first_nan = -1;
-    if (!ok) {
-      st = SoftmaxState<acc_t>();
-      top = Top2<acc_t>();
-      first_nan = score_row_scalar(row, C, st, top);
+    RowScores<acc_t> r;
+    if (ok) {
+      r = finalize_row(st, top, y >= 0 ? static_cast<acc_t>(row[y]) : acc_t(0), y);
+    } else {
+      // The scalar path accumulates in double whatever the logits: a float sum of more
+      // than 2^24 terms of 1 (a row of 2^24 + k equal logits) would stop growing at 2^24.
+      SoftmaxState<double> sd;
+      Top2<double> td;
+      first_nan = score_row_scalar(row, C, sd, td);
+      const RowScores<double> rd = finalize_row(sd, td, y >= 0 ? static_cast<double>(row[y]) : 0.0, y);
+      r = RowScores<acc_t>{static_cast<acc_t>(rd.loss), static_cast<acc_t>(rd.entropy),
+                           static_cast<acc_t>(rd.margin), static_cast<acc_t>(rd.true_margin),
+                           static_cast<acc_t>(rd.grad_norm), static_cast<acc_t>(rd.confidence),
+                           static_cast<acc_t>(rd.lse), rd.pred, rd.valid};
+      top.v1 = static_cast<acc_t>(td.v1);
+      top.v2 = static_cast<acc_t>(td.v2);
+      top.i1 = td.i1;
+      top.i2 = td.i2;
     }
-    const acc_t z_y = y >= 0 ? static_cast<acc_t>(row[y]) : acc_t(0);
-    RowScores<acc_t> r = finalize_row(st, top, z_y, y);
     if (first_nan >= 0) r.pred = first_nan;  // torch.argmax ranks NaN first
     out->write(i, r);
     write_mms(i, row, top, r, buf);
@@ -627,9 +650,18 @@ struct RowJob {
     const Vec zy_is_max = z_y == m;
     const Vec e_y = exp_nonpositive(at::vec::clamp_min(z_y - m, Vec(kExpFloor)));
     const Vec one_minus_py = Vec::blendv(d - e_y, dm1, zy_is_max);
+    // sum_{j != y} p_j^2 d^2 U and the norm as finalize_row computes them (s2 is scaled
+    // by U = root^2 against underflow: row_scores.h)
+    const Vec root(s2_root(0.f)), unit(s2_unit<float>());
+    const Vec e_y_scaled = e_y * root;
     const Vec rest_sq = at::vec::clamp_min(
-        Vec::blendv((n_eq + s2) - e_y * e_y, (n_eq - one) + s2, zy_is_max), zero);
-    const Vec grad_norm = at::vec::fmadd(one_minus_py, one_minus_py, rest_sq).sqrt() / d;
+        Vec::blendv(at::vec::fmadd(n_eq, unit, s2) - e_y_scaled * e_y_scaled,
+                    at::vec::fmadd(n_eq - one, unit, s2), zy_is_max), zero);
+    const Vec g = one_minus_py * root;
+    const Vec scaled_norm = at::vec::fmadd(g, g, rest_sq).sqrt() / root;
+    const Vec plain_norm = at::vec::fmadd(one_minus_py, one_minus_py, rest_sq / unit).sqrt();
+    const Vec norm = Vec::blendv(plain_norm, scaled_norm, scaled_norm < Vec(std::numeric_limits<float>::infinity()));
+    const Vec grad_norm = at::vec::maximum(norm, one_minus_py) / d;  // >= 1 - p_y (row_scores.h)
     Vec::blendv((m - z_y) + log_d, zero, ignored).store(out->loss + i0, rows);
     (log_d - s1 / d).store(out->entropy + i0, rows);
     (m - v2).store(out->margin + i0, rows);
@@ -843,6 +875,50 @@ void score_rows(const at::Tensor& logits, const at::Tensor& target, int64_t igno
   });
 }
 
+// grad_norm of the most confident rows, again. The row pass keeps sum_j exp(2 (z_j - m))
+// scaled by 2^100 (float) or 2^960 (double) (row_scores.h), which holds its precision
+// while the largest term exp(z_j - m), j != y, is above ~2^-113 (2^-991); below, the
+// squares are subnormal and grad_norm loses digits. A row there has 0 < loss < 2^-100
+// (2^-960), its target the unique maximum: its grad_norm is recomputed in double from
+// the row, relative to its largest competitor t = max_{j != y} z_j - z_y:
+//   ||p - onehot(y)|| = exp(t) sqrt(R1^2 + R2) / d,  R1 = sum_{j != y} exp(z_j - z_y - t),
+//   R2 = sum_{j != y} exp(2 (z_j - z_y - t)), d = 1 + exp(t) R1,
+// where nothing underflows but the final product (rows of logits a margin of 70 apart in
+// float32, 700 in float64; one more pass over each).
+template <typename scalar_t, typename target_t>
+void refine_confident_grad_norms(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
+                                 const OutputPointers<acc_type_t<scalar_t>>& out) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const scalar_t* base = logits.const_data_ptr<scalar_t>();
+  const target_t* tgt = target.const_data_ptr<target_t>();
+  const int64_t rs = logits.stride(0), ts = target.stride(0);
+  const acc_t below = std::is_same_v<acc_t, float> ? acc_t(0x1p-100) : acc_t(0x1p-960);
+  at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t loss = out.loss[i];
+      if (!(loss > acc_t(0) && loss < below)) continue;  // NaN, ignored (0) and ordinary rows
+      const int64_t y = static_cast<int64_t>(tgt[i * ts]);
+      if (y == ignore_index) continue;
+      const scalar_t* row = base + i * rs;
+      const double zy = static_cast<double>(row[y]);
+      double t = -std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j < C; ++j) {
+        if (j != y) t = std::max(t, static_cast<double>(row[j]) - zy);
+      }
+      double r1 = 0.0, r2 = 0.0;
+      for (int64_t j = 0; j < C; ++j) {
+        if (j == y) continue;
+        const double e = std::exp((static_cast<double>(row[j]) - zy) - t);
+        r1 += e;
+        r2 += e * e;
+      }
+      const double top = std::exp(t);
+      out.grad_norm[i] = static_cast<acc_t>(top * std::sqrt(r1 * r1 + r2) / (1.0 + top * r1));
+    }
+  });
+}
+
 // Raises the IndexError for the first row whose target is neither in [0, C) nor
 // ignore_index (recorded by the row loops, so no separate pass over the targets).
 void throw_if_bad_target(int64_t bad_row, const at::Tensor& target, int64_t C,
@@ -879,6 +955,10 @@ at::Tensor inverse_distances(const at::Tensor& w) {
     const scalar_t* rows = w.const_data_ptr<scalar_t>();
     scalar_t* out = inv.mutable_data_ptr<scalar_t>();
     const scalar_t ratio = static_cast<scalar_t>(kGramCancellationRatio);
+    const scalar_t kMinPlainSquare = kMinPlainDistance<scalar_t> * kMinPlainDistance<scalar_t>;
+    // squares of distances up to this stay finite, and so do their sums of two
+    const scalar_t kMaxPlainDistance = std::sqrt(std::numeric_limits<scalar_t>::max()) / scalar_t(2);
+    const scalar_t kMaxPlainSquare = kMaxPlainDistance * kMaxPlainDistance;
     // row a does C - 1 - a pairs: a grain of rows is ~4096 pairs on average
     at::parallel_for(0, C, std::max<int64_t>(1, 8192 / std::max<int64_t>(C, 1)), [&](int64_t a0, int64_t a1) {
       for (int64_t a = a0; a < a1; ++a) {
@@ -887,12 +967,19 @@ at::Tensor inverse_distances(const at::Tensor& w) {
         for (int64_t j = a + 1; j < C; ++j) {
           const scalar_t sum_sq = sq_a + g[j * C + j];
           scalar_t d2 = std::fma(scalar_t(-2), g[a * C + j], sum_sq);
-          if (d2 < sum_sq * ratio) {  // cancelling (false for NaN)
-            const scalar_t d = pair_distance(rows, D, a, j);
-            d2 = d * d;
+          scalar_t q;
+          // The Gram form holds for ordinary rows; recomputed from the rows: pairs that
+          // cancel, tiny or overflowing squares, and non-finite rows (NaN distance).
+          const bool plain = d2 >= sum_sq * ratio && d2 >= kMinPlainSquare && sum_sq <= kMaxPlainSquare;
+          if (plain) {
+            q = scalar_t(1) / std::sqrt(d2);  // 1 / sqrt as torch's rsqrt
+          } else {
+            const scalar_t d = checked_pair_distance(rows, D, a, j);
+            // d * d as before for ordinary rows (bit for bit); 1 / d where d * d would
+            // leave the range, NaN for a non-finite row
+            q = d >= kMinPlainDistance<scalar_t> && d <= kMaxPlainDistance ? scalar_t(1) / std::sqrt(d * d)
+                                                                           : scalar_t(1) / d;
           }
-          // clamp at 0 keeping NaN (a NaN weight row), then 1 / sqrt as torch's rsqrt
-          const scalar_t q = scalar_t(1) / std::sqrt(d2 < scalar_t(0) ? scalar_t(0) : d2);
           out[a * C + j] = q;
           out[j * C + a] = q;
         }
@@ -948,6 +1035,27 @@ at::Tensor centred_radii(const at::Tensor& w) {
 
 }  // namespace
 
+namespace {
+
+// t * 2^k for |k| up to ~2100, exact where the result is in range: in two steps, since
+// 2^k itself may overflow (a subnormal float64's 2^1029) and a scalar 2^k is rounded to
+// t's dtype (2^132 is inf in float, and 0 * inf is NaN).
+at::Tensor times_power_of_two(const at::Tensor& t, int k) {
+  const int half = k / 2;
+  return t * std::ldexp(1.0, half) * std::ldexp(1.0, k - half);
+}
+
+// The exponent e of max |x| = f 2^e, f in [0.5, 1), of the finite entries of x (0 when none
+// is nonzero).
+int magnitude_exponent(const at::Tensor& x) {
+  const double top = at::nan_to_num(x.abs(), 0.0, 0.0).max().item<double>();
+  int e = 0;
+  std::frexp(top, &e);
+  return top > 0 ? e : 0;
+}
+
+}  // namespace
+
 ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target,
                            int64_t ignore_index, const std::optional<at::Tensor>& weight,
                            int64_t mms_mode, const std::optional<at::Tensor>& max_distance) {
@@ -961,27 +1069,61 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
   MmsInputs mms_in;
   mms_in.mode = mms_mode;
   at::Tensor w, radius, inv_dist, farthest;
+  // A weight with a NaN or +-inf entry has no distance between that class and any other,
+  // and the exact MMS takes a minimum over every class: it is then NaN wherever a
+  // distance is needed (0 < margin < inf), whatever path the call takes (the top-2 MMS
+  // gets NaN from its own pair's distance, per row).
+  bool nonfinite_weight = false;
+  // The MMS of w is s times that of w * s (s = 2^k, so w * s is exact): the weight is
+  // rescaled where its magnitude would break the arithmetic (a float64 weight beyond
+  // float32's range for float32 logits, the pruned search's radii overflowing or
+  // underflowing) and the MMS scaled back at the end, mms_scale_exp = k.
+  int mms_scale_exp = 0;
   if (mms_mode != kMmsNone) {
-    w = weight->to(opts.dtype()).contiguous();
-    if (use_mms_gram(N, C, mms_mode == kMmsExact)) {  // distances from the matrix
+    if (weight->scalar_type() == at::kDouble && opts.dtype() == at::kFloat) {
+      const int e = magnitude_exponent(*weight);  // keep the rows inside float32's normal range
+      if (e > 100 || e < -100) mms_scale_exp = -e;
+    }
+    w = (mms_scale_exp != 0 ? times_power_of_two(*weight, mms_scale_exp) : *weight).to(opts.dtype()).contiguous();
+    const bool gram = use_mms_gram(N, C, mms_mode == kMmsExact);
+    if (mms_mode == kMmsExact && gram) nonfinite_weight = !at::isfinite(w).all().item<bool>();
+    if (gram && !nonfinite_weight) {  // distances from the matrix
       inv_dist = inverse_distances(w);
       mms_in.weights.inv_dist = inv_dist.const_data_ptr();
     }
-    mms_in.weights.w = w.const_data_ptr();
-    mms_in.weights.D = w.size(1);
-    if (mms_mode == kMmsExact && !inv_dist.defined()) {  // the pruned search's bounds
-      radius = w.scalar_type() == at::kFloat ? centred_radii(w)
-                                             : (w - w.mean(0, /*keepdim=*/true)).norm(2, {1}).contiguous();
+    if (mms_mode == kMmsExact && !gram) {  // the pruned search's bounds
+      const bool is_float = w.scalar_type() == at::kFloat;
+      auto radii = [&] {
+        radius = is_float ? centred_radii(w) : (w - w.mean(0, /*keepdim=*/true)).norm(2, {1}).contiguous();
+        return radius.isfinite().all().item<bool>() ? radius.max().item<double>()
+                                                    : std::numeric_limits<double>::infinity();
+      };
+      double radius_max = radii();
+      const double lo = is_float ? 0x1p-40 : 0x1p-400, hi = is_float ? 0x1p40 : 0x1p400;
+      double magnitude = radius_max;  // what the rescaling puts near 1
+      if (!std::isfinite(radius_max)) {  // a non-finite entry, or finite rows too large for the sums
+        nonfinite_weight = !at::isfinite(w).all().item<bool>();
+        magnitude = nonfinite_weight ? 1.0 : w.abs().max().item<double>();
+      } else if (radius_max < lo) {  // tiny rows (their squares may have underflowed), or identical ones
+        magnitude = w.abs().max().item<double>();
+      }
+      if (!nonfinite_weight && magnitude > 0 && (magnitude < lo || magnitude > hi)) {
+        int e = 0;
+        std::frexp(magnitude, &e);  // magnitude = f 2^e, f in [0.5, 1)
+        mms_scale_exp -= e;
+        w = times_power_of_two(w, -e);
+        radius_max = radii();
+      }
       mms_in.weights.radius = radius.const_data_ptr();
-      AT_DISPATCH_FLOATING_TYPES(radius.scalar_type(), "fastsel_radius_max", [&] {
-        const scalar_t* r = radius.const_data_ptr<scalar_t>();
-        mms_in.weights.radius_max = *std::max_element(r, r + C);
-      });
-      if (max_distance.has_value()) {
-        farthest = max_distance->to(opts.dtype()).contiguous();
+      mms_in.weights.radius_max = radius_max;
+      if (max_distance.has_value()) {  // scaled like w (in float64 first: it may leave float's range)
+        farthest = times_power_of_two(max_distance->to(at::kDouble), mms_scale_exp).to(opts.dtype()).contiguous();
         mms_in.weights.max_distance = farthest.const_data_ptr();
       }
     }
+    mms_in.weights.w = w.const_data_ptr();
+    mms_in.weights.D = w.size(1);
+    if (nonfinite_weight) mms_in.mode = kMmsNone;  // filled from the margins below
   }
 
   std::atomic<int64_t> first_bad_target{-1};
@@ -995,12 +1137,26 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
                                 outs.lse.data_ptr<acc_t>(),       outs.pred.data_ptr<int64_t>()};
       if (target.scalar_type() == at::kLong) {
         score_rows<scalar_t, int64_t>(logits, target, ignore_index, mms_in, out, first_bad_target);
+        refine_confident_grad_norms<scalar_t, int64_t>(logits, target, ignore_index, out);
       } else {
         score_rows<scalar_t, int32_t>(logits, target, ignore_index, mms_in, out, first_bad_target);
+        refine_confident_grad_norms<scalar_t, int32_t>(logits, target, ignore_index, out);
       }
     });
   }
   throw_if_bad_target(first_bad_target.load(), target, C, ignore_index, "fastsel.score");
+  if (nonfinite_weight) {
+    // 0 for a tie and +inf without a finite competitor, as ever (no distance needed);
+    // NaN elsewhere, invalid rows (NaN margin) included
+    const at::Tensor& m = outs.margin;
+    outs.mms.copy_(at::where(m == 0, at::zeros_like(m),
+                             at::where(m == std::numeric_limits<double>::infinity(), m,
+                                       at::full_like(m, std::numeric_limits<double>::quiet_NaN()))));
+  } else if (mms_scale_exp != 0) {
+    // in float64: 2^k of a float32 MMS may lie beyond float's range (k = -997 for a 1e300
+    // weight), and inf * 0 is NaN
+    outs.mms.copy_(times_power_of_two(outs.mms.to(at::kDouble), mms_scale_exp));
+  }
   return outs.outputs();
 }
 
@@ -1016,6 +1172,49 @@ inline void softmax_minus_onehot(const float* z, float* grad, int64_t n, float l
     ((Vec::loadu(z + k) - lv).exp_u20() * gv).store(grad + k);
   }
   for (; k < n; ++k) grad[k] = std::exp(z[k] - lse) * g;
+}
+
+// The same with lse = m + log_d kept in two parts: p_j = exp((z_j - m) - log_d).
+inline void softmax_minus_onehot_split(const float* z, float* grad, int64_t n, float m, float log_d, float g) {
+  const Vec mv(m), lv(log_d), gv(g);
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    (((Vec::loadu(z + k) - mv) - lv).exp_u20() * gv).store(grad + k);
+  }
+  for (; k < n; ++k) grad[k] = std::exp((z[k] - m) - log_d) * g;
+}
+
+// exp(z_j - lse) takes the rounding of lse, ulp(lse) / 2, as a relative error of p_j:
+// nothing for ordinary rows, but at |lse| >= 64 in float it exceeds 4e-6, and where
+// ulp(lse) passes log d (ties at 1e308: lse rounds to the maximum, p_j to 1 instead of
+// 1/2) it is all of p_j. Such rows, and every float64 row, recompute the maximum m and
+// log d = log sum_j exp(z_j - m) (two more passes) and use exp((z_j - m) - log d), as
+// log_softmax does.
+constexpr float kSplitLseFrom = 64.f;
+
+// (m, log d) of a row given as float blocks: blocks(visit) calls visit(x, n) per block.
+template <typename Blocks>
+std::pair<float, float> max_and_log_d(Blocks&& blocks) {
+  float m = -std::numeric_limits<float>::infinity();
+  blocks([&](const float* x, int64_t n) {
+    Vec acc(m);
+    int64_t k = 0;
+    for (; k + kLanes <= n; k += kLanes) acc = at::vec::maximum(acc, Vec::loadu(x + k));
+    float r = hmax(acc);
+    for (; k < n; ++k) r = std::max(r, x[k]);
+    m = std::max(m, r);
+  });
+  double d = 0.0;  // double across blocks: the row may be wider than 2^24
+  blocks([&](const float* x, int64_t n) {
+    const Vec mv(m);
+    Vec acc(0.f);
+    int64_t k = 0;
+    for (; k + kLanes <= n; k += kLanes) acc = acc + (Vec::loadu(x + k) - mv).exp_u20();
+    double part = hsum(acc);
+    for (; k < n; ++k) part += std::exp(x[k] - m);
+    d += part;
+  });
+  return {m, static_cast<float>(std::log(d))};
 }
 
 template <typename scalar_t, typename target_t>
@@ -1053,16 +1252,44 @@ void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const 
       const acc_t gi = g[i * gs];
       const acc_t li = l[i * ls];
       if constexpr (std::is_same_v<scalar_t, double>) {
-        for (int64_t j = 0; j < C; ++j) gr[j] = std::exp(zr[j] - li) * gi;
+        if (li != li) {  // an invalid row: NaN, as its loss
+          for (int64_t j = 0; j < C; ++j) gr[j] = li;
+          continue;
+        }
+        double m = -std::numeric_limits<double>::infinity(), d = 0.0;
+        for (int64_t j = 0; j < C; ++j) m = std::max(m, zr[j]);
+        for (int64_t j = 0; j < C; ++j) d += std::exp(zr[j] - m);
+        const double log_d = std::log(d);
+        for (int64_t j = 0; j < C; ++j) gr[j] = std::exp((zr[j] - m) - log_d) * gi;
         gr[t] -= gi;
       } else if constexpr (std::is_same_v<scalar_t, float>) {
-        softmax_minus_onehot(zr, gr, C, li, gi);
+        if (std::abs(li) < kSplitLseFrom || li != li) {
+          softmax_minus_onehot(zr, gr, C, li, gi);
+        } else {
+          const auto [m, log_d] = max_and_log_d([&](auto&& visit) { visit(zr, C); });
+          softmax_minus_onehot_split(zr, gr, C, m, log_d, gi);
+        }
         gr[t] -= gi;
       } else {
+        const bool split = !(std::abs(li) < kSplitLseFrom) && li == li;
+        float m = 0.f, log_d = 0.f;
+        if (split) {
+          std::tie(m, log_d) = max_and_log_d([&](auto&& visit) {
+            for (int64_t j0 = 0; j0 < C; j0 += kBlock) {
+              const int64_t n = std::min(kBlock, C - j0);
+              to_float(zr + j0, zf.data(), n);
+              visit(zf.data(), n);
+            }
+          });
+        }
         for (int64_t j0 = 0; j0 < C; j0 += kBlock) {
           const int64_t n = std::min(kBlock, C - j0);
           to_float(zr + j0, zf.data(), n);
-          softmax_minus_onehot(zf.data(), gf.data(), n, li, gi);
+          if (split) {
+            softmax_minus_onehot_split(zf.data(), gf.data(), n, m, log_d, gi);
+          } else {
+            softmax_minus_onehot(zf.data(), gf.data(), n, li, gi);
+          }
           if (t >= j0 && t < j0 + n) gf[t - j0] -= gi;
           from_float(gf.data(), gr + j0, n);
         }

@@ -3,12 +3,13 @@
 For a linear head z = W h + b and prediction a = pred, the smallest displacement of the
 features h that makes class j tie with a has length (z_a - z_j) / ||w_a - w_j|| (the
 bias cancels along the normal w_a - w_j); the MMS is the minimum over j != a
-(METHODS.md section 1). Following ``fastsel.reference``:
+(docs/methods.md section 1). Following ``fastsel.reference``:
 
-* ||w_a - w_j||^2 = max(||w_a||^2 + ||w_j||^2 - 2 w_a . w_j, 0) of centred rows in
-  float64 (``squared_class_distances``; in float32 it cancels for near-duplicate
-  classes): one matrix product on the device (torch ops), turned into inverse distances
-  q = rsqrt(...) (inf for identical rows), so the kernel multiplies instead of divides;
+* ||w_a - w_j|| from the Gram form of centred rows in float64, cancelling pairs
+  recomputed from the difference (``fastsel.reference.class_distances``; in float32 the
+  Gram form cancels for near-duplicate classes): one matrix product on the device (torch
+  ops), turned into inverse distances q = 1 / ||w_a - w_j|| (inf for identical rows, NaN
+  for a non-finite weight row), so the kernel multiplies instead of divides;
 * a tie z_a == z_j contributes 0 whatever the distance (the point is on the boundary);
 * no competitor (C = 1) gives +inf; invalid rows (NaN lse) give NaN.
 
@@ -27,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsel.reference import centred_rows, squared_class_distances
+from fastsel.reference import centred_rows, class_distances
 from fastsel.triton._launch import check_device, device_guard, num_warps_for, tile_shape
 
 __all__ = ["mms_exact_triton", "mms_exact_rows", "inverse_distances",
@@ -109,14 +110,14 @@ def mms_exact_rows(logits: torch.Tensor, pred: torch.Tensor, lse: torch.Tensor,
 
 
 def inverse_distances(weight: torch.Tensor, classes: Optional[torch.Tensor] = None, *,
-                      centred: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-    """q[r, j] = 1 / ||w_{classes[r]} - w_j|| (all classes when ``classes`` is None), in the
-    weight's dtype; rsqrt(0) = inf for identical rows. The squared distances come from
-    ``fastsel.reference.squared_class_distances`` (centred rows, float64 Gram form), so
-    near-duplicate classes keep their distance; ``centred`` is ``centred_rows(weight)``,
-    computed once per call.
+                      centred=None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """q[r, j] = 1 / ||w_{classes[r]} - w_j|| (all classes when ``classes`` is None), in
+    ``dtype`` (default the weight's); 1 / 0 = inf for identical rows. The distances come from
+    ``fastsel.reference.class_distances`` (centred rows, float64 Gram form, cancelling
+    pairs recomputed), so near-duplicate classes keep their distance; ``centred`` is
+    ``centred_rows(weight)``, computed once per call.
     """
-    return squared_class_distances(weight, classes, centred=centred).to(weight.dtype).rsqrt_()
+    return class_distances(weight, classes, centred=centred).reciprocal_().to(dtype or weight.dtype)
 
 
 def mms_exact_triton(logits: torch.Tensor, pred: torch.Tensor, lse: torch.Tensor,
@@ -124,21 +125,23 @@ def mms_exact_triton(logits: torch.Tensor, pred: torch.Tensor, lse: torch.Tensor
                      block_n: Optional[int] = None) -> torch.Tensor:
     """Exact MMS of every row, given the scoring pass's ``pred`` and ``lse`` (NaN = invalid).
 
-    ``weight`` [C, D] must already be in the score dtype (float32 / float64). No host
-    sync: the chunking depends on shapes only.
+    ``weight`` [C, D] of any float dtype (its distances are taken in float64); the result
+    is in the score dtype of ``lse`` (float32 / float64). No host sync but the
+    recomputation of cancelling pairs: the chunking depends on shapes only.
     """
     check_device(logits, "mms_exact_triton")
     n_rows, n_classes = logits.shape
     weight = weight.contiguous()
+    acc = lse.dtype
     centred = centred_rows(weight)
     if n_classes <= MMS_DENSE_MAX_CLASSES:
-        inv_dist = inverse_distances(weight, centred=centred)
+        inv_dist = inverse_distances(weight, centred=centred, dtype=acc)
         return mms_exact_rows(logits, pred, lse, inv_dist, True, block_c=block_c, block_n=block_n)
-    out = torch.empty(n_rows, dtype=weight.dtype, device=logits.device)
+    out = torch.empty(n_rows, dtype=acc, device=logits.device)
     chunk = max(1, MMS_CHUNK_ELEMENTS // n_classes)
     for start in range(0, n_rows, chunk):
         stop = min(n_rows, start + chunk)
-        inv_dist = inverse_distances(weight, pred[start:stop], centred=centred)
+        inv_dist = inverse_distances(weight, pred[start:stop], centred=centred, dtype=acc)
         mms_exact_rows(logits[start:stop], pred[start:stop], lse[start:stop], inv_dist, False,
                        out=out[start:stop], block_c=block_c, block_n=block_n)
     return out

@@ -1,4 +1,4 @@
-"""Fused one-pass scoring of logits [N, C] in Triton (every score of METHODS.md section 1).
+"""Fused one-pass scoring of logits [N, C] in Triton (every score of docs/methods.md section 1).
 
 Each row is read once, in column blocks of ``BLOCK_C``, by a program that owns ``BLOCK_N``
 rows. Per row the kernel carries the state of ``csrc/include/fastsel/row_scores.h``:
@@ -8,9 +8,10 @@ Softmax statistics relative to the running maximum m of the finite logits::
     n_eq  = #{j : z_j == m}                       (each contributes exp(0) = 1)
     d_sub = sum_{z_j < m} exp(z_j - m)
     s1    = sum_{z_j < m} exp(z_j - m) (z_j - m)    (<= 0)
-    s2    = sum_{z_j < m} exp(2 (z_j - m))
+    s2    = sum_{z_j < m} exp(2 (z_j - m)) U      (U = S2_ROOT^2: 2^100 in float32, 2^960 in float64)
 
-so that d = sum_j exp(z_j - m) = n_eq + d_sub and d - 1 = (n_eq - 1) + d_sub is exact:
+(s2 carries U so that a confident row's squares, exp(z_j - m) < 2^-63 in float32, do not
+underflow: grad_norm keeps its relative accuracy), so that d = sum_j exp(z_j - m) = n_eq + d_sub and d - 1 = (n_eq - 1) + d_sub is exact:
 log d = log1p(d - 1) and 1 - p_y keep their relative accuracy on confident rows, where
 p_(1) rounds to 1 and a plain sum would give loss 0 and grad_norm 0. As on the CPU
 (``csrc/cpu/score_kernel.cpp``) the maximum is updated once per block: the block's
@@ -18,7 +19,7 @@ maximum b is found first; if it exceeds m, the state is rebased from m to m' = b
 
     delta = m - m' (< 0),   scale = exp(delta),   d_old = n_eq + d_sub,
     s1 <- (s1 + delta d_old) scale,   d_sub <- d_old scale,
-    s2 <- (s2 + n_eq) scale^2,        n_eq <- 0,
+    s2 <- (s2 + n_eq U) scale^2,      n_eq <- 0,
 
 (the old maxima move below the new one; s1, being relative to m, gains delta per unit
 of mass), then the block's elements are summed relative to m' with one exp each.
@@ -33,8 +34,9 @@ Finalization (L = log1p(d - 1)), as ``finalize_row`` in ``row_scores.h``::
     lse = m + L,   loss = (m - z_y) + L,   entropy = L - s1 / d  (= lse - sum_j p_j z_j),
     confidence = 1 / d  (= exp(z_(1) - lse)),   margin = v1 - v2,
     true_margin = z_y - (v2 if y == i1 else v1),
-    ||p - onehot(y)||^2 d^2 = (d - e_y)^2 + (n_eq + s2 - e_y^2)     (e_y = exp(z_y - m)),
-        and when z_y == m: (d - 1)^2 + (n_eq - 1 + s2), both without cancellation.
+    ||p - onehot(y)||^2 d^2 U = ((d - e_y) S2_ROOT)^2 + (n_eq U + s2 - (e_y S2_ROOT)^2)
+        (e_y = exp(z_y - m)), and when z_y == m: ((d - 1) S2_ROOT)^2 + ((n_eq - 1) U + s2),
+        both without cancellation (unscaled where the first square overflows).
 
 Conventions of ``fastsel.reference`` (the specification): a row with NaN or +inf, or
 only -inf, is invalid and all its float scores are NaN except ``loss = 0`` when ignored;
@@ -57,6 +59,7 @@ import triton
 import triton.language as tl
 
 from fastsel.triton._launch import check_device, device_guard, num_warps_for, tile_shape
+from fastsel.reference import mms_for_nonfinite_weight, mms_from_distance, pair_distances
 from fastsel.triton.mms_exact import mms_exact_triton
 
 __all__ = ["score_forward_triton", "MMS_NONE", "MMS_EXACT", "MMS_TOP2"]
@@ -91,6 +94,7 @@ def _score_forward_kernel(
     pred_ptr, lse_ptr, runner_up_ptr,
     n_rows, n_classes, stride_row, stride_col, stride_target, ignore_index,
     TRACK_RUNNER_UP_INDEX: tl.constexpr,  # mms="top2" needs i2 (written to runner_up_ptr)
+    LOG2_S2_ROOT: tl.constexpr,  # log2 of the square root of s2's scale U (module docstring)
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     acc_dtype = loss_ptr.dtype.element_ty  # float32, or float64 for float64 logits
@@ -108,6 +112,9 @@ def _score_forward_kernel(
     d_sub = tl.zeros([BLOCK_N], acc_dtype)
     s1 = tl.zeros([BLOCK_N], acc_dtype)
     s2 = tl.zeros([BLOCK_N], acc_dtype)
+    # S2_ROOT in acc_dtype (a float literal would be float32, where 2^480 overflows)
+    s2_root = tl.exp2(tl.zeros([BLOCK_N], acc_dtype) + LOG2_S2_ROOT)
+    s2_unit = s2_root * s2_root
     # Top-2 (NaN excluded, +inf included). i1 starts at 0: a row of only -inf has
     # torch.argmax 0, and any larger value replaces the initial entry.
     v1 = tl.full([BLOCK_N], neg_inf, acc_dtype)
@@ -154,9 +161,10 @@ def _score_forward_kernel(
         delta = tl.where(rebase, m, 0.0) - tl.where(rebase, new_m, 0.0)  # 0 when not rebasing
         scale = tl.exp(delta)
         d_old = n_eq + d_sub
-        s1 = tl.where(rebase, (s1 + delta * d_old) * scale, s1)
+        # scale 0 (a span that overflows: delta = -inf): the old terms vanish, s1 too
+        s1 = tl.where(rebase, tl.where(scale > 0, (s1 + delta * d_old) * scale, 0.0), s1)
         d_sub = tl.where(rebase, d_old * scale, d_sub)
-        s2 = tl.where(rebase, (s2 + n_eq) * (scale * scale), s2)
+        s2 = tl.where(rebase, (s2 + n_eq * s2_unit) * (scale * scale), s2)
         n_eq = tl.where(rebase, 0.0, n_eq)
         m = new_m
 
@@ -170,8 +178,9 @@ def _score_forward_kernel(
         e = tl.where(below, tl.exp(t), 0.0)
         n_eq += tl.sum(at_max.to(acc_dtype), axis=1)
         d_sub += tl.sum(e, axis=1)
-        s1 += tl.sum(e * t, axis=1)
-        s2 += tl.sum(e * e, axis=1)
+        s1 += tl.sum(tl.where(e > 0, e * t, 0.0), axis=1)  # t = -inf where z_j - m overflows: e = 0
+        scaled = e * s2_root[:, None]
+        s2 += tl.sum(scaled * scaled, axis=1)
 
     # ---- finalize (row_scores.h: finalize_row) ----
     has_nan = first_nan < n_classes
@@ -208,9 +217,14 @@ def _score_forward_kernel(
     target_is_max = z_y == m
     e_y = tl.exp(tl.where(target_is_max, 0.0, z_y - m))  # z_y <= m on valid rows
     one_minus_py = tl.where(target_is_max, d_minus_1, d - e_y)
-    rest_sq = tl.where(target_is_max, (n_eq - 1.0) + s2, (n_eq + s2) - e_y * e_y)
+    e_y_scaled = e_y * s2_root
+    rest_sq = tl.where(target_is_max, (n_eq - 1.0) * s2_unit + s2, (n_eq * s2_unit + s2) - e_y_scaled * e_y_scaled)
     rest_sq = tl.maximum(rest_sq, 0.0)
-    grad_norm = tl.sqrt(one_minus_py * one_minus_py + rest_sq) / d
+    g = one_minus_py * s2_root
+    scaled_norm = tl.sqrt(g * g + rest_sq) / s2_root
+    plain_norm = tl.sqrt(one_minus_py * one_minus_py + rest_sq / s2_unit)
+    # >= 1 - p_y, which it stays where even the scaled squares underflow (row_scores.h)
+    grad_norm = tl.maximum(tl.where(scaled_norm < pos_inf, scaled_norm, plain_norm), one_minus_py) / d
 
     nan = float("nan")
     loss = tl.where(ignored, 0.0, tl.where(valid, loss, nan))
@@ -229,14 +243,14 @@ def _score_forward_kernel(
 
 def _mms_top2(margin: torch.Tensor, pred: torch.Tensor, runner_up: torch.Tensor,
               weight: torch.Tensor) -> torch.Tensor:
-    """margin / ||w_(1) - w_(2)||, the distance taken from the difference (no cancellation).
+    """margin / ||w_(1) - w_(2)||, the distance taken from the difference (no cancellation;
+    ``fastsel.reference.pair_distances``, NaN for a non-finite weight row).
 
     0 when margin == 0 (a tie is on the boundary). Without a runner-up (C = 1, or only
-    -inf besides the maximum) margin is +inf and so is the quotient; invalid rows have a
-    NaN margin and stay NaN. ``pred`` equals i1 on every valid row.
+    -inf besides the maximum) margin is +inf and so is the MMS; invalid rows have a NaN
+    margin and stay NaN. ``pred`` equals i1 on every valid row.
     """
-    dist = (weight[pred] - weight[runner_up]).norm(dim=1)
-    return torch.where(margin == 0, torch.zeros_like(margin), margin / dist)
+    return mms_from_distance(margin, pair_distances(weight, pred, runner_up))
 
 
 def score_forward_triton(
@@ -287,6 +301,7 @@ def score_forward_triton(
             pred, lse, runner_up if track_runner_up else pred,  # unused pointer when not tracked
             n_rows, n_classes, logits.stride(0), logits.stride(1), target.stride(0), ignore_index,
             TRACK_RUNNER_UP_INDEX=track_runner_up,
+            LOG2_S2_ROOT=480.0 if acc_dtype == torch.float64 else 50.0,
             BLOCK_N=tile_n, BLOCK_C=tile_c,
             num_warps=num_warps_for(tile_n, tile_c),
         )
@@ -295,9 +310,12 @@ def score_forward_triton(
         mms = torch.empty(0, **opts)
     else:
         with torch.no_grad():  # a score, never differentiated: do not record the weight ops
-            w = weight.to(acc_dtype)
+            # distances in float64 from the weight as given (a float64 weight may lie beyond
+            # float32's range); the MMS in the score dtype
+            w = weight if weight.dtype == torch.float64 else weight.to(acc_dtype)
             if mms_mode == MMS_TOP2:
                 mms = _mms_top2(margin, pred, runner_up, w)
             else:
                 mms = mms_exact_triton(logits, pred, lse, w, block_c=block_c, block_n=block_n)
+                mms = mms_for_nonfinite_weight(mms, margin, w)
     return loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse

@@ -177,7 +177,7 @@ def test_large_logits_and_offsets():
 
 def test_confident_rows_keep_relative_accuracy():
     """p_(1) rounds to 1 in float32; loss, 1 - p_y and entropy must still be accurate
-    (the state keeps d - 1 exact, METHODS.md section 1)."""
+    (the state keeps d - 1 exact, docs/methods.md section 1)."""
     c, gap = 10, 30.0
     logits = torch.zeros(2, c)
     logits[:, 3] = gap
@@ -497,3 +497,36 @@ def test_gpu_launchers_do_not_sync():
         score_backward_triton(torch.ones(16, device="cuda"), logits, target, out[8], -100)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ---- the limits of floating point and non-finite weights ---------------------------------
+
+def test_float64_rows_spanning_the_range():
+    """z_j - m overflows to -inf for z_j = -1e308 against m = 1e308: a class of zero
+    probability, not a NaN entropy; ties at 1e308 keep their log 2."""
+    rows = [[1e308, -1e308], [-1e308, 1e308, 0.0], [1e308, 1e308, -1e308], [0.0, -50.0, -60.0]]
+    for r in rows:
+        z = torch.tensor([r] * len(r), dtype=torch.float64)
+        t = torch.arange(len(r))
+        got = triton_scores(z, t, block_c=2)
+        want = score_reference(z, t)
+        for name in ("loss", "entropy", "grad_norm", "confidence", "lse", "margin"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-13, atol=0,
+                                       equal_nan=False, msg=f"{r} {name}")
+
+
+@pytest.mark.parametrize("mms", ["exact", "top2"])
+def test_mms_nonfinite_weight_rule(mms):
+    torch.manual_seed(5)
+    w = torch.randn(12, 5)
+    w[3, 1] = NAN
+    w[7, 0] = POS_INF
+    x = torch.randn(40, 12)
+    x[0, :] = 1.0  # a tie: 0 whatever the weight
+    t = torch.randint(0, 12, (40,))
+    got = triton_scores(x, t, weight=w, mms=mms, block_c=4).mms
+    want = score_reference(x, t, -100, w, mms).mms
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and got[0] == 0
+    if mms == "exact":
+        assert torch.isnan(got[1:]).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)

@@ -1,14 +1,16 @@
 // Per-row scoring math shared by the CPU and CUDA kernels (host/device inline).
 //
-// One read of a row z in R^C yields every score of METHODS.md section 1 from two small
+// One read of a row z in R^C yields every score of docs/methods.md section 1 from two small
 // pieces of state:
 //
 //   SoftmaxState, relative to the running maximum m:
 //     n_eq  = #{j : z_j == m}                     (each contributes exp(0) = 1)
 //     d_sub = sum_{z_j < m} exp(z_j - m)
 //     s1    = sum_{z_j < m} exp(z_j - m) (z_j - m)            (<= 0)
-//     s2    = sum_{z_j < m} exp(2 (z_j - m))
-//   so that d = sum_j exp(z_j - m) = n_eq + d_sub. Keeping the maxima apart makes
+//     s2    = sum_{z_j < m} exp(2 (z_j - m)) * U      (U = s2_unit: 2^100 in float, 2^960 in double)
+//   so that d = sum_j exp(z_j - m) = n_eq + d_sub. s2 carries the factor U because the
+//   squares of a confident row's terms underflow (exp(z_j - m) < 2^-63 in float): with it
+//   grad_norm keeps its relative accuracy down to the smallest normal number. Keeping the maxima apart makes
 //   d - 1 = (n_eq - 1) + d_sub exact, so log d = log1p(d - 1) and 1 - p_y stay accurate
 //   for confident rows where p_(1) rounds to 1 (a plain sum would give loss 0 and
 //   grad_norm 0 there). When m grows to m' every term is multiplied by exp(m - m')
@@ -19,7 +21,8 @@
 //
 // Then with L = log1p(d - 1):  lse = m + L,  loss = m - z_y + L,
 //   entropy = L - s1 / d  (= lse - sum p_j z_j; both terms >= 0, no cancellation),
-//   confidence = 1 / d,  ||p - onehot(y)||^2 = (1 - p_y)^2 + sum_{j != y} p_j^2.
+//   confidence = 1 / d,  ||p - onehot(y)||^2 = (1 - p_y)^2 + sum_{j != y} p_j^2, the first
+//   term scaled by U as well.
 #pragma once
 
 #include <cmath>
@@ -48,6 +51,13 @@ FASTSEL_HD double log1p_(double x) { return log1p(x); }
 FASTSEL_HD float sqrt_(float x) { return sqrtf(x); }
 FASTSEL_HD double sqrt_(double x) { return sqrt(x); }
 
+// sqrt(U) and U, the scale of SoftmaxState::s2 (see the top of this file). A sum of C
+// terms of at most U stays finite for C < 2^27 (float) or 2^63 (double).
+FASTSEL_HD float s2_root(float) { return 0x1p50f; }
+FASTSEL_HD double s2_root(double) { return 0x1p480; }
+template <typename T>
+FASTSEL_HD T s2_unit() { return s2_root(T(0)) * s2_root(T(0)); }
+
 // Online softmax statistics of one row (or part of a row) relative to its maximum m.
 template <typename T>
 struct SoftmaxState {
@@ -63,12 +73,13 @@ struct SoftmaxState {
       m = new_m;
       return;
     }
-    const T delta = m - new_m;  // <= 0
+    const T delta = m - new_m;  // <= 0; -inf when the span overflows (m = -1e308, new_m = 1e308)
     const T scale = exp_(delta);
     const T d_old = n_eq + d_sub;
-    s1 = (s1 + delta * d_old) * scale;
+    // scale == 0: the old terms vanish; (s1 + delta d_old) * 0 would be NaN for delta = -inf
+    s1 = scale == T(0) ? T(0) : (s1 + delta * d_old) * scale;
     d_sub = d_old * scale;
-    s2 = (s2 + n_eq) * scale * scale;
+    s2 = (s2 + n_eq * s2_unit<T>()) * scale * scale;
     n_eq = 0;
     m = new_m;
   }
@@ -83,11 +94,12 @@ struct SoftmaxState {
     } else if (x == m) {
       n_eq += 1;
     } else {
-      const T t = x - m;
+      const T t = x - m;  // -inf when the span overflows: then e = 0 and so is its term
       const T e = exp_(t);
       d_sub += e;
-      s1 += e * t;
-      s2 += e * e;
+      if (e != T(0)) s1 += e * t;
+      const T scaled = e * s2_root(T(0));
+      s2 += scaled * scaled;
     }
   }
 
@@ -181,17 +193,26 @@ FASTSEL_HD RowScores<T> finalize_row(const SoftmaxState<T>& s, const Top2<T>& to
   r.loss = (s.m - z_y) + log_d;
   const T runner_up = (y == top.i1) ? top.v2 : top.v1;
   r.true_margin = z_y - runner_up;
-  T one_minus_py, rest_sq;  // 1 - p_y and sum_{j != y} p_j^2, times d and d^2
+  // 1 - p_y times d, and sum_{j != y} p_j^2 times d^2 U
+  const T root = s2_root(T(0)), unit = root * root;
+  T one_minus_py, rest_sq;
   if (z_y == s.m) {
     one_minus_py = dm1;
-    rest_sq = (s.n_eq - T(1)) + s.s2;
+    rest_sq = (s.n_eq - T(1)) * unit + s.s2;
   } else {
     const T e_y = exp_(z_y - s.m);  // < 1, so d - e_y >= 1: no cancellation
     one_minus_py = d - e_y;
-    rest_sq = (s.n_eq + s.s2) - e_y * e_y;
+    const T scaled = e_y * root;
+    rest_sq = (s.n_eq * unit + s.s2) - scaled * scaled;
   }
   if (rest_sq < T(0)) rest_sq = T(0);
-  r.grad_norm = sqrt_(one_minus_py * one_minus_py + rest_sq) / d;
+  const T g = one_minus_py * root;
+  T norm = sqrt_(g * g + rest_sq) / root;
+  // (1 - p_y) d above 2^14 (float; 2^32 double) squares past the range once scaled: unscaled
+  if (!(norm < inf)) norm = sqrt_(one_minus_py * one_minus_py + rest_sq / unit);
+  // >= 1 - p_y, which it stays where even the scaled squares underflow (1 - p_y below
+  // ~1e-30 in float, 1e-150 in double: within sqrt(2) there)
+  r.grad_norm = (norm > one_minus_py ? norm : one_minus_py) / d;
   return r;
 }
 
