@@ -1,4 +1,4 @@
-"""Selection ops (METHODS.md section 2): top-k, proportional sampling, the percentile
+"""Selection ops (docs/methods.md section 2): top-k, proportional sampling, the percentile
 rule, and score-and-select in one call.
 
 Every op exists on every backend (``torch`` reference, ``cpu`` C++, ``triton``, ``cuda``)
@@ -70,6 +70,8 @@ class History:
                  dtype: torch.dtype = torch.float32):
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
+        if size > _MAX_INDEX:  # percentile works on histories of at most 2^32 - 1 values
+            raise ValueError(f"size must be at most 2^32 - 1, got {size}")
         if dtype not in _FLOAT_DTYPES:
             raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
         self.size = size
@@ -112,10 +114,13 @@ class History:
                 "count": self._count}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["size"] != self.size:
-            raise ValueError(f"state is of a History of size {state['size']}, this one has size {self.size}")
-        self._buffer.copy_(state["buffer"].to(self.device))
-        self._pos, self._count = int(state["pos"]), int(state["count"])
+        """Loads a ``state_dict()``, checked whole first: on error nothing has changed."""
+        from fastsel._state import check_history
+
+        buffer, pos, count = check_history("state", state, self.size,
+                                           f"the state is of a History of size {{size}}, this one has size {self.size}")
+        self._buffer.copy_(buffer.to(self.device))
+        self._pos, self._count = pos, count
 
     def __repr__(self) -> str:
         return f"History(size={self.size}, filled={self._count}, device={self.device})"
@@ -136,6 +141,9 @@ def _check_vector(x, name: str) -> None:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.numel() > _MAX_INDEX:
         raise ValueError(f"{name} has {x.numel()} entries; at most 2^32 - 1 are supported")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values: selection decides "
+                         "from the values, so pass a tensor on a real device")
 
 
 def _check_k(k, n: int, *, allow_above_n: bool = False) -> None:
@@ -145,6 +153,8 @@ def _check_k(k, n: int, *, allow_above_n: bool = False) -> None:
         raise ValueError(f"k must be >= 0, got {k}")
     if k > n and not allow_above_n:
         raise ValueError(f"k = {k} exceeds N = {n}")
+    if k > _MAX_INDEX:  # with replacement: k draws, 8 bytes each
+        raise ValueError(f"k = {k} draws exceed the limit of 2^32 - 1 per call")
 
 
 def _resolve_seed(seed: Optional[int], counter: int, generator: Optional[torch.Generator]) -> tuple[int, int]:
@@ -198,6 +208,11 @@ def _check_importance_values(w: torch.Tensor, k: int, replacement: bool) -> None
         raise ValueError(f"importance must be non-negative; importance[{i}] = {float(w[i]):g}")
     if bool(inf.any()):
         i = int(inf.nonzero()[0, 0])
+        value = float(w[i])
+        if value != float("inf"):  # finite in float64, beyond float32's range
+            raise ValueError(f"importance must be finite in float32, in which it is used: importance[{i}] = "
+                             f"{value:g} exceeds float32's largest value {torch.finfo(torch.float32).max:g}; "
+                             "rescale the importances (only their ratios matter), e.g. divide by their maximum")
         raise ValueError(f"importance must be finite; importance[{i}] = inf")
     if k == 0:
         return
@@ -237,9 +252,31 @@ def importance_weights(importance: torch.Tensor, indices: torch.Tensor) -> torch
     magnitude of an unweighted one), but biased by O(1/k) (for k = 1 every weight is 1).
     Without replacement, 1 / (N P(i)) is the usual approximation of the inverse inclusion
     probability, close to it when k is small against N."""
+    _check_vector(importance, "importance")
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"indices must be a 1-D int64 (or int32) tensor of indices into importance, got {_describe(indices)}")
+    if indices.device != importance.device:
+        raise ValueError(f"indices are on {indices.device} but importance is on {importance.device}")
     if indices.numel() == 0:
         return torch.ones(0, dtype=torch.float32, device=importance.device)
-    inv = 1.0 / importance.detach()[indices].to(torch.float32).to(torch.float64)  # gather k, then convert
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        _checks.check_index_range(indices, importance.numel(), "indices")
+    picked = importance.detach()[indices].to(torch.float32)  # gather k, then convert
+    # 1 / (N P(i)) is undefined for an index that cannot be drawn: a zero (or negative,
+    # NaN, infinite) importance would turn every weight into NaN
+    drawable = (picked > 0) & torch.isfinite(picked)
+    if compiling:
+        pass
+    elif _checks.checks_on_host(picked):
+        if not bool(drawable.all()):
+            j = int((~drawable).nonzero()[0, 0])
+            raise ValueError(f"importance_weights: indices[{j}] = {int(indices[j])} has importance "
+                             f"{float(picked[j]):g} (in float32); only indices with a finite positive "
+                             "importance can be drawn and weighted")
+    else:
+        torch._assert_async(drawable.all(), "importance_weights: an index with importance <= 0 or not finite")
+    inv = 1.0 / picked.to(torch.float64)
     return (inv * (indices.numel() / inv.sum())).to(torch.float32)
 
 
@@ -295,9 +332,9 @@ def percentile(values: torch.Tensor, history: Union[torch.Tensor, History], *,
     history ranks every value at 1; a NaN value gives NaN."""
     _check_vector(values, "values")
     h = history.values if isinstance(history, History) else history
-    _check_vector(h, "history")
-    if h.device != values.device:
+    if isinstance(h, torch.Tensor) and h.device != values.device:
         raise ValueError(f"history is on {h.device} but values are on {values.device}")
+    _check_vector(h, "history")
     resolved = _selection_backend(backend, values.device)
     if resolved == "torch":
         return reference.percentile_reference(values, h)

@@ -398,3 +398,49 @@ def test_raw_ops_reject_bad_arguments_without_crashing():
 
 def test_backends_list_is_consistent():
     assert set(BACKENDS) <= set(fastsel.available_backends())
+
+
+# ---- arguments at their limits ------------------------------------------------------------
+
+
+def test_importance_beyond_float32_says_why(backend):
+    """A finite float64 importance that overflows float32 is not just "inf"."""
+    w = torch.tensor([1.0, 1e300, 2.0], dtype=torch.float64)
+    for replacement in (False, True):
+        with pytest.raises(ValueError, match=r"importance\[1\] = 1e\+300 exceeds float32's largest value"):
+            fastsel.sample(w, 1, replacement=replacement, seed=0, backend=backend)
+
+
+@pytest.mark.parametrize("k", [(1 << 32), (1 << 62)])
+def test_sample_k_beyond_the_draw_limit(backend, k):
+    with pytest.raises(ValueError, match=r"exceed the limit of 2\^32 - 1"):
+        fastsel.sample(torch.rand(10), k, replacement=True, seed=0, backend=backend)
+
+
+@pytest.mark.parametrize("op", ["select_topk", "sample", "percentile", "importance_weights"])
+def test_meta_tensors_are_refused_by_name(op):
+    x = torch.empty(6, device="meta")
+    call = {"select_topk": lambda: fastsel.select_topk(x, 2),
+            "sample": lambda: fastsel.sample(x, 2, seed=0),
+            "percentile": lambda: fastsel.percentile(x, torch.rand(4)),
+            "importance_weights": lambda: fastsel.importance_weights(x, torch.tensor([0]))}[op]
+    with pytest.raises(ValueError, match="on the meta device"):
+        call()
+
+
+def test_importance_weights_of_an_index_that_cannot_be_drawn():
+    w = torch.tensor([0.5, 0.0, 2.0, float("nan")])
+    torch.testing.assert_close(fastsel.importance_weights(w, torch.tensor([0, 2])), torch.tensor([1.6, 0.4]))
+    with pytest.raises(ValueError, match=r"indices\[1\] = 1 has importance 0"):
+        fastsel.importance_weights(w, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"indices\[0\] = 3 has importance nan"):
+        fastsel.importance_weights(w, torch.tensor([3]))
+    with pytest.raises(IndexError, match=r"indices must be in \[0, 4\)"):
+        fastsel.importance_weights(w, torch.tensor([0, 4]))
+    with pytest.raises(TypeError, match="indices must be a 1-D int64"):
+        fastsel.importance_weights(w, torch.tensor([0.0]))
+
+
+def test_history_size_beyond_the_limit():
+    with pytest.raises(ValueError, match=r"size must be at most 2\^32 - 1, got 1099511627776"):
+        fastsel.History(1 << 40)

@@ -1,6 +1,6 @@
 """In-batch importance strategies (CDF sampling, upper-bound importance sampling),
 RHO-LOSS and Selective-Backprop (in-batch and stale epoch variant): each selects what its
-definition in METHODS.md says, reproducibly, resumably, and through BatchSelector /
+definition in docs/methods.md says, reproducibly, resumably, and through BatchSelector /
 ScoreSampler without touching the models."""
 
 from __future__ import annotations
@@ -743,3 +743,37 @@ def test_check_helpers():
     check_int("w", 0, 0)
     check_bool("b", False)
     check_choice("c", "a", ("a", "b"))
+
+
+@pytest.mark.parametrize("tiny", [1e-38, 1e-40, 1e-45])
+@pytest.mark.parametrize("by", ["loss", "grad_norm"])
+def test_cdf_very_confident_batch_completes_the_draw(tiny, by):
+    """A very confident batch: most losses are exactly 0 in float32 and the few others are
+    tiny (down to subnormal). The floor for the zeros, 1e-12 x the largest, used to
+    underflow to 0, leaving fewer positive importances than draws; the draw must complete
+    with the positive ones first."""
+    values = torch.zeros(64)
+    values[[5, 17, 40]] = torch.tensor([tiny, tiny * 0.5, tiny * 0.25], dtype=torch.float32)
+    positive = [int(i) for i in (values > 0).nonzero().squeeze(1)]
+    assert 1 <= len(positive) <= 3
+    strat = CDFSampling(16, by=by, switch_ratio=None, reweight=True)
+    for step in range(5):
+        sel = strat.choose(fake_scores(values, values), step=step, seed=2)
+        idx = sel.indices.tolist()
+        assert len(set(idx)) == 16
+        assert sorted(idx[:len(positive)]) == sorted(positive)  # they finish the race first
+        assert torch.isfinite(sel.weights).all() and (sel.weights > 0).all()
+    # the same from a real very confident model's scores
+    logits = torch.zeros(64, 10)
+    logits[:, 0] = 120.0  # loss exp(-120) ~ 8e-53: 0 in float32
+    logits[:3, 0] = 95.0
+    s = fastsel.score(logits, torch.zeros(64, dtype=torch.long))
+    assert int((s.loss > 0).sum()) == 3
+    assert CDFSampling(16, switch_ratio=None).choose(s, step=0, seed=0).indices.unique().numel() == 16
+
+
+def test_cdf_infinite_loss_counts_as_the_largest_importance():
+    """A loss that overflowed to +inf is the most important sample, not an error."""
+    values = torch.tensor([1.0, float("inf"), 2.0, 0.5])
+    sel = CDFSampling(2, switch_ratio=None).choose(fake_scores(values), step=0, seed=0)
+    assert sel.indices[0] == 1 and sel.indices.unique().numel() == 2

@@ -201,8 +201,14 @@ void check_importance_values(const ImportanceSummary& s, const at::Tensor& impor
     TORCH_CHECK_VALUE(false, "importance must be non-negative; importance[", s.first_negative,
                       "] = ", importance[s.first_negative].item<double>());
   }
-  TORCH_CHECK_VALUE(s.first_inf == kNone, "importance must be finite; importance[", s.first_inf,
-                    "] = inf");
+  if (s.first_inf != kNone) {
+    const double value = importance[s.first_inf].item<double>();
+    TORCH_CHECK_VALUE(!std::isfinite(value), "importance must be finite in float32, in which it is used: importance[",
+                      s.first_inf, "] = ", value, " exceeds float32's largest value ",
+                      std::numeric_limits<float>::max(),
+                      "; rescale the importances (only their ratios matter), e.g. divide by their maximum");
+    TORCH_CHECK_VALUE(false, "importance must be finite; importance[", s.first_inf, "] = inf");
+  }
   if (k == 0) return;
   TORCH_CHECK_VALUE(s.positive > 0, "importance is all zero (in float32): nothing can be drawn");
   TORCH_CHECK_VALUE(replacement || k <= s.positive, "k = ", k,
@@ -292,6 +298,7 @@ at::Tensor sample_with_replacement(const at::Tensor& importance, int64_t k, int6
   check_vector(importance, "importance", op);
   const int64_t n = importance.size(0);
   TORCH_CHECK_VALUE(k >= 0, op, ": k must be >= 0, got ", k);
+  TORCH_CHECK_VALUE(k < kMaxIndices, op, ": k = ", k, " draws exceed the limit of 2^32 - 1 per call");
   check_seed(seed, counter, op);
   const at::Tensor w32 = importance_f32(importance);
   const float* w = w32.const_data_ptr<float>();

@@ -10,7 +10,7 @@ import torch
 
 from fastsel.reference import Scores
 from fastsel.selection import Selection, sample
-from fastsel import _checks
+from fastsel import _checks, _state
 from fastsel._checks import check_bool, check_choice, check_positive_int, check_real
 from fastsel.strategies.base import Strategy, keep_in_batch
 
@@ -22,10 +22,11 @@ _ZERO_FLOOR = 1e-12
 
 
 def _importance(values: torch.Tensor) -> torch.Tensor:
-    """Non-negative float32 importances from a score: NaN (rows whose target is
-    ``ignore_index`` have NaN ``grad_norm``, invalid rows NaN everything) become 0."""
+    """Non-negative finite float32 importances from a score: NaN (rows whose target is
+    ``ignore_index`` have NaN ``grad_norm``, invalid rows NaN everything) becomes 0, +inf
+    (a loss that overflowed) float32's largest value."""
     v = values.detach().to(torch.float32)
-    return torch.nan_to_num(v, nan=0.0).clamp_min(0.0)
+    return torch.nan_to_num(v, nan=0.0, posinf=torch.finfo(torch.float32).max).clamp_min(0.0)
 
 
 def _uniform(n: int, k: int, device, *, seed: int, step: int) -> Selection:
@@ -42,8 +43,18 @@ def _proportional(importance: torch.Tensor, k: int, *, replacement: bool, seed: 
     overwhelming probability).
 
     The cases are chosen with ``torch.where`` on the device, not with Python branches on
-    counts, so a training step does not wait for the device here."""
+    counts, so a training step does not wait for the device here.
+
+    The importances are first multiplied by the power of two that puts the largest in
+    [0.5, 1): exact, so the draws are the same, and the floor 1e-12 x the largest is then
+    a normal float32 even when every importance is tiny (a very confident batch, whose
+    largest loss may be 1e-38: 1e-12 of that underflows to 0)."""
     positive = (importance > 0).sum()
+    top = importance.max()
+    shift = -torch.frexp(top).exponent  # 0 for top = 0; up to 149 (a subnormal top)
+    half = torch.div(shift, 2, rounding_mode="floor")
+    one = torch.ones_like(top)
+    importance = (importance * torch.ldexp(one, half)) * torch.ldexp(one, shift - half)  # 2^shift in two exact steps
     if not replacement:
         raised = torch.clamp_min(importance, importance.max() * _ZERO_FLOOR)
         importance = torch.where(positive < k, raised, importance)
@@ -199,11 +210,19 @@ class CDFSampling(Strategy):
 
     def state_dict(self) -> dict:
         initial, running, active = self._switch_values(self._switch)
-        return {"initial_loss": initial, "running_loss": running, "active": active}
+        return {"strategy": type(self).__name__, "initial_loss": initial, "running_loss": running, "active": active}
 
-    def load_state_dict(self, state: dict) -> None:
-        values = [math.nan if state[k] is None else float(state[k]) for k in ("initial_loss", "running_loss")]
-        self._switch = torch.tensor(values + [float(bool(state["active"]))], dtype=torch.float64)
+    def _prepare_load(self, state: Any, path: str, n: Optional[int] = None) -> Callable[[], None]:
+        _state.require_keys(path, state, ("initial_loss", "running_loss", "active"), tag=type(self).__name__)
+        initial, running = (_state.check_float(_state.key(path, k), state[k], optional=True)
+                            for k in ("initial_loss", "running_loss"))
+        if (initial is None) != (running is None):  # both are set by the first finite loss
+            raise ValueError(f"{_state.key(path, 'initial_loss')} and {_state.key(path, 'running_loss')} must both "
+                             f"be None (no loss seen yet) or both numbers, got {initial} and {running}")
+        active = _state.check_bool(_state.key(path, "active"), state["active"])
+        switch = torch.tensor([math.nan if initial is None else initial, math.nan if running is None else running,
+                               float(active)], dtype=torch.float64)
+        return lambda: setattr(self, "_switch", switch)
 
 
 class UpperBoundIS(Strategy):
@@ -352,9 +371,19 @@ class UpperBoundIS(Strategy):
         return lambda: self._stats_of(tau, active, threshold)
 
     def state_dict(self) -> dict:
-        return {"tau": self.tau, "active": self.active, "last_threshold": self.last_threshold}
+        return {"strategy": type(self).__name__, "tau": self.tau, "active": self.active,
+                "last_threshold": self.last_threshold}
 
-    def load_state_dict(self, state: dict) -> None:
-        self._tau = torch.tensor(float(state["tau"]), dtype=torch.float64)
-        self._active = torch.tensor(bool(state["active"]))
-        self.last_threshold = None if state["last_threshold"] is None else float(state["last_threshold"])
+    def _prepare_load(self, state: Any, path: str, n: Optional[int] = None) -> Callable[[], None]:
+        _state.require_keys(path, state, ("tau", "active", "last_threshold"), tag=type(self).__name__)
+        tau = _state.check_float(_state.key(path, "tau"), state["tau"], low=0.0)
+        active = _state.check_bool(_state.key(path, "active"), state["active"])
+        # every threshold is >= 1: tau_threshold is, and (n + c) / c with c > 0
+        threshold = _state.check_float(_state.key(path, "last_threshold"), state["last_threshold"], low=1.0,
+                                       optional=True)
+
+        def load() -> None:
+            self._tau = torch.tensor(tau, dtype=torch.float64)
+            self._active = torch.tensor(active)
+            self.last_threshold = threshold
+        return load
