@@ -16,10 +16,17 @@ trained (``update`` calls), the score table and the strategy's state; a run rest
 ``load_state_dict`` yields exactly the remaining batches and weights of the uninterrupted
 run.
 
-DDP: with ``torch.distributed`` initialised (or ``num_replicas``/``rank`` given), every
-rank computes the same global plan and takes every ``num_replicas``-th sample of it
-(padded by wrapping, like ``DistributedSampler``), and ``update`` all-gathers the indices
-and scores, so every rank keeps the same table and therefore the same future plans.
+``load_state_dict`` checks the whole state before loading any of it: a tampered state, or
+one of another data set, table or strategy, raises naming the offending entry.
+
+DDP: with ``torch.distributed`` initialised, every rank computes the same global plan and
+takes every ``num_replicas``-th sample of it (padded by wrapping, like
+``DistributedSampler``), and ``update`` all-gathers the indices and scores, so every rank
+keeps the same table and therefore the same future plans. ``num_replicas``/``rank``
+default to the process group's; ``update`` raises if they are given (> 1) without one.
+
+An epoch whose plan is empty (e.g. Selective-Backprop's stale variant when every recorded
+loss is equal, or an empty data set) has no batch and ends as soon as it is iterated.
 """
 
 from __future__ import annotations
@@ -29,16 +36,17 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from fastsel import _state
 from fastsel.reference import Scores
 from fastsel._checks import check_index_range, check_positive_int, sized_length
-from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, check_strategy_and_seed
+from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, check_strategy_and_seed, prepare_strategy_load
 
 __all__ = ["ScoreSampler", "Costs"]
 
 
 class Costs:
     """Samples forwarded for scoring only, and samples forwarded and backpropagated for
-    training (METHODS.md section 4 of the project's methods: steps alone hide scoring)."""
+    training (docs/methods.md section 4: steps alone hide scoring)."""
 
     def __init__(self):
         self.scored = 0
@@ -49,7 +57,19 @@ class Costs:
         return {"scored": self.scored, "trained": self.trained, "steps": self.steps}
 
     def load(self, d: dict) -> None:
-        self.scored, self.trained, self.steps = int(d["scored"]), int(d["trained"]), int(d["steps"])
+        """Loads an ``as_dict()``, checked whole first: on error nothing has changed."""
+        self._prepare_load(d, "state")()
+
+    state_dict, load_state_dict = as_dict, load
+
+    def _prepare_load(self, state: Any, path: str) -> Callable[[], None]:
+        keys = ("scored", "trained", "steps")
+        _state.require_keys(path, state, keys)
+        values = [_state.check_int(_state.key(path, k), state[k], 0) for k in keys]
+
+        def load() -> None:
+            self.scored, self.trained, self.steps = values
+        return load
 
     def __repr__(self) -> str:
         return f"Costs(scored={self.scored}, trained={self.trained}, steps={self.steps})"
@@ -79,6 +99,7 @@ class ScoreSampler(torch.utils.data.Sampler):
         seed: every random decision is a function of (seed, epoch).
         drop_last: drop each epoch's last incomplete batch.
         num_replicas, rank: DDP layout; default from ``torch.distributed`` if initialised.
+            ``update`` needs ``torch.distributed`` initialised when ``num_replicas > 1``.
     """
 
     def __init__(self, data: Any, strategy: Strategy, *, batch_size: int, epochs: int, seed: int = 0,
@@ -147,11 +168,17 @@ class ScoreSampler(torch.utils.data.Sampler):
         their number at every step)."""
         plan = self._current_plan()
         if self._batch_cache is None or self._batch_cache[0] is not plan:
-            batches = list(self._rank_indices(plan).split(self.batch_size))
-            if self.drop_last and batches and batches[-1].numel() < self.batch_size:
-                batches.pop()
-            self._batch_cache = (plan, batches)
+            self._batch_cache = (plan, self._split(plan))
         return self._batch_cache[1]
+
+    def _split(self, plan: EpochPlan) -> list[torch.Tensor]:
+        idx = self._rank_indices(plan)
+        if idx.numel() == 0:  # no batch at all: split() would give one empty batch
+            return []
+        batches = list(idx.split(self.batch_size))
+        if self.drop_last and batches[-1].numel() < self.batch_size:
+            batches.pop()
+        return batches
 
     def _advance_epoch(self) -> None:
         self.table.apply_queued()  # an accelerator's scores of the epoch: one copy, once an epoch
@@ -169,7 +196,9 @@ class ScoreSampler(torch.utils.data.Sampler):
         # An epoch ends when the next one starts, not when its last batch is handed out: a
         # DataLoader with workers fetches batches ahead, and the last ones still need the
         # epoch's weights and count towards its progress when they are trained.
-        if self._plan is not None and (self._exhausted or self._consumed >= len(self._batches())):
+        # A plan of no batches (made by len() or restored) is served, as nothing, before the
+        # next epoch starts.
+        if self._plan is not None and (self._exhausted or 0 < len(self._batches()) <= self._consumed):
             self._advance_epoch()
         batches = self._batches()
         serving = self.epoch
@@ -177,7 +206,10 @@ class ScoreSampler(torch.utils.data.Sampler):
         for b in batches[self._consumed:]:  # skips the trained ones after a mid-epoch resume
             yield b.tolist()
         if self.epoch == serving:  # not already ended by the update of its last batch
-            self._exhausted = True
+            if batches:
+                self._exhausted = True
+            else:  # no batch, so no update to end the epoch: it ends here, no weights needed later
+                self._advance_epoch()
 
     # ---- training-loop calls ----
     def weights(self, indices: torch.Tensor) -> torch.Tensor:
@@ -209,6 +241,14 @@ class ScoreSampler(torch.utils.data.Sampler):
         """Records the training forward's scores of the batch's samples (all ranks' under DDP)."""
         if not isinstance(scores, Scores):
             raise TypeError(f"update: scores must be the fastsel.Scores of the batch, got {type(scores).__name__}")
+        if self.num_replicas > 1 and not (dist.is_available() and dist.is_initialized()):
+            # Without the gather each rank's table would hold only its own scores, and the
+            # ranks' plans would silently diverge from the next epoch on.
+            raise RuntimeError(
+                f"update: this sampler has num_replicas={self.num_replicas} but torch.distributed is not "
+                "initialised, so the ranks' scores cannot be gathered and their plans would diverge: call "
+                "torch.distributed.init_process_group(...) on every rank before training, or leave num_replicas "
+                "and rank unset to train in one process")
         idx = self._check_indices(indices, "update", device=scores.loss.device)
         if scores.loss.shape != idx.shape:
             raise ValueError(f"update: scores are for {scores.loss.numel()} samples but indices has {idx.numel()}")
@@ -275,13 +315,37 @@ class ScoreSampler(torch.utils.data.Sampler):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state["n"] != self.n:
-            raise ValueError(f"sampler state is for {state['n']} samples, this sampler has {self.n}")
-        self.epoch = int(state["epoch"])
-        self._consumed = int(state["consumed"])
-        self.seed = int(state["seed"])
-        self._plan = None if state["plan"] is None else EpochPlan(*state["plan"])
+        """Restores a ``state_dict()``. The whole state is checked first (a state of another
+        data set, table layout or strategy, or a tampered one, raises ``ValueError`` or
+        ``TypeError`` naming the entry) and a failed load changes nothing."""
+        _state.require_keys("state", state, ("epoch", "consumed", "seed", "n", "plan", "table", "strategy", "costs"))
+        n = _state.check_int("state['n']", state["n"], 0)
+        if n != self.n:
+            raise ValueError(f"state['n'] is {n}: the sampler state is for {n} samples, this sampler has {self.n}")
+        epoch = _state.check_int("state['epoch']", state["epoch"], 0)
+        seed = _state.check_int("state['seed']", state["seed"], 0)
+        plan = self._plan_from_state(state["plan"])
+        batches = 0 if plan is None else len(self._split(plan))
+        consumed = _state.check_int("state['consumed']", state["consumed"], 0, batches,
+                                    why=" (the number of batches of the plan on this rank)")
+        load_table = self.table._prepare_load(state["table"], "state['table']")
+        last_epoch = state["table"]["last_epoch"]
+        if last_epoch.numel() and int(last_epoch.max()) > epoch:  # scores cannot come from a later epoch
+            raise ValueError(f"state['table']['last_epoch'] holds epoch {int(last_epoch.max())}, after the "
+                             f"sampler's state['epoch'] = {epoch}")
+        load_strategy = prepare_strategy_load(self.strategy, state["strategy"], "state['strategy']", self.n)
+        load_costs = self.costs._prepare_load(state["costs"], "state['costs']")
+        load_strategy()  # first: only a strategy's own load_state_dict (see prepare_strategy_load) can fail
+        self.epoch, self._consumed, self.seed, self._plan = epoch, consumed, seed, plan
         self._exhausted = False
-        self.table.load_state_dict(state["table"])
-        self.strategy.load_state_dict(state["strategy"])
-        self.costs.load(state["costs"])
+        load_table()
+        load_costs()
+
+    def _plan_from_state(self, plan: Any) -> Optional[EpochPlan]:
+        if plan is None:
+            return None
+        if not isinstance(plan, (tuple, list)) or len(plan) != 2:
+            raise TypeError(f"state['plan'] must be None or a pair (indices, weights), got {plan!r:.80}")
+        indices = _state.check_tensor("state['plan'][0]", plan[0], (None,), (torch.int64,), low=0, high=self.n)
+        weights = _state.check_tensor("state['plan'][1]", plan[1], (self.n,), _state.FLOATS, low=0, finite=True)
+        return EpochPlan(indices.to("cpu", copy=True), weights.to("cpu", copy=True))

@@ -18,10 +18,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from fastsel import _state
 from fastsel.ops import score
 from fastsel.sampler import Costs
 from fastsel._checks import check_int
-from fastsel.strategies.base import Strategy, check_strategy_and_seed
+from fastsel.strategies.base import Strategy, check_strategy_and_seed, prepare_strategy_load
 
 __all__ = ["BatchSelector", "scoring_forward"]
 
@@ -195,7 +196,13 @@ class BatchSelector:
                 "costs": self.costs.as_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.seed = int(state["seed"])
-        self.strategy.load_state_dict(state["strategy"])
-        self.costs.load(state["costs"])
+        """Restores a ``state_dict()``, checked whole first: a tampered state or another
+        strategy's raises ``ValueError`` or ``TypeError`` naming the entry, and changes nothing."""
+        _state.require_keys("state", state, ("step", "seed", "strategy", "costs"))
+        step = _state.check_int("state['step']", state["step"], 0)
+        seed = _state.check_int("state['seed']", state["seed"], 0)
+        load_strategy = prepare_strategy_load(self.strategy, state["strategy"], "state['strategy']")
+        load_costs = self.costs._prepare_load(state["costs"], "state['costs']")
+        load_strategy()  # first: only a strategy's own load_state_dict (see prepare_strategy_load) can fail
+        self.step, self.seed = step, seed
+        load_costs()

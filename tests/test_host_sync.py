@@ -131,7 +131,8 @@ def test_cdf_switch_decided_on_the_device_matches_the_host_rule(device_like):
         scores = fastsel.Scores(v, v, v, v, v, v, torch.zeros(6, dtype=torch.int64), None, v)
         strategy.choose(scores, step=step, seed=0)
         assert device_like(lambda: strategy.active) == on
-    assert device_like(lambda: strategy.state_dict()) == {"initial_loss": 4.0, "running_loss": 2.0, "active": True}
+    assert device_like(lambda: strategy.state_dict()) == {"strategy": "CDFSampling", "initial_loss": 4.0,
+                                                          "running_loss": 2.0, "active": True}
 
 
 def test_rho_loss_table_lookup_reads_nothing_on_the_host(device_like):

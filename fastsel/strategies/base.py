@@ -21,7 +21,7 @@ import torch
 
 from fastsel.reference import Scores
 from fastsel.selection import Selection
-from fastsel import _checks
+from fastsel import _checks, _state
 from fastsel._checks import check_int
 
 __all__ = ["Strategy", "EpochPlan", "ScoreTable", "TABLE_FIELDS", "seeded_generator", "StyleError"]
@@ -32,7 +32,7 @@ class StyleError(ValueError):
 
 
 def _prob_margin(s: Scores) -> torch.Tensor:
-    # p_(1) - p_(2) = p_(1) (1 - exp(-(z_(1) - z_(2)))) (METHODS.md section 1)
+    # p_(1) - p_(2) = p_(1) (1 - exp(-(z_(1) - z_(2)))) (docs/methods.md section 1)
     return s.confidence * -torch.expm1(-s.margin)
 
 
@@ -180,22 +180,55 @@ class ScoreTable:
                 "last_epoch": self.last_epoch.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["n"] != self.n or tuple(state["fields"]) != self.fields:
-            raise ValueError(f"score table state is for n={state['n']} fields={tuple(state['fields'])}, "
+        """Loads a ``state_dict()``, checked whole first: on error nothing has changed."""
+        self._prepare_load(state, "state")()
+
+    def _prepare_load(self, state: Any, path: str) -> Callable[[], None]:
+        """Checks ``state`` (``path`` names it in errors) and returns the function that
+        loads it, which cannot fail."""
+        _state.require_keys(path, state, ("n", "fields", "last", "total", "finite", "count", "last_epoch"))
+        n = _state.check_int(_state.key(path, "n"), state["n"], 0)
+        fields = state["fields"]
+        if not isinstance(fields, (tuple, list)) or not all(isinstance(f, str) for f in fields):
+            raise TypeError(f"{_state.key(path, 'fields')} must be a tuple of field names, got {fields!r:.80}")
+        if n != self.n or tuple(fields) != self.fields:
+            raise ValueError(f"score table state is for n={n} fields={tuple(fields)}, "
                              f"this table has n={self.n} fields={self.fields}")
-        self._queued = []  # the state replaces everything, updates not yet applied included
-        for f in self.fields:
-            self._last[f].copy_(state["last"][f])
-            self._total[f].copy_(state["total"][f])
-            self._finite[f].copy_(state["finite"][f])
-        self._count.copy_(state["count"])
-        self._last_epoch.copy_(state["last_epoch"])
+        shape = (self.n,)
+        tables = {}
+        for name, dtypes, check in (("last", _state.FLOATS, {}), ("total", _state.FLOATS, {"finite": True}),
+                                    ("finite", _state.INTS, {"low": 0})):
+            where = _state.key(path, name)
+            _state.require_keys(where, state[name], self.fields)
+            tables[name] = {f: _state.check_tensor(_state.key(where, f), state[name][f], shape, dtypes, **check)
+                            for f in self.fields}
+        count = _state.check_tensor(_state.key(path, "count"), state["count"], shape, _state.INTS, low=0)
+        last_epoch = _state.check_tensor(_state.key(path, "last_epoch"), state["last_epoch"], shape, _state.INTS,
+                                         low=-1)
+        for f, finite in tables["finite"].items():
+            over = (finite > count).nonzero()
+            if over.numel():
+                i = int(over[0, 0])
+                raise ValueError(f"{_state.key(_state.key(path, 'finite'), f)} must be <= {_state.key(path, 'count')} "
+                                 f"elementwise (finite values among those recorded), got {int(finite[i])} > "
+                                 f"{int(count[i])} at index {i}")
+
+        def load() -> None:
+            self._queued = []  # the state replaces everything, updates not yet applied included
+            for f in self.fields:
+                self._last[f].copy_(tables["last"][f])
+                self._total[f].copy_(tables["total"][f])
+                self._finite[f].copy_(tables["finite"][f])
+            self._count.copy_(count)
+            self._last_epoch.copy_(last_epoch)
+        return load
 
 
 class Strategy:
     """Base class. Subclasses set ``styles`` and implement ``choose`` (batch style) and/or
     ``plan_epoch`` (epoch style); they keep any state in attributes listed by
-    ``state_dict``.
+    ``state_dict`` (tagged ``"strategy": class name``), and ``_prepare_load`` checks a
+    state whole before ``load_state_dict`` loads it.
 
     Attributes:
         styles: the integration styles supported, among ``"batch"`` and ``"epoch"``.
@@ -230,14 +263,34 @@ class Strategy:
 
     # ---- state ----
     def state_dict(self) -> dict:
-        return {}
+        """The strategy's state, tagged with its class name: ``load_state_dict`` refuses the
+        state of another strategy."""
+        return {"strategy": type(self).__name__}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Loads a ``state_dict()``, checked whole first: on error nothing has changed."""
+        self._prepare_load(state, "state")()
+
+    def _prepare_load(self, state: Any, path: str, n: Optional[int] = None) -> Callable[[], None]:
+        """Checks ``state`` (``path`` names it in errors; ``n`` is the data set's size when
+        known) and returns the function that loads it, which cannot fail. Subclasses with
+        state override this and ``state_dict``."""
+        _state.require_keys(path, state, (), tag=type(self).__name__)
+        return lambda: None
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
+
+
+def prepare_strategy_load(strategy: Strategy, state: Any, path: str, n: Optional[int] = None) -> Callable[[], None]:
+    """``strategy._prepare_load``, for ScoreSampler and BatchSelector to check the whole of
+    their state before loading any of it. A strategy that overrides ``load_state_dict``
+    but not ``_prepare_load`` (written before it existed) is loaded by its own method."""
+    if type(strategy).load_state_dict is not Strategy.load_state_dict and \
+            type(strategy)._prepare_load is Strategy._prepare_load:
+        return lambda: strategy.load_state_dict(state)
+    return strategy._prepare_load(state, path, n)
 
 
 def check_strategy_and_seed(strategy: Any, style: str, seed: Any) -> None:

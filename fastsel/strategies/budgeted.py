@@ -128,7 +128,7 @@ class CSGD(_Budgeted):
 
     Exactly ``PSGD`` with the importance s̄(1 - s̄) instead of s̄: with s̄_i the running
     mean of 1 - p_y(x_i) (never-seen samples filled as in ``PSGD``, before the product),
-    f_i = s̄_i (1 - s̄_i) and P(i) ∝ f_i + mean(f) over the N samples (METHODS.md section 3;
+    f_i = s̄_i (1 - s̄_i) and P(i) ∝ f_i + mean(f) over the N samples (docs/methods.md section 3;
     the authors' code: ``curr_prob * (1 - curr_prob)`` then ``+ curr_prob.mean()``).
     f peaks for samples predicted with p_y ≈ 1/2, near the decision threshold, and
     vanishes for samples always right (p_y = 1) or always wrong (p_y = 0). If f is zero

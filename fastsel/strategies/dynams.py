@@ -11,6 +11,7 @@ import torch
 from fastsel.ops import score
 from fastsel.selection import select_topk
 from fastsel.selector import scoring_forward
+from fastsel import _state
 from fastsel._checks import check_choice, check_fraction, check_int, check_positive_int, sized_length
 from fastsel.strategies.base import (TABLE_FIELDS, EpochPlan, ScoreTable, Strategy, fraction_count, full_plan,
                                      seeded_generator)
@@ -233,10 +234,24 @@ class DynaMS(Strategy):
         return EpochPlan(self._subset[order], torch.ones(n))
 
     def state_dict(self) -> dict:
-        return {"subset": None if self._subset is None else self._subset.clone(),
+        return {"strategy": type(self).__name__, "subset": None if self._subset is None else self._subset.clone(),
                 "refreshed_at": self._refreshed_at}
 
-    def load_state_dict(self, state: dict) -> None:
+    def _prepare_load(self, state: Any, path: str, n: Optional[int] = None) -> Callable[[], None]:
+        _state.require_keys(path, state, ("subset", "refreshed_at"), tag=type(self).__name__)
+        refreshed_at = _state.check_int(_state.key(path, "refreshed_at"), state["refreshed_at"], -1)
         subset = state["subset"]
-        self._subset = None if subset is None else subset.clone().to(torch.int64)
-        self._refreshed_at = int(state["refreshed_at"])
+        if subset is not None:
+            where = _state.key(path, "subset")
+            subset = _state.check_tensor(where, subset, (None,), _state.INTS, low=0, high=n)
+            if subset.unique().numel() != subset.numel():
+                raise ValueError(f"{where} must hold distinct sample indices, got repeated ones")
+            subset = subset.to("cpu", torch.int64, copy=True)
+        if (subset is None) != (refreshed_at == -1):  # both are set by the first selection
+            raise ValueError(f"{_state.key(path, 'subset')} must be None exactly when "
+                             f"{_state.key(path, 'refreshed_at')} is -1 (before the first selection), got "
+                             f"{'None' if subset is None else 'a subset'} and {refreshed_at}")
+
+        def load() -> None:
+            self._subset, self._refreshed_at = subset, refreshed_at
+        return load

@@ -3,11 +3,11 @@ that grows with the percentile of its loss among recent losses."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from fastsel import reference
+from fastsel import _state, reference
 from fastsel.reference import Scores
 from fastsel.selection import History, Selection, check_percentile_rule, keep_probability, percentile, percentile_keep
 from fastsel._checks import check_int, check_positive_int
@@ -113,16 +113,21 @@ class SelectiveBackprop(Strategy):
 
     # ---- state ----
     def state_dict(self) -> dict:
-        return {"history": None if self.history is None else self.history.state_dict()}
+        return {"strategy": type(self).__name__,
+                "history": None if self.history is None else self.history.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def _prepare_load(self, state: Any, path: str, n: Optional[int] = None) -> Callable[[], None]:
+        _state.require_keys(path, state, ("history",), tag=type(self).__name__)
         h = state["history"]
         if h is None:
-            self.history = None
-            return
-        if h["size"] != self.history_size:
-            raise ValueError(f"state holds a loss history of size {h['size']}, this strategy has "
-                             f"history_size={self.history_size}")
-        device = self.history.device if self.history is not None else h["buffer"].device
-        self.history = History(self.history_size, device=device)
-        self.history.load_state_dict(h)
+            return lambda: setattr(self, "history", None)
+        where = _state.key(path, "history")
+        buffer, _, _ = _state.check_history(where, h, self.history_size, "the state holds a loss history of size "
+                                            f"{{size}}, this strategy has history_size={self.history_size}")
+
+        def load() -> None:
+            device = self.history.device if self.history is not None else buffer.device
+            history = History(self.history_size, device=device)
+            history.load_state_dict(h)
+            self.history = history
+        return load
