@@ -946,7 +946,9 @@ constexpr double kGramCancellationRatio = 1.0 / 64;
 // elementwise torch ops it replaced (sum of norms, sub, compare, nonzero, clamp, rsqrt)
 // cost ~20 us a call at C = 10, most of the MMS of a 640-row batch, and the mirror
 // makes the matrix symmetric bit for bit, which lanes_mms_gram (mms.h) relies on.
-at::Tensor inverse_distances(const at::Tensor& w) {
+// *suspect is set when a row's squared norm (the Gram diagonal) is not finite: the row
+// holds NaN or +-inf, or overflows (the caller tells which).
+at::Tensor inverse_distances(const at::Tensor& w, bool* suspect) {
   const int64_t C = w.size(0), D = w.size(1);
   const at::Tensor gram = at::mm(w, w.t());
   at::Tensor inv = at::empty({C, C}, w.options());
@@ -954,6 +956,9 @@ at::Tensor inverse_distances(const at::Tensor& w) {
     const scalar_t* g = gram.const_data_ptr<scalar_t>();
     const scalar_t* rows = w.const_data_ptr<scalar_t>();
     scalar_t* out = inv.mutable_data_ptr<scalar_t>();
+    for (int64_t a = 0; a < C; ++a) {
+      if (!std::isfinite(g[a * C + a])) *suspect = true;
+    }
     const scalar_t ratio = static_cast<scalar_t>(kGramCancellationRatio);
     const scalar_t kMinPlainSquare = kMinPlainDistance<scalar_t> * kMinPlainDistance<scalar_t>;
     // squares of distances up to this stay finite, and so do their sums of two
@@ -1086,17 +1091,26 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
     }
     w = (mms_scale_exp != 0 ? times_power_of_two(*weight, mms_scale_exp) : *weight).to(opts.dtype()).contiguous();
     const bool gram = use_mms_gram(N, C, mms_mode == kMmsExact);
-    if (mms_mode == kMmsExact && gram) nonfinite_weight = !at::isfinite(w).all().item<bool>();
-    if (gram && !nonfinite_weight) {  // distances from the matrix
-      inv_dist = inverse_distances(w);
+    if (gram) {  // distances from the matrix
+      bool suspect = false;  // a non-finite Gram diagonal: then the exact check (it may be overflow)
+      inv_dist = inverse_distances(w, &suspect);
+      if (mms_mode == kMmsExact && suspect) nonfinite_weight = !at::isfinite(w).all().item<bool>();
       mms_in.weights.inv_dist = inv_dist.const_data_ptr();
     }
     if (mms_mode == kMmsExact && !gram) {  // the pruned search's bounds
       const bool is_float = w.scalar_type() == at::kFloat;
-      auto radii = [&] {
+      auto radii = [&] {  // the radii, and their maximum (+inf if one is not finite)
         radius = is_float ? centred_radii(w) : (w - w.mean(0, /*keepdim=*/true)).norm(2, {1}).contiguous();
-        return radius.isfinite().all().item<bool>() ? radius.max().item<double>()
-                                                    : std::numeric_limits<double>::infinity();
+        double top = 0.0;
+        AT_DISPATCH_FLOATING_TYPES(radius.scalar_type(), "fastsel_radius_max", [&] {
+          const scalar_t* r = radius.const_data_ptr<scalar_t>();
+          for (int64_t j = 0; j < C; ++j) {
+            const double v = static_cast<double>(r[j]);
+            top = std::isfinite(v) ? std::max(top, v) : std::numeric_limits<double>::infinity();
+            if (std::isinf(top)) break;
+          }
+        });
+        return top;
       };
       double radius_max = radii();
       const double lo = is_float ? 0x1p-40 : 0x1p-400, hi = is_float ? 0x1p40 : 0x1p400;
