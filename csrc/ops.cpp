@@ -54,6 +54,10 @@ TORCH_LIBRARY_IMPL(fastsel, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastsel C++ kernels; the operators live in torch.ops.fastsel";
+  m.def("same_bits", &fastsel::cpu::same_bits,
+        "Whether two CPU tensors of one shape and dtype hold the same bytes (a stale MmsHead check)");
+  m.def("mms_uses_max_distance", &fastsel::cpu::mms_uses_max_distance,
+        "Whether the CPU exact MMS of N rows and C classes takes a precomputed max_distance into account");
   m.def("build_isa", [] { return std::string(FASTSEL_BUILD_ISA); },
         "Vector instruction set the CPU kernels were compiled for");
   m.def("build_cuda", [] {

@@ -115,9 +115,10 @@ class ScoreBackwardFunction : public torch::autograd::Function<ScoreBackwardFunc
         d_grad_loss = at::where(keep, d, at::zeros_like(d)).to(grad_loss.scalar_type());
       }
       if (ctx->needs_input_grad(1)) {
-        const at::Tensor g = grad_loss.to(acc);
-        const at::Tensor g_kept = at::where(keep, g, at::zeros_like(g)).unsqueeze(1);
-        d_logits = (g_kept * (pG - p * s)).to(logits.scalar_type());
+        // where, not a product with 0: an ignored row may hold NaN or +-inf (0 * NaN is NaN)
+        const at::Tensor g = grad_loss.to(acc).unsqueeze(1);
+        const at::Tensor d = g * (pG - p * s);
+        d_logits = at::where(keep.unsqueeze(1), d, at::zeros_like(d)).to(logits.scalar_type());
       }
     }
     return {d_grad_loss, d_logits, at::Tensor(), at::Tensor(), at::Tensor()};

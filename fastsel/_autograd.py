@@ -38,9 +38,9 @@ def score_backward_derivatives(upstream, grad_loss, logits, target, ignore_index
         d = s.squeeze(1) - g_up.gather(1, y).squeeze(1)
         d_grad_loss = torch.where(keep, d, torch.zeros_like(d)).to(grad_loss.dtype)
     if needs_logits:
-        g = grad_loss.to(acc)
-        g_kept = torch.where(keep, g, torch.zeros_like(g)).unsqueeze(1)
-        d_logits = (g_kept * (pg - p * s)).to(logits.dtype)
+        # where, not a product with 0: an ignored row may hold NaN or +-inf (0 * NaN is NaN)
+        d = grad_loss.to(acc).unsqueeze(1) * (pg - p * s)
+        d_logits = torch.where(keep.unsqueeze(1), d, torch.zeros_like(d)).to(logits.dtype)
     return d_grad_loss, d_logits
 
 

@@ -9,6 +9,7 @@ and raises a ``TypeError`` for a value of the wrong type (a tensor's dtype inclu
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -33,14 +34,15 @@ def require_keys(path: str, state: Any, keys: Iterable[str], *, tag: Optional[st
     keys = list(keys)
     if tag is not None:
         # The tag first: another strategy's state is reported as such, not by its keys.
-        if "strategy" not in state:
-            raise ValueError(f"{path} is missing the key 'strategy' (the class name of the strategy that saved "
-                             f"it, here {tag!r})")
-        saved = state["strategy"]
-        if saved != tag:
-            raise ValueError(f"{key(path, 'strategy')} must be {tag!r}, got {saved!r}: a state saved by "
-                             f"{saved} cannot be loaded into {tag}")
-        keys = ["strategy", *keys]
+        if "strategy" in state:
+            saved = state["strategy"]
+            if saved != tag:
+                raise ValueError(f"{key(path, 'strategy')} must be {tag!r}, got {saved!r}: a state saved by "
+                                 f"{saved} cannot be loaded into {tag}")
+            keys = ["strategy", *keys]
+        else:  # saved before states were tagged: its keys are all that can be checked
+            warnings.warn(f"{path} carries no 'strategy' tag (saved by an earlier fastsel): loaded into {tag} "
+                          "on the strength of its keys alone", UserWarning, stacklevel=3)
     for k in keys:
         if k not in state:
             raise ValueError(f"{path} is missing the key {k!r} (expected the keys {keys})")

@@ -142,6 +142,24 @@ def _difference_norms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return top.squeeze(1) * (unit * unit).sum(dim=1).sqrt()
 
 
+def _recompute_flagged(dist: torch.Tensor, flagged: torch.Tensor, raw_a: torch.Tensor, raw: torch.Tensor, *,
+                       on_host: bool) -> torch.Tensor:
+    """``dist`` [rows, C] with the ``flagged`` pairs' distances taken from the difference of
+    the rows ``raw_a`` [rows, D] and ``raw`` [C, D]: on the host only the flagged pairs, each
+    difference scaled by its own largest entry; on an accelerator, where a data-dependent
+    shape (``nonzero``) would make the host wait, every pair's difference by ``cdist``."""
+    if on_host:
+        dist = dist.clone()
+        pairs = flagged.nonzero()
+        chunk = max(1, _RECOMPUTE_ELEMENTS // max(1, raw.shape[1]))
+        for k in range(0, pairs.shape[0], chunk):
+            r, j = pairs[k:k + chunk].unbind(1)
+            dist[r, j] = _difference_norms(raw_a[r], raw[j])
+        return dist
+    direct = torch.cdist(raw_a, raw, compute_mode="donot_use_mm_for_euclid_dist")
+    return torch.where(flagged, direct, dist)
+
+
 def class_distances(weight: torch.Tensor, classes: Optional[torch.Tensor] = None, *,
                     centred: Optional[CentredRows] = None) -> torch.Tensor:
     """``||w_a - w_j||`` for ``a`` in ``classes`` (every class when None) and every ``j``:
@@ -153,7 +171,9 @@ def class_distances(weight: torch.Tensor, classes: Optional[torch.Tensor] = None
     float32 values are exact. The form cancels when two rows nearly coincide (in
     float32, rows 1e-3 apart relative to their norm came out ~10% off): those pairs, and
     pairs of rows too small for their squares, are recomputed from the difference of the
-    rows.
+    rows (on CPU tensors each flagged pair, scaled by its own largest entry; on an
+    accelerator every pair's difference, so that no host sync is needed, with the
+    weight-wide scale: there rows 1e-150 times smaller than the largest lose digits).
     """
     c = centred if centred is not None else centred_rows(weight)
     pick = (lambda t: t) if classes is None else (lambda t: t[classes])
@@ -162,12 +182,8 @@ def class_distances(weight: torch.Tensor, classes: Optional[torch.Tensor] = None
     d2 = (both - 2.0 * (w_a @ c.rows.T)).clamp_min_(0)
     raw_a = pick(c.raw)
     nonzero = (raw_a != 0).any(dim=1)[:, None] | (c.raw != 0).any(dim=1)[None, :]
-    flagged = (((d2 < both * _CANCELLATION_RATIO) | (both < _TINY_SQUARES)) & nonzero).nonzero()
-    dist = d2.sqrt_()
-    chunk = max(1, _RECOMPUTE_ELEMENTS // max(1, c.raw.shape[1]))
-    for k in range(0, flagged.shape[0], chunk):
-        r, j = flagged[k:k + chunk].unbind(1)
-        dist[r, j] = _difference_norms(raw_a[r], c.raw[j])
+    flagged = ((d2 < both * _CANCELLATION_RATIO) | (both < _TINY_SQUARES)) & nonzero
+    dist = _recompute_flagged(d2.sqrt_(), flagged, raw_a, c.raw, on_host=d2.device.type == "cpu")
     dist = times_power_of_two(dist, -c.exponent)
     finite_a = pick(c.finite)
     return torch.where(finite_a[:, None] & c.finite[None, :], dist, float("nan"))
@@ -192,13 +208,16 @@ def mms_from_distance(margin: torch.Tensor, distance: torch.Tensor) -> torch.Ten
                        torch.where(margin == float("inf"), margin, quotient))
 
 
-def mms_for_nonfinite_weight(mms: torch.Tensor, margin: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def mms_for_nonfinite_weight(mms: torch.Tensor, margin: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
+                             all_finite: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The exact MMS under the rule for a weight with a NaN or +-inf entry: NaN wherever a
-    distance is needed (see the module doc); ``mms`` where the weight is finite. On the
-    weight's device, without reading anything on the host."""
+    distance is needed (see the module doc); ``mms`` where the weight is finite
+    (``all_finite``, a 0-d bool tensor, when the caller has it). On the weight's device,
+    without reading anything on the host."""
+    if all_finite is None:
+        all_finite = torch.isfinite(weight).all()
     nan = torch.full_like(margin, float("nan"))
-    fallback = mms_from_distance(margin, nan)
-    return torch.where(torch.isfinite(weight).all(), mms, fallback)
+    return torch.where(all_finite, mms, mms_from_distance(margin, nan))
 
 
 # Classes up to which _mms_exact computes the [C, C] distances once and gathers rows of

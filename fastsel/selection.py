@@ -276,8 +276,14 @@ def importance_weights(importance: torch.Tensor, indices: torch.Tensor) -> torch
                              "importance can be drawn and weighted")
     else:
         torch._assert_async(drawable.all(), "importance_weights: an index with importance <= 0 or not finite")
+    return _normalised_inverse(picked, indices.numel())
+
+
+def _normalised_inverse(picked: torch.Tensor, k: int) -> torch.Tensor:
+    """1 / picked normalised to mean 1 (float32 [k]): importance_weights without its checks,
+    for ``sample``, whose indices are drawn from positive importances by construction."""
     inv = 1.0 / picked.to(torch.float64)
-    return (inv * (indices.numel() / inv.sum())).to(torch.float32)
+    return (inv * (k / inv.sum())).to(torch.float32)
 
 
 def sample(
@@ -322,7 +328,9 @@ def sample(
         name = "sample_with_replacement" if replacement else "sample_without_replacement"
         op = getattr(torch.ops.fastsel, ("triton_" if resolved == "triton" else "") + name)
         idx = op(importance, k, seed, counter)
-    return Selection(idx, importance_weights(importance, idx), importance)
+    if idx.numel() == 0:
+        return Selection(idx, torch.ones(0, dtype=torch.float32, device=importance.device), importance)
+    return Selection(idx, _normalised_inverse(importance.detach()[idx].to(torch.float32), idx.numel()), importance)
 
 
 def percentile(values: torch.Tensor, history: Union[torch.Tensor, History], *,

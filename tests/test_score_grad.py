@@ -346,3 +346,20 @@ def test_backward_op_refuses_lse_that_requires_grad():
         return torch.ops.fastsel.score_backward(g, z, target, torch.logsumexp(z, dim=1).detach(), -100)
 
     assert torch.autograd.gradcheck(backward_op, (g, xg), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_second_order_gradient_of_ignored_rows_with_nonfinite_logits_is_zero(backend):
+    """An ignored row (padding) may hold NaN or +-inf: its first and second derivatives are
+    exactly 0 (a product with 0 would give 0 * NaN = NaN), the other rows' as for finite input."""
+    z = torch.tensor([[0.5, 1.0, -1.0, 2.0], [0.0, float("nan"), 1.0, float("inf")], [1.0, -2.0, 0.0, 3.0]],
+                     dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, -100, 3])
+    g, = torch.autograd.grad(fastsel.score(z, t, backend=backend).loss.sum(), z, create_graph=True)
+    assert (g[1] == 0).all()
+    (g * g).sum().backward()
+    assert (z.grad[1] == 0).all()
+    keep = torch.tensor([0, 2])
+    zr = z.detach()[keep].requires_grad_(True)
+    gr, = torch.autograd.grad(F.cross_entropy(zr, t[keep], reduction="sum"), zr, create_graph=True)
+    (gr * gr).sum().backward()
+    torch.testing.assert_close(z.grad[keep], zr.grad, rtol=1e-12, atol=1e-14)

@@ -315,3 +315,24 @@ def test_meta_tensors_give_meta_outputs():
             assert v.device.type == "meta" and v.shape == (5,) and v.dtype == torch.float32, name
         assert s.pred.dtype == torch.int64 and s.pred.device.type == "meta"
         assert (s.mms is None) == (weight is None)
+
+
+def test_class_distances_device_path_agrees_with_the_host_path():
+    """The accelerator path recomputes flagged pairs with cdist under torch.where (no
+    nonzero, no host sync); on rows of one magnitude it gives the host path's distances."""
+    from fastsel.reference import _recompute_flagged, centred_rows
+
+    torch.manual_seed(0)
+    w = torch.randn(40, 16, dtype=torch.float64)
+    w[5] = w[4] + 1e-7  # a near-duplicate pair: flagged
+    w[9] = w[4]         # an identical one
+    c = centred_rows(w)
+    both = c.sq_norms[:, None] + c.sq_norms[None, :]
+    d2 = (both - 2.0 * (c.rows @ c.rows.T)).clamp_min(0)
+    flagged = d2 < both / 16
+    assert flagged[4, 5] and flagged[4, 9]
+    host = _recompute_flagged(d2.sqrt(), flagged, c.raw, c.raw, on_host=True)
+    device = _recompute_flagged(d2.sqrt(), flagged, c.raw, c.raw, on_host=False)
+    torch.testing.assert_close(device, host, rtol=1e-12, atol=1e-18)
+    exact = torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist")
+    torch.testing.assert_close(fastsel.reference.class_distances(w), exact, rtol=1e-12, atol=1e-15)

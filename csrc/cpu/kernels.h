@@ -17,6 +17,12 @@ at::Tensor score_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                           const at::Tensor& target, const at::Tensor& lse,
                           int64_t ignore_index);
 
+// Host helpers of fastsel.ops (pybind, not operators): whether two CPU tensors hold the
+// same bytes (memcmp; the MmsHead staleness check), and whether the exact MMS of an
+// [N, C] call uses max_distance (the pruned search, not the Gram matrix).
+bool same_bits(const at::Tensor& a, const at::Tensor& b);
+bool mms_uses_max_distance(int64_t N, int64_t C);
+
 // Selection ops (schemas and semantics in csrc/ops.cpp, select_kernel.cpp).
 at::Tensor select_topk(const at::Tensor& scores, int64_t k, bool largest);
 at::Tensor sample_without_replacement(const at::Tensor& importance, int64_t k, int64_t seed,

@@ -1061,6 +1061,15 @@ int magnitude_exponent(const at::Tensor& x) {
 
 }  // namespace
 
+bool same_bits(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "same_bits: CPU tensors only");
+  if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type()) return false;
+  const at::Tensor x = a.contiguous(), y = b.contiguous();
+  return std::memcmp(x.const_data_ptr(), y.const_data_ptr(), x.nbytes()) == 0;
+}
+
+bool mms_uses_max_distance(int64_t N, int64_t C) { return !use_mms_gram(N, C, /*exact=*/true); }
+
 ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target,
                            int64_t ignore_index, const std::optional<at::Tensor>& weight,
                            int64_t mms_mode, const std::optional<at::Tensor>& max_distance) {
@@ -1199,9 +1208,9 @@ inline void softmax_minus_onehot_split(const float* z, float* grad, int64_t n, f
 }
 
 // exp(z_j - lse) takes the rounding of lse, ulp(lse) / 2, as a relative error of p_j:
-// nothing for ordinary rows, but at |lse| >= 64 in float it exceeds 4e-6, and where
-// ulp(lse) passes log d (ties at 1e308: lse rounds to the maximum, p_j to 1 instead of
-// 1/2) it is all of p_j. Such rows, and every float64 row, recompute the maximum m and
+// nothing for ordinary rows, but at |lse| >= 64 it exceeds 4e-6 in float (7e-15 in
+// double), and where ulp(lse) passes log d (ties at 1e308: lse rounds to the maximum, p_j
+// to 1 instead of 1/2) it is all of p_j. Such rows recompute the maximum m and
 // log d = log sum_j exp(z_j - m) (two more passes) and use exp((z_j - m) - log d), as
 // log_softmax does.
 constexpr float kSplitLseFrom = 64.f;
@@ -1266,15 +1275,15 @@ void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const 
       const acc_t gi = g[i * gs];
       const acc_t li = l[i * ls];
       if constexpr (std::is_same_v<scalar_t, double>) {
-        if (li != li) {  // an invalid row: NaN, as its loss
-          for (int64_t j = 0; j < C; ++j) gr[j] = li;
-          continue;
+        if (std::abs(li) < kSplitLseFrom || li != li) {  // NaN lse (an invalid row): NaN, as its loss
+          for (int64_t j = 0; j < C; ++j) gr[j] = std::exp(zr[j] - li) * gi;
+        } else {
+          double m = -std::numeric_limits<double>::infinity(), d = 0.0;
+          for (int64_t j = 0; j < C; ++j) m = std::max(m, zr[j]);
+          for (int64_t j = 0; j < C; ++j) d += std::exp(zr[j] - m);
+          const double log_d = std::log(d);
+          for (int64_t j = 0; j < C; ++j) gr[j] = std::exp((zr[j] - m) - log_d) * gi;
         }
-        double m = -std::numeric_limits<double>::infinity(), d = 0.0;
-        for (int64_t j = 0; j < C; ++j) m = std::max(m, zr[j]);
-        for (int64_t j = 0; j < C; ++j) d += std::exp(zr[j] - m);
-        const double log_d = std::log(d);
-        for (int64_t j = 0; j < C; ++j) gr[j] = std::exp((zr[j] - m) - log_d) * gi;
         gr[t] -= gi;
       } else if constexpr (std::is_same_v<scalar_t, float>) {
         if (std::abs(li) < kSplitLseFrom || li != li) {

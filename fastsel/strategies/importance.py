@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from fastsel.reference import Scores
+from fastsel.reference import Scores, times_power_of_two
 from fastsel.selection import Selection, sample
 from fastsel import _checks, _state
 from fastsel._checks import check_bool, check_choice, check_positive_int, check_real
@@ -49,14 +49,14 @@ def _proportional(importance: torch.Tensor, k: int, *, replacement: bool, seed: 
     [0.5, 1): exact, so the draws are the same, and the floor 1e-12 x the largest is then
     a normal float32 even when every importance is tiny (a very confident batch, whose
     largest loss may be 1e-38: 1e-12 of that underflows to 0)."""
+    if importance.numel() == 0:
+        return sample(importance, k, replacement=replacement, seed=seed, counter=step)
     positive = (importance > 0).sum()
     top = importance.max()
     shift = -torch.frexp(top).exponent  # 0 for top = 0; up to 149 (a subnormal top)
-    half = torch.div(shift, 2, rounding_mode="floor")
-    one = torch.ones_like(top)
-    importance = (importance * torch.ldexp(one, half)) * torch.ldexp(one, shift - half)  # 2^shift in two exact steps
+    importance = times_power_of_two(importance, shift)
     if not replacement:
-        raised = torch.clamp_min(importance, importance.max() * _ZERO_FLOOR)
+        raised = torch.clamp_min(importance, times_power_of_two(top, shift) * _ZERO_FLOOR)
         importance = torch.where(positive < k, raised, importance)
     importance = torch.where(positive == 0, torch.ones_like(importance), importance)
     return sample(importance, k, replacement=replacement, seed=seed, counter=step)

@@ -126,8 +126,9 @@ def mms_exact_triton(logits: torch.Tensor, pred: torch.Tensor, lse: torch.Tensor
     """Exact MMS of every row, given the scoring pass's ``pred`` and ``lse`` (NaN = invalid).
 
     ``weight`` [C, D] of any float dtype (its distances are taken in float64); the result
-    is in the score dtype of ``lse`` (float32 / float64). No host sync but the
-    recomputation of cancelling pairs: the chunking depends on shapes only.
+    is in the score dtype of ``lse`` (float32 / float64). No host sync: the chunking
+    depends on shapes only, and ``class_distances`` recomputes cancelling pairs with
+    ``torch.where`` on an accelerator.
     """
     check_device(logits, "mms_exact_triton")
     n_rows, n_classes = logits.shape
