@@ -1,5 +1,6 @@
-"""One rank of the DDP test (tests/test_ddp.py): ScoreSampler(InfoBatch) under
-torch.distributed (gloo, CPU) with deterministic fake scores.
+"""One rank of the DDP test (tests/test_ddp.py): ScoreSampler under torch.distributed
+(gloo, CPU) with deterministic fake scores, for the strategy named by
+$FASTSEL_DDP_STRATEGY (``STRATEGIES``; default InfoBatch).
 
 Run as ``python tests/ddp_worker.py OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR and
 MASTER_PORT in the environment. Writes ``OUT_DIR/rank{RANK}.pt`` holding the rank's
@@ -22,6 +23,15 @@ import fastsel
 
 N, BATCH, EPOCHS, SEED, C = 103, 8, 4, 3, 5
 PRUNE, DELTA = 0.5, 0.75  # epochs 1 and 2 prune, 0 (nothing scored yet) and 3 (annealing) are full
+KEEP = 0.5  # the epoch-style rules: epoch 0 full (nothing scored yet), then round(KEEP * N)
+HEAD = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [-1.0, 0.5], [0.3, -2.0]])  # [C, 2]: for the MMS
+STRATEGIES = {
+    "infobatch": lambda: fastsel.strategies.InfoBatch(prune_ratio=PRUNE, delta=DELTA),
+    "mms": lambda: fastsel.strategies.MMS(KEEP),
+    "cdf": lambda: fastsel.strategies.CDFSampling(KEEP, switch_ratio=None, reweight=True),
+    "upper": lambda: fastsel.strategies.UpperBoundIS(KEEP),
+}
+STRATEGY = os.environ.get("FASTSEL_DDP_STRATEGY", "infobatch")
 
 
 def fake_scores(idx: torch.Tensor, epoch: int) -> fastsel.Scores:
@@ -29,13 +39,12 @@ def fake_scores(idx: torch.Tensor, epoch: int) -> fastsel.Scores:
     i = idx.to(torch.float64)[:, None]
     j = torch.arange(C, dtype=torch.float64)[None, :]
     logits = (3.0 * torch.sin(0.731 * i * (j + 1) + 0.37 * epoch * (j + 2))).to(torch.float32)
-    return fastsel.score(logits, idx % C)
+    return fastsel.score(logits, idx % C, weight=HEAD)
 
 
 def make_sampler(**kw) -> fastsel.ScoreSampler:
     data = fastsel.Indexed(TensorDataset(torch.arange(N)))
-    return fastsel.ScoreSampler(data, fastsel.strategies.InfoBatch(prune_ratio=PRUNE, delta=DELTA),
-                                batch_size=BATCH, epochs=EPOCHS, seed=SEED, **kw)
+    return fastsel.ScoreSampler(data, STRATEGIES[STRATEGY](), batch_size=BATCH, epochs=EPOCHS, seed=SEED, **kw)
 
 
 def serialize(state) -> bytes:

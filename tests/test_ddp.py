@@ -1,5 +1,6 @@
 """ScoreSampler under torch.distributed: 2 CPU processes on the gloo backend, each running
-tests/ddp_worker.py (InfoBatch over the same data with deterministic fake scores). Checks
+tests/ddp_worker.py (InfoBatch, and the epoch style of MMS, CDF sampling and upper-bound
+importance sampling, over the same data with deterministic fake scores). Checks
 that the ranks' shards of every epoch are disjoint and together make the global plan (up
 to the wrap padding), that both ranks keep identical score tables and plans, that the
 global plans equal a single-process sampler's, and that a resume from every stop point
@@ -40,11 +41,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module", params=["infobatch", "mms", "cdf", "upper"])
+def strategy(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks(tmp_path_factory, strategy):
     out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": str(WORLD), "OMP_NUM_THREADS": "1"}
+           "WORLD_SIZE": str(WORLD), "OMP_NUM_THREADS": "1", "FASTSEL_DDP_STRATEGY": strategy}
     procs = [subprocess.Popen([sys.executable, str(HERE / "ddp_worker.py"), str(out)],
                               env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
@@ -64,8 +70,10 @@ def ranks(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def worker():
-    return load_worker()
+def worker(strategy):
+    module = load_worker()
+    module.STRATEGY = strategy
+    return module
 
 
 def test_ranks_see_the_world(ranks):
@@ -82,17 +90,23 @@ def test_shards_are_disjoint_and_cover_the_global_plan(ranks, worker):
         interleaved = [shards[k % WORLD][k // WORLD] for k in range(WORLD * len(shards[0]))]
         assert interleaved == plan + plan[:pad], f"epoch {epoch}: shards are not the plan split by rank"
         assert set(shards[0]) | set(shards[1]) == set(plan)
+        if len(set(plan)) < len(plan):  # a draw with replacement (upper-bound IS) repeats samples
+            assert worker.STRATEGY == "upper"
+            continue
         overlap = set(shards[0]) & set(shards[1])
         assert overlap <= set(plan[:pad]), f"epoch {epoch}: ranks share {overlap - set(plan[:pad])}"
         for r in range(WORLD):
             assert len(set(shards[r])) == len(shards[r]), "no sample twice on one rank"
 
 
-def test_plans_are_pruned_then_full(ranks, worker):
+def test_plan_sizes(ranks, worker):
     sizes = [ranks[0]["plans"][e][0].numel() for e in range(worker.EPOCHS)]
-    assert sizes[0] == sizes[3] == worker.N
-    assert sizes[1] < worker.N and sizes[2] < worker.N
     assert worker.N % WORLD == 1, "an odd N exercises the wrap padding in the full epochs"
+    if worker.STRATEGY == "infobatch":  # pruned, then full
+        assert sizes[0] == sizes[3] == worker.N
+        assert sizes[1] < worker.N and sizes[2] < worker.N
+    else:  # full while nothing is scored, then the keep fraction
+        assert sizes == [worker.N] + [round(worker.KEEP * worker.N)] * (worker.EPOCHS - 1)
 
 
 def test_plans_and_tables_identical_across_ranks(ranks, worker):
@@ -109,12 +123,13 @@ def test_plans_and_tables_identical_across_ranks(ranks, worker):
 
 def test_tables_hold_every_ranks_scores(ranks, worker):
     """After each epoch, every sample that any rank trained holds its score of that epoch."""
+    field = next(iter(ranks[0]["tables"][0]["last"]))
     expected = torch.full((worker.N,), float("nan"))
     for epoch in range(worker.EPOCHS):
         visited = torch.tensor(sorted(set(ranks[0]["shards"][epoch]) | set(ranks[1]["shards"][epoch])))
-        expected[visited] = worker.fake_scores(visited, epoch).loss
+        expected[visited] = getattr(worker.fake_scores(visited, epoch), field)
         table = ranks[0]["tables"][epoch]
-        torch.testing.assert_close(table["last"]["loss"], expected, equal_nan=True)
+        torch.testing.assert_close(table["last"][field], expected, equal_nan=True)
         assert (table["last_epoch"][visited] == epoch).all()
 
 
@@ -141,9 +156,12 @@ def test_weights_follow_the_plan(ranks, worker):
             plan_w = rank["plans"][epoch][1]
             for b, w in rank["stream"][ends[epoch]:ends[epoch + 1]]:
                 assert w == plan_w[b].tolist()
-                assert all(v in (1.0, r) for v in w)
-                seen_rescaled |= any(v == r for v in w)
-        assert seen_rescaled
+                if worker.STRATEGY == "infobatch":
+                    assert all(v in (1.0, r) for v in w)
+                    seen_rescaled |= any(v == r for v in w)
+                else:  # ones (MMS) or importance weights (the sampling rules)
+                    seen_rescaled |= any(v != 1.0 for v in w)
+        assert seen_rescaled == (worker.STRATEGY != "mms")
 
 
 def test_resume_on_both_ranks_reproduces_the_streams(ranks):

@@ -107,6 +107,30 @@ def test_readme_score_sampler_example_runs_end_to_end():
     assert sampler.table.seen().all()
 
 
+def test_readme_epoch_mms_example_runs_end_to_end():
+    """The README's epoch-style MMS: scores (with the head) from the training forward."""
+    torch.manual_seed(0)
+    train_set = toy_set(256)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = fastsel.Indexed(train_set)
+    E = 3
+    sampler = fastsel.ScoreSampler(data, fastsel.strategies.MMS(keep=0.3), batch_size=32, epochs=E)
+    visited = []
+    for epoch in range(E):
+        seen = []
+        for x, y, idx in DataLoader(data, batch_sampler=sampler):
+            s = fastsel.score(model(x), y, weight=model.fc.weight)
+            (s.loss * sampler.weights(idx)).mean().backward(); opt.step(); opt.zero_grad()
+            sampler.update(idx, s)
+            seen.append(idx)
+        visited.append(torch.cat(seen))
+    assert sorted(visited[0].tolist()) == list(range(256))  # nothing scored yet: a full epoch
+    for e in (1, 2):
+        assert len(set(visited[e].tolist())) == visited[e].numel() == round(0.3 * 256)
+    assert sampler.costs.scored == 0 and sampler.costs.trained == sum(v.numel() for v in visited)
+
+
 def test_readme_batch_selector_example_runs_end_to_end():
     torch.manual_seed(0)
     train_set = toy_set(1280)

@@ -358,7 +358,11 @@ def test_rho_loss_errors():
     with pytest.raises(ValueError, match="keep_fraction"):
         RhoLoss(f, keep_fraction=1.5)
     with pytest.raises(ValueError, match="needs ids="):
-        RhoLoss(torch.zeros(10))
+        RhoLoss(torch.zeros(10), keep=3)  # a table without ids, and a count: neither style
+    table_only = RhoLoss(torch.zeros(10))  # a table without ids: the epoch style only
+    assert table_only.styles == ("epoch",)
+    with pytest.raises(StyleError, match="BatchSelector"):
+        fastsel.BatchSelector(torch.nn.Linear(1, 2), table_only)
     with pytest.raises(TypeError, match="irreducible must be"):
         RhoLoss("model")
     with pytest.raises(ValueError, match="needs the candidate batch's inputs"):

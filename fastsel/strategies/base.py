@@ -46,7 +46,15 @@ TABLE_FIELDS: dict[str, Callable[[Scores], torch.Tensor]] = {
     "confidence": lambda s: s.confidence,
     "prob_margin": _prob_margin,
     "p_wrong": lambda s: -torch.expm1(-s.loss),  # 1 - p_y
+    "mms": lambda s: _require_mms(s),
 }
+
+
+def _require_mms(s: Scores) -> torch.Tensor:
+    if s.mms is None:
+        raise ValueError("this strategy records the MMS: score the training forward with the classifier weight, "
+                         "s = fastsel.score(logits, target, weight=model.fc.weight), before sampler.update(idx, s)")
+    return s.mms
 
 
 def seeded_generator(seed: int, stream: int) -> torch.Generator:

@@ -8,42 +8,15 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from fastsel.ops import score
 from fastsel.selection import select_topk
-from fastsel.selector import scoring_forward
 from fastsel import _state
-from fastsel._checks import check_choice, check_fraction, check_int, check_positive_int, sized_length
-from fastsel.strategies.base import (TABLE_FIELDS, EpochPlan, ScoreTable, Strategy, fraction_count, full_plan,
-                                     seeded_generator)
+from fastsel._checks import check_choice, check_fraction, check_int, check_positive_int
+from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, fraction_count, full_plan, seeded_generator
+from fastsel.strategies.rescoring import Rescorer
 
 __all__ = ["DynaMS"]
 
 MARGINS = ("prob_margin", "true_margin", "margin")
-
-
-class _Proxy(torch.nn.Module):
-    """Calls ``proxy(inputs)`` as the forward of a module that holds the model (and the
-    proxy when it is a module), so that ``scoring_forward`` switches every one of their
-    submodules to eval mode and restores each one's mode afterwards."""
-
-    def __init__(self, model: Optional[torch.nn.Module], proxy: Callable[[Any], torch.Tensor]):
-        super().__init__()
-        self.model = model
-        self.proxy_module = proxy if isinstance(proxy, torch.nn.Module) else None
-        self._call = proxy
-
-    def forward(self, inputs: Any) -> torch.Tensor:
-        return self._call(inputs)
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
 
 
 class DynaMS(Strategy):
@@ -60,7 +33,7 @@ class DynaMS(Strategy):
     epoch), then the subset is refreshed at epochs ``warmup_epochs + j * refresh``
     (j = 0, 1, ...). With ``warmup_epochs=0`` epoch 0 scores the untrained model first.
 
-    Scoring (``score_subset``): ``proxy(inputs)`` on batches of ``score_batch_size``
+    Scoring (``fastsel.strategies.Rescorer``, ``rescorer``): ``proxy(inputs)`` on batches of ``score_batch_size``
     drawn in dataset order from ``score_data`` (default: the sampler's data set), in
     inference mode with the model (and the proxy, when it is a module) in eval mode,
     every submodule's train/eval mode restored afterwards (``fastsel.selector.scoring_forward``):
@@ -116,34 +89,16 @@ class DynaMS(Strategy):
         check_fraction("keep", keep)
         check_positive_int("refresh", refresh)
         check_int("warmup_epochs", warmup_epochs, 0)
+        check_choice("by", by, MARGINS)
         check_positive_int("score_batch_size", score_batch_size)
         check_int("num_workers", num_workers, 0)
-        check_choice("by", by, MARGINS)
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if proxy is None and model is None:
-            raise ValueError("DynaMS scores the whole training set: pass model= (the proxy is then the model "
-                             "itself) and/or proxy= (a callable inputs -> logits sharing the model's parameters)")
-        if proxy is not None and not callable(proxy):
-            raise TypeError(f"proxy must be callable (inputs -> logits), got {type(proxy).__name__}")
-        if proxy is not None and model is None and not isinstance(proxy, torch.nn.Module):
-            raise ValueError("a proxy that is not an nn.Module needs model= as well, so that the model can be "
-                             "put in eval mode for scoring and its mode restored afterwards")
-        if score_data is not None:
-            sized_length("score_data", score_data, "be a map-style data set with a length")
+        # the scoring pass (model / proxy / data checks are the Rescorer's)
+        self.rescorer = Rescorer(model, proxy=proxy, data=score_data, batch_size=score_batch_size,
+                                 num_workers=num_workers, collate_fn=collate_fn, device=device, backend=backend)
         self.keep = keep
         self.refresh = refresh
         self.by = by
         self.warmup_epochs = warmup_epochs
-        self.score_batch_size = score_batch_size
-        self.num_workers = num_workers
-        self.device = None if device is None else torch.device(device)
-        self.backend = backend
-        self._model = model
-        self._proxy = proxy
-        self._forward = _Proxy(model, proxy if proxy is not None else model)
-        self._score_data = score_data
-        self._collate_fn = collate_fn
         self._subset: Optional[torch.Tensor] = None  # the current training subset (int64)
         self._refreshed_at = -1                       # the epoch of the last refresh
         self.last_scored = 0
@@ -162,52 +117,12 @@ class DynaMS(Strategy):
     def is_refresh_epoch(self, epoch: int) -> bool:
         return epoch >= self.warmup_epochs and (epoch - self.warmup_epochs) % self.refresh == 0
 
-    def _device(self) -> torch.device:
-        if self.device is not None:
-            return self.device
-        for module in (self._model, self._proxy):
-            if isinstance(module, torch.nn.Module):
-                p = next(iter(module.parameters()), None)
-                if p is not None:
-                    return p.device
-        return torch.device("cpu")
-
     def margins(self, data: Any, *, seed: int = 0, epoch: int = 0) -> torch.Tensor:
-        """Scores the whole of ``data`` with the proxy and returns the margin ``by`` of
-        every sample [N] (float32, CPU). Counts the forwarded samples in
+        """Scores the whole of ``data`` (or ``score_data``) with the proxy and returns the
+        margin ``by`` of every sample [N] (float32, CPU). Counts the forwarded samples in
         ``last_scored``."""
-        n = len(data)
-        values = torch.full((n,), float("nan"))
-        seen = torch.zeros(n, dtype=torch.bool)
-        loader = torch.utils.data.DataLoader(
-            data, batch_size=self.score_batch_size, shuffle=False, num_workers=self.num_workers,
-            collate_fn=self._collate_fn, generator=seeded_generator(seed, epoch))
-        device = self._device()
-        field = TABLE_FIELDS[self.by]
-        forwarded = 0
-        for batch in loader:
-            if not isinstance(batch, (tuple, list)) or len(batch) != 3:
-                raise ValueError("DynaMS scores items (x, y, index): wrap the data set in fastsel.Indexed, whose "
-                                 f"items are (x, y, i); got a batch of {type(batch).__name__}"
-                                 + (f" with {len(batch)} fields" if isinstance(batch, (tuple, list)) else ""))
-            x, y, idx = batch
-            if not isinstance(idx, torch.Tensor) or idx.dim() != 1:
-                raise ValueError(f"the last field of each item must be the sample index; got {idx!r:.80}")
-            logits = scoring_forward(self._forward, _to(x, device))
-            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != idx.numel():
-                got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                raise ValueError(f"the proxy must return logits [B, C] with B = {idx.numel()} (the batch), got {got}")
-            with torch.inference_mode():
-                s = score(logits, torch.as_tensor(y).to(logits.device), backend=self.backend)
-                v = field(s).to("cpu", torch.float32)
-            idx = idx.to(torch.int64)
-            values[idx] = v
-            seen[idx] = True
-            forwarded += idx.numel()
-        self.last_scored += forwarded
-        if not bool(seen.all()):
-            raise ValueError(f"scoring covered {int(seen.sum())} of {n} samples: the items' indices must be 0 .. N-1 "
-                             "(use fastsel.Indexed)")
+        values = self.rescorer.score_all(data, (self.by,), seed=seed, epoch=epoch)[self.by]
+        self.last_scored += self.rescorer.last_scored
         return values
 
     def select(self, margins: torch.Tensor) -> torch.Tensor:
@@ -222,13 +137,12 @@ class DynaMS(Strategy):
         if epoch < self.warmup_epochs:
             return full_plan(n, seed, epoch)
         if self.is_refresh_epoch(epoch) or self._subset is None:
-            source = self._score_data if self._score_data is not None else data
-            if source is None:
+            if data is None and self.rescorer.data is None:
                 raise ValueError("DynaMS needs the data set to score: use it through fastsel.ScoreSampler (which "
                                  "passes it) or pass score_data=")
-            if len(source) != n:
-                raise ValueError(f"the scored data set has {len(source)} samples but the sampler has {n}")
-            self._subset = self.select(self.margins(source, seed=seed, epoch=epoch))
+            values = self.rescorer.score_all(data, (self.by,), seed=seed, epoch=epoch, n=n)[self.by]
+            self.last_scored += self.rescorer.last_scored
+            self._subset = self.select(values)
             self._refreshed_at = epoch
         order = torch.randperm(self._subset.numel(), generator=seeded_generator(seed, epoch))
         return EpochPlan(self._subset[order], torch.ones(n))

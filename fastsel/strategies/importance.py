@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -12,7 +12,9 @@ from fastsel.reference import Scores, times_power_of_two
 from fastsel.selection import Selection, sample
 from fastsel import _checks, _state
 from fastsel._checks import check_bool, check_choice, check_positive_int, check_real
-from fastsel.strategies.base import Strategy, keep_in_batch
+from fastsel.strategies.base import ScoreTable, Strategy, keep_in_batch
+from fastsel.strategies.epoch_rule import EpochRule
+from fastsel.strategies.rescoring import Rescorer
 
 __all__ = ["CDFSampling", "UpperBoundIS"]
 
@@ -75,7 +77,7 @@ def _switched(on: torch.Tensor, importance: torch.Tensor, draw: Callable[[torch.
                      None)
 
 
-class CDFSampling(Strategy):
+class CDFSampling(EpochRule, Strategy):
     """CDF importance sampling (Knutsson, Unnebäck, Jönsson & Eilertsen 2023, "CDF-based
     importance sampling and visualization for neural network training", VCBM,
     doi:10.2312/vcbm.20231212).
@@ -107,21 +109,28 @@ class CDFSampling(Strategy):
 
     State (``state_dict``): the initial and running loss and whether the sampling is on
     (``active``); ``stats()`` reports them.
+
+    Epoch style (``fastsel.ScoreSampler``, ``keep`` a float fraction of the data set):
+    each epoch draws ``round(keep * N)`` samples by the same law from the scores the
+    training forward recorded, every sample with an unknown score visited as well
+    (``fastsel.strategies.EpochRule``; ``refresh=`` with ``rescorer=`` rescores the data
+    set every R epochs). The switch compares the mean of the table's last recorded
+    losses with its value at the first epoch that had any (``initial_loss``); while off,
+    the epoch draws uniformly. Weights as in the in-batch style (``reweight``).
     """
 
-    styles = ("batch",)
-
-    def __init__(self, keep: int = 128, *, by: str = "loss", replacement: bool = False,
-                 switch_ratio: Optional[float] = 0.75, smoothing: float = 0.9, reweight: bool = False):
-        check_positive_int("keep", keep)
+    def __init__(self, keep: Union[int, float] = 128, *, by: str = "loss", replacement: bool = False,
+                 switch_ratio: Optional[float] = 0.75, smoothing: float = 0.9, reweight: bool = False,
+                 refresh: Optional[int] = None, rescorer: Optional[Rescorer] = None):
+        self._init_epoch_rule(keep, refresh, rescorer)
         check_choice("by", by, ("loss", "grad_norm"))
         check_bool("replacement", replacement)
         check_real("switch_ratio", switch_ratio, low=0, low_inclusive=False, finite=True,
                    expected="a positive number", optional=True)
         check_real("smoothing", smoothing, low=0, high=1, high_inclusive=False)
         check_bool("reweight", reweight)
-        self.keep = keep
         self.by = by
+        self.table_fields = tuple(dict.fromkeys((by, "loss")))
         self.replacement = replacement
         self.switch_ratio = switch_ratio
         self.smoothing = float(smoothing)
@@ -183,18 +192,39 @@ class CDFSampling(Strategy):
                targets: Optional[torch.Tensor] = None) -> Selection:
         values = getattr(scores, self.by).detach()
         n = values.numel()
-        keep_in_batch(self.keep, n)
+        k = self.n_keep(n)
+        keep_in_batch(k, n)
         importance = _importance(values)
         on = self._observe(scores.loss.detach())
 
         def draw(w: torch.Tensor) -> Selection:
-            return _proportional(w, self.keep, replacement=self.replacement, seed=seed, step=step)
+            return _proportional(w, k, replacement=self.replacement, seed=seed, step=step)
 
         sel = draw(importance) if self.switch_ratio is None else _switched(
-            on, importance, draw, lambda: _uniform(n, self.keep, values.device, seed=seed, step=step))
+            on, importance, draw, lambda: _uniform(n, k, values.device, seed=seed, step=step))
         # the uniform draw's weights are ones
         weights = sel.weights if self.reweight else torch.ones_like(sel.weights)
         return Selection(sel.indices, weights, scores)
+
+    # ---- epoch style ----
+    def epoch_scores(self, table: ScoreTable) -> torch.Tensor:
+        """The importance score of every sample (NaN where unknown), after updating the
+        switch from the table's mean loss."""
+        loss = table.values("loss").to(torch.float64)
+        known = ~torch.isnan(loss)
+        if bool(known.any()):
+            mean = float(loss[known].mean())
+            initial, _, active = self._switch_values(self._switch)
+            initial = mean if initial is None else initial
+            on = active or (self.switch_ratio is not None and mean < self.switch_ratio * initial)
+            self._switch = torch.tensor([initial, mean, float(on)], dtype=torch.float64)
+        return table.values(self.by)
+
+    def epoch_pick(self, values: torch.Tensor, k: int, *, seed: int, epoch: int):
+        if not self.active:
+            return _uniform(values.numel(), k, values.device, seed=seed, step=epoch).indices, None
+        sel = _proportional(_importance(values), k, replacement=self.replacement, seed=seed, step=epoch)
+        return sel.indices, sel.weights if self.reweight else None
 
     def _stats_of(self, switch: Optional[torch.Tensor]) -> dict:
         initial, running, active = self._switch_values(switch)
@@ -225,7 +255,7 @@ class CDFSampling(Strategy):
         return lambda: setattr(self, "_switch", switch)
 
 
-class UpperBoundIS(Strategy):
+class UpperBoundIS(EpochRule, Strategy):
     """Upper-bound importance sampling (Katharopoulos & Fleuret 2018, "Not all samples are
     created equal: deep learning with importance sampling", ICML).
 
@@ -270,21 +300,28 @@ class UpperBoundIS(Strategy):
     State (``state_dict``): the moving average of tau; ``stats()`` reports tau, the last
     threshold and whether the last step sampled (``active``). Zero or NaN scores count
     as importance 0; an all-zero candidate batch has tau = 1 and is drawn uniformly.
+
+    Epoch style (``fastsel.ScoreSampler``, ``keep`` a float fraction of the data set):
+    each epoch draws ``round(keep * N)`` samples WITH replacement, P ∝ the recorded
+    ``grad_norm`` (or loss), weights 1 / (N P(i)) normalised to mean 1, every sample with
+    an unknown score visited as well at weight 1 (``fastsel.strategies.EpochRule``). The
+    tau switch has no counterpart there: its point is to save the presampling forward,
+    and the epoch style scores nothing beyond the training forward.
     """
 
-    styles = ("batch",)
     unbiased = True
 
-    def __init__(self, keep: int = 128, *, presample: float = 3.0, tau_threshold: Optional[float] = None,
-                 backward_cost: float = 2.0, momentum: float = 0.9, by: str = "grad_norm"):
-        check_positive_int("keep", keep)
+    def __init__(self, keep: Union[int, float] = 128, *, presample: float = 3.0, tau_threshold: Optional[float] = None,
+                 backward_cost: float = 2.0, momentum: float = 0.9, by: str = "grad_norm",
+                 refresh: Optional[int] = None, rescorer: Optional[Rescorer] = None):
+        self._init_epoch_rule(keep, refresh, rescorer)
         check_choice("by", by, ("grad_norm", "loss"))
+        self.table_fields = (by,)
         check_real("presample", presample, low=1, low_inclusive=False,
                    expected="a number > 1 (the candidate batch is presample × keep)")
         check_real("tau_threshold", tau_threshold, low=1, optional=True)
         check_real("backward_cost", backward_cost, low=0)
         check_real("momentum", momentum, low=0, high=1, high_inclusive=False)
-        self.keep = keep
         self.presample = float(presample)
         self.tau_threshold = tau_threshold
         self.backward_cost = float(backward_cost)
@@ -309,14 +346,17 @@ class UpperBoundIS(Strategy):
 
     @property
     def candidate_batch(self) -> int:
-        """The candidate batch size the paper uses: presample × keep."""
+        """The candidate batch size the paper uses: presample × keep (keep an int)."""
+        if isinstance(self.keep, float):
+            raise ValueError(f"candidate_batch is presample x keep for an int keep (a count); keep={self.keep!r} "
+                             "is a fraction of each candidate batch")
         return int(round(self.presample * self.keep))
 
     def threshold(self, n: int) -> float:
         """The tau threshold for a candidate batch of ``n`` samples."""
         if self.tau_threshold is not None:
             return float(self.tau_threshold)
-        c = (1.0 + self.backward_cost) * self.keep
+        c = (1.0 + self.backward_cost) * self.n_keep(n)
         return (n + c) / c
 
     @staticmethod
@@ -343,7 +383,8 @@ class UpperBoundIS(Strategy):
                targets: Optional[torch.Tensor] = None) -> Selection:
         importance = _importance(getattr(scores, self.by))
         n = importance.numel()
-        keep_in_batch(self.keep, n)
+        k = self.n_keep(n)
+        keep_in_batch(k, n)
         device = importance.device
         increment = self._increment(importance)
         tau = increment.new_zeros(()) if self._tau is None else self._tau.to(device)
@@ -351,9 +392,17 @@ class UpperBoundIS(Strategy):
         self.last_threshold = self.threshold(n)
         self._active = self._tau > self.last_threshold
         sel = _switched(self._active & (importance > 0).any(), importance,
-                        lambda w: sample(w, self.keep, replacement=True, seed=seed, counter=step),
-                        lambda: _uniform(n, self.keep, device, seed=seed, step=step))
+                        lambda w: sample(w, k, replacement=True, seed=seed, counter=step),
+                        lambda: _uniform(n, k, device, seed=seed, step=step))
         return Selection(sel.indices, sel.weights, scores)
+
+    # ---- epoch style ----
+    def epoch_scores(self, table: ScoreTable) -> torch.Tensor:
+        return table.values(self.by)
+
+    def epoch_pick(self, values: torch.Tensor, k: int, *, seed: int, epoch: int):
+        sel = _proportional(_importance(values), k, replacement=True, seed=seed, step=epoch)
+        return sel.indices, sel.weights
 
     @staticmethod
     def _stats_of(tau: Optional[torch.Tensor], active: Optional[torch.Tensor], threshold) -> dict:

@@ -11,17 +11,19 @@ from fastsel.ops import score
 from fastsel.reference import Scores
 from fastsel.selection import Selection, select_topk
 from fastsel._checks import check_index_range, check_positive_int, check_real
-from fastsel.strategies.base import Strategy, keep_in_batch
+from fastsel.strategies.base import ScoreTable, Strategy, StyleError, keep_in_batch
+from fastsel.strategies.epoch_rule import EpochRule
+from fastsel.strategies.rescoring import Rescorer
 
 __all__ = ["RhoLoss"]
 
 
-class RhoLoss(Strategy):
+class RhoLoss(EpochRule, Strategy):
     """Reducible holdout loss selection (Mindermann, Brauner, Razzak, Sharma, Kirsch, Xu,
     Höltgen, Gomez, Morisot, Farquhar & Gal 2022, "Prioritized training on points that
     are learnable, worth learning, and not yet learnt", ICML).
 
-    In-batch style only (``fastsel.BatchSelector``). For each candidate,
+    In-batch style (``fastsel.BatchSelector``): for each candidate,
     reducible loss = training loss (the selector's ``scores.loss``, the current model in
     inference mode) − irreducible loss; the ``keep`` candidates with the largest
     reducible loss are trained on, weights ones (biased on purpose: ``unbiased`` False).
@@ -52,13 +54,19 @@ class RhoLoss(Strategy):
     No state: the irreducible model or table is the user's to save (``state_dict`` is
     empty). The irreducible model's forward is counted as scoring cost in
     ``BatchSelector.costs`` (``last_scored``); a precomputed table costs nothing.
-    """
 
-    styles = ("batch",)
+    Epoch style (``fastsel.ScoreSampler``), with a precomputed table of the data set's
+    irreducible losses (``ids`` is then not needed): each epoch visits
+    ``round(keep_fraction * N)`` samples, those with the largest reducible loss = the
+    last recorded training loss − the irreducible loss, every sample whose loss is
+    unknown included (``fastsel.strategies.EpochRule``; ``refresh=`` with ``rescorer=``
+    rescores the losses every R epochs).
+    """
 
     def __init__(self, irreducible: Union[torch.nn.Module, Callable[[Any, torch.Tensor], torch.Tensor], torch.Tensor],
                  *, keep_fraction: Optional[float] = None, keep: Optional[int] = None,
-                 ids: Optional[Callable[[Any], torch.Tensor]] = None):
+                 ids: Optional[Callable[[Any], torch.Tensor]] = None, refresh: Optional[int] = None,
+                 rescorer: Optional[Rescorer] = None):
         if keep is not None and keep_fraction is not None:
             raise ValueError("give keep_fraction or keep, not both")
         if keep is not None:
@@ -70,15 +78,24 @@ class RhoLoss(Strategy):
             if irreducible.dim() != 1 or not irreducible.dtype.is_floating_point:
                 raise ValueError("an irreducible-loss table must be a 1-D floating point tensor [N_dataset], "
                                  f"got shape {tuple(irreducible.shape)} and dtype {irreducible.dtype}")
-            if ids is None:
-                raise ValueError("an irreducible-loss table needs ids=, a callable returning the dataset indices "
-                                 "of the candidate batch from its inputs (e.g. ids=lambda inputs: inputs[1])")
             irreducible = irreducible.detach()
         elif not callable(irreducible):
             raise TypeError("irreducible must be an nn.Module, a callable (inputs, targets) -> losses, or a "
                             f"1-D tensor of per-sample losses, got {type(irreducible).__name__}")
         if ids is not None and not callable(ids):
             raise TypeError(f"ids must be a callable inputs -> indices, got {type(ids).__name__}")
+        table = isinstance(irreducible, torch.Tensor)
+        # the in-batch style needs the candidates' losses: a model, a callable, or the table
+        # with ids; the epoch style the table (indexed by sample) and a fraction
+        self._init_epoch_rule(keep if keep is not None else float(keep_fraction), refresh, rescorer,
+                              batch_style=not table or ids is not None)
+        if not table or keep is not None:
+            self.styles = tuple(st for st in self.styles if st != "epoch")
+        if not self.styles:
+            raise ValueError("an irreducible-loss table needs ids=, a callable returning the dataset indices "
+                             "of the candidate batch from its inputs (e.g. ids=lambda inputs: inputs[1]), for "
+                             "the in-batch style; with keep_fraction= (not keep=) it serves the epoch style "
+                             "(ScoreSampler) without ids")
         self.irreducible = irreducible
         self._table_copy: Optional[tuple] = None  # (device, data_ptr, version) and the table there
         self.keep_fraction = keep_fraction
@@ -86,10 +103,26 @@ class RhoLoss(Strategy):
         self.ids = ids
 
     def n_keep(self, n: int) -> int:
-        """How many of a candidate batch of ``n`` are kept."""
+        """How many of a candidate batch (or of a data set) of ``n`` are kept."""
         if self.keep is not None:
             return self.keep
         return max(1, int(round(self.keep_fraction * n)))
+
+    def check_style(self, style: str) -> None:
+        if style == "epoch" and style not in self.styles:
+            raise StyleError("RhoLoss in the epoch style (ScoreSampler) needs a precomputed table of the data "
+                             "set's irreducible losses and keep_fraction= (not keep=)")
+        Strategy.check_style(self, style)
+
+    # ---- epoch style ----
+    def epoch_scores(self, table: ScoreTable) -> torch.Tensor:
+        irr = self.irreducible
+        if irr.numel() != table.n:
+            raise ValueError(f"the irreducible-loss table has {irr.numel()} entries but the data set {table.n}")
+        return table.values("loss") - irr.to("cpu", torch.float32)
+
+    def epoch_pick(self, values: torch.Tensor, k: int, *, seed: int, epoch: int):
+        return select_topk(values, k, True, backend="torch").indices, None
 
     def _table_on(self, device: torch.device) -> torch.Tensor:
         """The irreducible-loss table on the ids' device, copied there once (and again only
