@@ -274,3 +274,26 @@ def test_smoke_csv_consistent(smoke):
     ref = runs[("uniform", "none", "1.0", "0")][-1]
     # The reference reaches its own final accuracy at its end.
     assert math.isclose(float(ref["time_to_target_ratio"]), 1.0, abs_tol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["mms_epoch", "hard_loss_epoch", "cdf_epoch", "upper_bound_is_epoch"])
+def test_epoch_style_rules_run_in_the_harness(name):
+    """The epoch style of the score rules through the harness: scores from the training
+    forward (the MMS with the head), nothing scored besides, half the data after the
+    first (full) pass."""
+    reason = _data_missing()
+    if reason:
+        pytest.skip(reason)
+    assert harness.strategy_available(name) is None
+    cfg = harness.BenchConfig(epochs=2, subset=512, test_subset=256, evals=2, progress=False)
+    data = harness.load_data(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = harness.run_one(harness.RunSpec(name, budget=1.0, seed=0), cfg, data)
+    finally:
+        torch.set_num_threads(threads)
+    last = result.curve[-1]
+    assert last["samples_scored"] == 0
+    assert last["samples_trained"] == 2 * 512  # the full budget of steps, whatever the plans
+    assert 0.0 <= last["test_acc"] <= 1.0

@@ -177,6 +177,17 @@ STRATEGIES: dict[str, StrategySpec] = {s.name: s for s in (
                  "RHO-LOSS (Mindermann et al.): top 10% reducible loss, 1280 -> 128",
                  lambda c: {"irreducible": c.irreducible, "keep": c.batch_size, "ids": lambda inputs: inputs[1]},
                  candidates=10 * BATCH_SIZE),
+    StrategySpec("mms_epoch", _S + "in_batch:MMS", "epoch",
+                 "MMS, epoch style: the smallest recorded MMS, keep 0.5 of the data per epoch",
+                 lambda c: {"keep": 0.5}),
+    StrategySpec("hard_loss_epoch", _S + "in_batch:HardLoss", "epoch",
+                 "hard-example mining, epoch style: the largest recorded loss, keep 0.5",
+                 lambda c: {"keep": 0.5}),
+    StrategySpec("cdf_epoch", _S + "importance:CDFSampling", "epoch",
+                 "CDF sampling, epoch style: P ∝ recorded loss, keep 0.5", lambda c: {"keep": 0.5}),
+    StrategySpec("upper_bound_is_epoch", _S + "importance:UpperBoundIS", "epoch",
+                 "upper-bound IS, epoch style: P ∝ recorded grad_norm with replacement, keep 0.5",
+                 lambda c: {"keep": 0.5}),
     StrategySpec("infobatch", _S + "infobatch:InfoBatch", "epoch", "InfoBatch (Qin et al.): r = 0.5, delta = 0.875"),
     StrategySpec("hard_batches", _S + "hard_batches:HardBatches", "epoch",
                  "hard mini-batches (Sahayam et al.): top 50% of batches by stale loss",
@@ -511,13 +522,17 @@ class _Run:
         if running:
             self.clock.start()
 
-    def train_step(self, x: torch.Tensor, targets: Targets, weights: Optional[torch.Tensor]) -> fastsel.Scores:
+    def train_step(self, x: torch.Tensor, targets: Targets, weights: Optional[torch.Tensor], *,
+                   with_mms: bool = False) -> fastsel.Scores:
+        """One optimizer step; ``with_mms``: the scores include the MMS (an epoch-style MMS
+        records it from the training forward), its cost in ``score_s``."""
         for group in self.opt.param_groups:
             group["lr"] = self.lrs[self.step]
         logits = self.model(x)
         ks = [k for k in range(targets.k) if k == 0 or bool(targets.weights[:, k].any())]
+        head = self.model.fc.weight.detach() if with_mms else None
         t = time.perf_counter()
-        scores = [fastsel.score(logits, targets.labels[:, k]) for k in ks]
+        scores = [fastsel.score(logits, targets.labels[:, k], weight=head) for k in ks]
         self.score_s += time.perf_counter() - t
         if targets.k == 1:
             per_sample = scores[0].loss
@@ -647,7 +662,7 @@ def _run_epoch_style(run: _Run, spec: StrategySpec, x: torch.Tensor, y: torch.Te
         for batch in sampler:
             idx = torch.as_tensor(batch, dtype=torch.int64)
             xa, tg = aug(x[idx], y[idx], gen)
-            scores = run.train_step(xa, tg, sampler.weights(idx))
+            scores = run.train_step(xa, tg, sampler.weights(idx), with_mms="mms" in sampler.table.fields)
             sampler.update(idx, scores)
             run.after_step()
             if run.done:
