@@ -155,7 +155,7 @@ def new_sampler(run: dict):
 
 
 def train(sampler, run: dict, record: list, *, stop=None, checks: list):
-    """The README's loop (``for epoch in range(sampler.epoch, epochs)``) with fake scores.
+    """A resumable training loop (``for epoch in range(sampler.epoch, epochs)``) with fake scores.
     Records (epoch, batch, weights); returns the state_dict after ``stop`` updates (taken
     inside the loop), else None. Appends every invariant violation to ``checks``."""
     n, bs = run["n"], run["batch_size"]

@@ -380,9 +380,11 @@ unsigned int grid_for_rows(int64_t rows, int group_threads) {
 // 1 / ||w_a - w_j|| for the rows c_rows (squared norms sq_rows) of the centred rows c of W
 // (squared norms sq) against every row of c, [rows, C], in dtype: ||w_a - w_j||^2 =
 // ||c_a||^2 + ||c_j||^2 - 2 c_a.c_j, clamped at 0 against rounding; rsqrt(0) = inf for
-// identical rows. c is W minus its mean row in float64, computed once per call, as
-// fastsel.reference.squared_class_distances does: in float32 the form cancels for
-// near-duplicate classes (rows 1e-3 apart relative to their norm came out ~10% off).
+// identical rows. c is W minus its mean row in float64, computed once per call, as in
+// fastsel.reference.class_distances: in float32 the form cancels for near-duplicate
+// classes (rows 1e-3 apart relative to their norm came out ~10% off). Unlike the
+// reference and the CPU kernel, the pairs that still cancel in float64 (rows ~1e-8 apart
+// relative to their norm) are not recomputed from the row difference here.
 at::Tensor inverse_distances(const at::Tensor& c_rows, const at::Tensor& sq_rows, const at::Tensor& c,
                              const at::Tensor& sq, at::ScalarType dtype) {
   const at::Tensor d2 = sq_rows.unsqueeze(1).add(sq.unsqueeze(0)).sub(c_rows.mm(c.t()), /*alpha=*/2);

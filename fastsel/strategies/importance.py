@@ -11,7 +11,7 @@ import torch
 from fastsel.reference import Scores, times_power_of_two
 from fastsel.selection import Selection, sample
 from fastsel import _checks, _state
-from fastsel._checks import check_bool, check_choice, check_positive_int, check_real
+from fastsel._checks import check_bool, check_choice, check_real
 from fastsel.strategies.base import ScoreTable, Strategy, keep_in_batch
 from fastsel.strategies.epoch_rule import EpochRule
 from fastsel.strategies.rescoring import Rescorer
