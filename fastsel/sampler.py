@@ -41,20 +41,21 @@ from fastsel.reference import Scores
 from fastsel._checks import check_index_range, check_positive_int, sized_length
 from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, check_strategy_and_seed, prepare_strategy_load
 
-__all__ = ["ScoreSampler", "Costs"]
+__all__ = ["ScoreSampler", "Costs", "ScorerCosts"]
 
 
 class Costs:
     """Samples forwarded for scoring only, and samples forwarded and backpropagated for
     training (docs/methods.md section 4: steps alone hide scoring)."""
 
+    FIELDS: tuple[str, ...] = ("scored", "trained", "steps")
+
     def __init__(self):
-        self.scored = 0
-        self.trained = 0
-        self.steps = 0
+        for f in self.FIELDS:
+            setattr(self, f, 0)
 
     def as_dict(self) -> dict:
-        return {"scored": self.scored, "trained": self.trained, "steps": self.steps}
+        return {f: getattr(self, f) for f in self.FIELDS}
 
     def load(self, d: dict) -> None:
         """Loads an ``as_dict()``, checked whole first: on error nothing has changed."""
@@ -63,16 +64,26 @@ class Costs:
     state_dict, load_state_dict = as_dict, load
 
     def _prepare_load(self, state: Any, path: str) -> Callable[[], None]:
-        keys = ("scored", "trained", "steps")
+        keys = self.FIELDS
         _state.require_keys(path, state, keys)
         values = [_state.check_int(_state.key(path, k), state[k], 0) for k in keys]
 
         def load() -> None:
-            self.scored, self.trained, self.steps = values
+            for k, v in zip(keys, values):
+                setattr(self, k, v)
         return load
 
     def __repr__(self) -> str:
-        return f"Costs(scored={self.scored}, trained={self.trained}, steps={self.steps})"
+        return f"{type(self).__name__}(" + ", ".join(f"{f}={getattr(self, f)}" for f in self.FIELDS) + ")"
+
+
+class ScorerCosts(Costs):
+    """``Costs`` of a ``BatchSelector`` whose scorer learns online (has ``observe``):
+    ``scorer_trained`` also counts the samples the scorer took optimizer steps on (forward
+    and backward through the scorer, not the model), so that a proxy's training is part
+    of the bill. ``scored`` counts the samples forwarded through the scorer."""
+
+    FIELDS = Costs.FIELDS + ("scorer_trained",)
 
 
 def _world(num_replicas: Optional[int], rank: Optional[int]) -> tuple[int, int]:

@@ -10,6 +10,17 @@ Each call scores the candidate batch in inference mode (``model.eval()`` and
 model's train/eval mode is restored afterwards), lets the strategy choose, and returns the
 chosen samples with their loss weights. The selector never owns the model, the optimizer
 or the loop.
+
+A cheaper scorer can stand in for the model's forward (``scorer=``, e.g. a small proxy
+network that learns online, ``fastsel.experiments.proxies.OnlineProxy``):
+
+    from fastsel.experiments.proxies import OnlineProxy, pooled_mlp
+    proxy = OnlineProxy(pooled_mlp((1, 28, 28), 10))
+    selector = fastsel.BatchSelector(model, fastsel.strategies.HardLoss(keep=128), scorer=proxy)
+    for x, y in loader:
+        xb, yb, w = selector(x, y)
+        ...                      # the model's training step on (xb, yb, w)
+        selector.observe(xb, yb)  # one step of the proxy, counted in selector.costs
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ import torch
 
 from fastsel import _state
 from fastsel.ops import score
-from fastsel.sampler import Costs
+from fastsel.sampler import Costs, ScorerCosts
 from fastsel._checks import check_int
 from fastsel.strategies.base import Strategy, check_strategy_and_seed, prepare_strategy_load
 
@@ -75,17 +86,61 @@ def scoring_forward(model: torch.nn.Module, inputs: Any, chunk_size: Optional[in
             m.training = training
 
 
+def _linear_weight(module: Any) -> Optional[torch.Tensor]:
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+
+def _scorer_head(scorer: Any, head: Any, strategy: Strategy) -> Any:
+    """The head whose weight the MMS of the scorer's logits is computed with: ``head``
+    if given (for an ``nn.Module`` scorer it must be one of the scorer's own modules),
+    else the scorer's ``.head`` or ``.fc``. None when the strategy needs no head."""
+    if head is not None and isinstance(scorer, torch.nn.Module) and \
+            not any(m is head for m in scorer.modules()):
+        raise ValueError("head must be the classifier layer of the scorer (the module producing the scoring "
+                         "logits), not of the model: pass head=<a submodule of scorer> or leave head=None to use "
+                         "scorer.head / scorer.fc")
+    if not strategy.needs_head:
+        return head
+    if head is None:
+        for name in ("head", "fc"):
+            candidate = getattr(scorer, name, None)
+            if _linear_weight(candidate) is not None:
+                return candidate
+        raise ValueError(f"{type(strategy).__name__} needs the classifier head of the scorer (the MMS is computed "
+                         "with the weight of the layer producing the scoring logits): pass head=<the scorer's "
+                         "final nn.Linear>, or give the scorer a .head or .fc whose .weight is [C, D]")
+    if _linear_weight(head) is None:
+        raise ValueError(f"{type(strategy).__name__} needs the classifier head of the scorer: head must be a "
+                         "module whose .weight is [C, D]")
+    return head
+
+
 class BatchSelector:
     """Scores a candidate batch and returns the samples the strategy keeps.
 
     Args:
         model: maps the inputs to logits [N, C].
         strategy: a strategy supporting the in-batch style.
-        head: the final ``nn.Linear`` (its weight [C, D] is needed for MMS).
+        head: the final ``nn.Linear`` of the module producing the scoring logits (its
+            weight [C, D] is needed for MMS): the model's (``model.fc``) without a scorer,
+            the scorer's with one (see ``scorer``).
         seed: random strategies draw from (seed, step); ``step`` counts calls.
         mms: ``"exact"`` or ``"top2"`` for strategies that rank by MMS.
         backend: the ``fastsel.score`` backend.
         score_batch_size: run the scoring forward in slices of this many candidates.
+        scorer: a callable ``inputs -> logits [N, C]`` used instead of the model's forward
+            to score the candidates (a cheaper proxy; the model is then not run at all by
+            the selector). An ``nn.Module`` scorer is run as the model would be
+            (``scoring_forward``: eval mode, inference mode, every submodule's mode
+            restored, sliced by ``score_batch_size``); any other callable is called as is.
+            Its forwards are counted in ``costs.scored``. Head rule: the MMS is computed
+            with the weight of the layer that produces the scoring logits, so ``head`` must
+            then be the scorer's (for an ``nn.Module`` scorer, one of its own modules,
+            else ``ValueError``); left None, the scorer's ``.head`` or ``.fc`` is used.
+            A scorer that learns online has ``observe(inputs, targets[, logits])``: train
+            it through ``selector.observe``, which counts the samples in
+            ``costs.scorer_trained`` (``costs`` is then a ``fastsel.sampler.ScorerCosts``).
 
     ``selector(x, y)`` returns ``(x_sel, y_sel, weights)``; ``last_indices`` holds the
     chosen positions in the candidate batch. ``costs`` counts samples
@@ -95,16 +150,21 @@ class BatchSelector:
 
     def __init__(self, model: torch.nn.Module, strategy: Strategy, *, head: Optional[torch.nn.Module] = None,
                  seed: int = 0, mms: str = "exact", backend: str = "auto",
-                 score_batch_size: Optional[int] = None):
+                 score_batch_size: Optional[int] = None, scorer: Optional[Callable[[Any], torch.Tensor]] = None):
         if not callable(model):
             raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
+        if scorer is not None and not callable(scorer):
+            raise TypeError(f"scorer must be callable (inputs -> logits [N, C]) or None, got {type(scorer).__name__}")
         check_strategy_and_seed(strategy, "batch", seed)
-        if strategy.needs_head:
+        if scorer is not None:
+            head = _scorer_head(scorer, head, strategy)
+        elif strategy.needs_head:
             weight = getattr(head, "weight", None)
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
                 raise ValueError(f"{type(strategy).__name__} needs the classifier head: pass head=model.fc "
                                  "(a module whose .weight is [C, D])")
         self.model = model
+        self.scorer = scorer
         self.strategy = strategy
         self.head = head
         self.seed = seed
@@ -114,7 +174,7 @@ class BatchSelector:
         self.score_batch_size = score_batch_size
         self.last_indices: Optional[torch.Tensor] = None
         self.step = 0
-        self.costs = Costs()
+        self.costs = ScorerCosts() if callable(getattr(scorer, "observe", None)) else Costs()
         self._stats: Optional[dict] = None
         self._pending = None  # what the last call's stats are computed from, when read
         self._hooks: list[Callable[[dict], None]] = []
@@ -122,14 +182,19 @@ class BatchSelector:
     def __call__(self, inputs: Any, target: torch.Tensor):
         if not isinstance(target, torch.Tensor) or target.dim() != 1:
             raise ValueError(f"target must be a 1-D tensor of class indices, got {target!r:.80}")
-        if isinstance(self.model, torch.nn.Module):
-            logits = scoring_forward(self.model, inputs, self.score_batch_size)
+        forward, what = (self.model, "model") if self.scorer is None else (self.scorer, "scorer")
+        if isinstance(forward, torch.nn.Module):
+            logits = scoring_forward(forward, inputs, self.score_batch_size)
         else:
-            logits = self.model(inputs)
-        if logits.dim() != 2 or logits.shape[0] != target.shape[0]:
-            raise ValueError(f"model output must be logits [N, C] with N = {target.shape[0]} (the batch), "
-                             f"got shape {tuple(logits.shape)}")
+            logits = forward(inputs)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != target.shape[0]:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"{what} output must be logits [N, C] with N = {target.shape[0]} (the batch), "
+                             f"got shape {got}")
         weight = self.head.weight.detach() if self.strategy.needs_head else None
+        if weight is not None and weight.shape[0] != logits.shape[1]:
+            raise ValueError(f"head must be the classifier layer of the {what} producing the scoring logits: its "
+                             f"weight has {weight.shape[0]} rows but the logits have C = {logits.shape[1]} columns")
         with torch.inference_mode():
             scores = score(logits, target.to(logits.device), weight=weight, mms=self.mms, backend=self.backend)
         sel = self.strategy.choose(scores, step=self.step, seed=self.seed, inputs=inputs, targets=target)
@@ -142,6 +207,19 @@ class BatchSelector:
         self.last_indices = idx  # positions in the candidate batch, e.g. to fetch per-sample extras
         return (_map_batch(inputs, lambda t: t[idx.to(t.device)]), target[idx.to(target.device)],
                 weights)
+
+    def observe(self, inputs: Any, target: torch.Tensor, logits: Optional[torch.Tensor] = None) -> Any:
+        """One training step of a scorer that learns online: ``scorer.observe(inputs,
+        target[, logits])`` (``logits``: the model's training-forward output on those
+        samples, for a scorer that distils it), its samples counted in
+        ``costs.scorer_trained``. Returns what the scorer's ``observe`` returns."""
+        observe = getattr(self.scorer, "observe", None)
+        if not callable(observe):
+            raise TypeError("observe needs a scorer that learns online (with an observe method), got "
+                            + ("no scorer" if self.scorer is None else type(self.scorer).__name__))
+        out = observe(inputs, target) if logits is None else observe(inputs, target, logits)
+        self.costs.scorer_trained += _batch_size(inputs)
+        return out
 
     def _record(self, scores, idx: torch.Tensor, n: int) -> None:
         # The candidates' scoring forward, plus any forward a strategy runs itself (the
