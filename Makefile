@@ -41,7 +41,8 @@ bench: build
 	$(PY) bench/bench_select.py
 
 # End-to-end benchmark on Fashion-MNIST (bench/train_bench.py, fastsel/experiments): the
-# default grid takes about 17-20 min on 2 quiet cores; results in bench/results/train/.
+# verdict grid (3 seeds, 4 settings, 102 runs) takes about 52 min on 2 quiet cores;
+# results in bench/results/train/.
 # Installs Debian's dataset-fashion-mnist first when it is missing. Options:
 # make train-bench TRAIN_BENCH_ARGS="--smoke" (or "--full", "--strategies uniform,mms", ...).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

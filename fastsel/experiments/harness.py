@@ -82,7 +82,8 @@ from fastsel.experiments.augment import Targets, get_augmentation
 from fastsel.experiments.models import build_model
 
 __all__ = [
-    "BATCH_SIZE", "DEFAULT_EPOCHS", "DEFAULT_EVALS", "DEFAULT_BUDGETS", "DEFAULT_GRID", "SMOKE_GRID",
+    "BATCH_SIZE", "DEFAULT_EPOCHS", "DEFAULT_EVALS", "DEFAULT_BUDGETS", "DEFAULT_GRID", "DEFAULT_SEEDS", "PAIRS_GRID",
+    "SMOKE_GRID", "REGIMES", "FRAMINGS", "SCHEDULES", "expand", "regime_data", "run_config", "lr_at",
     "STRATEGIES", "StrategySpec", "StrategyUnavailable", "RunSpec", "BenchConfig", "BenchData", "RunResult",
     "lr_schedule", "eval_steps", "load_data", "run_one", "run_grid", "strategy_available", "make_grid",
     "estimate_seconds",
@@ -101,11 +102,66 @@ MIN_EVALS = 3
 RHO_HOLDOUT_FRACTION = 0.1
 IMPORTANCE_GRID_SAMPLES = 12
 
-# (strategy, augmentation) pairs of the default grid: the issue's eight rows.
-DEFAULT_GRID = (("uniform", "none"), ("uniform", "ricap"), ("mms", "none"), ("cdf", "none"),
-                ("hard_batches", "none"), ("dynams", "none"), ("infobatch", "none"),
-                ("selective_backprop", "none"))
+# (strategy, augmentation) pairs of the single-setting grid (``--strategies``-style
+# runs over budgets) and of the smoke grid.
+PAIRS_GRID = (("uniform", "none"), ("uniform", "ricap"), ("mms", "none"), ("cdf", "none"),
+              ("hard_batches", "none"), ("dynams", "none"), ("infobatch", "none"),
+              ("selective_backprop", "none"))
 SMOKE_GRID = (("uniform", "none"), ("mms", "none"))
+LONG_EPOCHS, LONG_SUBSET = 20, 15000
+
+
+def _rows(regime="clean", epochs=None, subset=None, *rows):
+    return tuple(RunSpec(strategy, augment, budget, 0, "cnn", regime, framing, schedule, epochs, subset)
+                 for strategy, augment, budget, framing, schedule in rows)
+
+
+def _default_grid() -> tuple["RunSpec", ...]:
+    """The verdict grid (seed 0; ``expand`` repeats it per seed). Budget 0.5 is where a
+    strategy can meet the 0.6x wall-clock target; the in-batch rules, whose scoring
+    forward costs more than their training, run at 0.3 (their wall-clock there is about
+    uniform's at 0.5 to 0.85x its full budget); MMS scored by the online proxy, whose
+    scoring costs ~0.07x the model's forward, at 0.5. Epoch-style MMS, the best rule at
+    0.5, also at 0.6 (with uniform at 0.6) on the clean, noisy and redundant sets: the
+    budget at which it could reach the reference's accuracy within the 0.6x target."""
+    U = ("uniform", "none")
+    clean = _rows("clean", None, None,
+                  (*U, 1.0, "steps", "linear"), (*U, 0.5, "steps", "linear"), (*U, 0.3, "steps", "linear"),
+                  ("uniform", "ricap", 0.3, "steps", "linear"),
+                  ("infobatch", "none", 1.0, "epochs", "linear"), ("infobatch", "none", 0.5, "steps", "linear"),
+                  ("mms_epoch", "none", 0.5, "steps", "linear"), ("cdf_epoch", "none", 0.5, "steps", "linear"),
+                  ("dynams", "none", 0.5, "steps", "linear"), ("hard_batches", "none", 0.5, "steps", "linear"),
+                  ("mms", "none", 0.3, "steps", "linear"), ("mms", "none", 0.3, "steps", "aggressive"),
+                  ("mms_proxy", "none", 0.5, "steps", "linear"),
+                  (*U, 0.6, "steps", "linear"), ("mms_epoch", "none", 0.6, "steps", "linear"),
+                  ("selective_backprop", "none", 0.3, "steps", "linear"))
+    noisy = _rows("noisy", None, None,
+                  (*U, 1.0, "steps", "linear"), (*U, 0.5, "steps", "linear"),
+                  ("infobatch", "none", 1.0, "epochs", "linear"), ("mms_epoch", "none", 0.5, "steps", "linear"),
+                  (*U, 0.6, "steps", "linear"), ("mms_epoch", "none", 0.6, "steps", "linear"))
+    redundant = _rows("redundant", None, None,
+                      (*U, 1.0, "steps", "linear"), (*U, 0.5, "steps", "linear"),
+                      ("infobatch", "none", 1.0, "epochs", "linear"), ("mms_epoch", "none", 0.5, "steps", "linear"),
+                      ("dynams", "none", 0.5, "steps", "linear"),
+                      (*U, 0.6, "steps", "linear"), ("mms_epoch", "none", 0.6, "steps", "linear"))
+    long = _rows("clean", LONG_EPOCHS, LONG_SUBSET,
+                 (*U, 1.0, "steps", "linear"), (*U, 0.5, "steps", "linear"),
+                 ("infobatch", "none", 1.0, "epochs", "linear"), ("infobatch", "none", 0.5, "steps", "linear"),
+                 ("mms_epoch", "none", 0.5, "steps", "linear"))
+    return clean + noisy + redundant + long
+
+
+DEFAULT_SEEDS = 3
+
+
+def expand(templates, seeds) -> list["RunSpec"]:
+    """The grid's runs for each seed, seed-major (every run of seed 0 first: an interrupted
+    grid leaves whole seeds), each setting's reference first within a seed."""
+    out = []
+    for seed in seeds:
+        ts = [dataclasses.replace(t, seed=seed) for t in templates]
+        out += sorted(ts, key=lambda t: ([t.setting() for t in ts].index(t.setting()), not t.is_reference))
+    return out
 
 
 # ----------------------------------------------------------------------------------
@@ -133,6 +189,7 @@ class StrategySpec:
     kwargs: Callable[["_Context"], dict] = lambda ctx: {}
     candidates: int = 0
     epochs: str = "adaptive"
+    proxy: bool = False   # in-batch: scored by an online proxy (``PROXY``), not the model
 
     def resolve(self) -> type:
         module, _, cls = self.target.partition(":")
@@ -177,6 +234,10 @@ STRATEGIES: dict[str, StrategySpec] = {s.name: s for s in (
                  "RHO-LOSS (Mindermann et al.): top 10% reducible loss, 1280 -> 128",
                  lambda c: {"irreducible": c.irreducible, "keep": c.batch_size, "ids": lambda inputs: inputs[1]},
                  candidates=10 * BATCH_SIZE),
+    StrategySpec("mms_proxy", _S + "in_batch:MMS", "batch",
+                 "MMS scored by an online proxy (2x2-pooled pixels -> 128 -> 10, one SGD step per training "
+                 "step, distilling the model's logits): smallest proxy MMS, 640 -> 128",
+                 lambda c: {"keep": c.batch_size}, candidates=640, proxy=True),
     StrategySpec("mms_epoch", _S + "in_batch:MMS", "epoch",
                  "MMS, epoch style: the smallest recorded MMS, keep 0.5 of the data per epoch",
                  lambda c: {"keep": 0.5}),
@@ -222,23 +283,81 @@ def _identity(batch):
 # Configuration
 # ----------------------------------------------------------------------------------
 
+REGIMES = ("clean", "noisy", "redundant")
+FRAMINGS = ("steps", "epochs")
+SCHEDULES = ("linear", "aggressive")
+NOISE_FRACTION = 0.3
+EASY_CLASSES = (1, 5, 7, 8, 9)   # Trouser, Sandal, Sneaker, Bag, Ankle boot: >= 96% test accuracy here
+DUPLICATE_FRACTION = 0.5
+DUPLICATE_JITTER = 0.05          # std of the Gaussian pixel noise of a near-duplicate (normalised units)
+DATA_SEED = 20261207             # the regimes' data sets are fixed: seeds vary the training only
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
+    """One run. ``regime``: the training set (``"clean"``; ``"noisy"``: 30% of the labels
+    replaced by a different class drawn uniformly; ``"redundant"``: half the set replaced
+    by near-duplicates of easy-class samples, see ``regime_data``). ``framing``:
+    ``"steps"`` (exactly round(budget × full steps) optimizer steps, the default) or
+    ``"epochs"`` (exactly ``epochs`` passes of the strategy's sampler, however many steps
+    they hold: InfoBatch's own framing; epoch style only). ``schedule``: ``"linear"`` or
+    ``"aggressive"`` (see ``lr_schedule``). ``epochs`` / ``subset``: this run's full
+    budget and training subset, overriding the ``BenchConfig``'s."""
+
     strategy: str
     augment: str = "none"
     budget: float = 1.0
     seed: int = 0
     model: str = "cnn"
+    regime: str = "clean"
+    framing: str = "steps"
+    schedule: str = "linear"
+    epochs: Optional[int] = None
+    subset: Optional[int] = None
+
+    def __post_init__(self):
+        for name, allowed in (("regime", REGIMES), ("framing", FRAMINGS), ("schedule", SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"RunSpec.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not (isinstance(self.budget, (int, float)) and 0 < self.budget <= 1):
+            raise ValueError(f"RunSpec.budget must be in (0, 1], got {self.budget!r}")
+        for name in ("epochs", "subset"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"RunSpec.{name} must be a positive int or None, got {v!r}")
 
     @property
     def label(self) -> str:
-        """The row name: the strategy, with the augmentation if there is one."""
-        return self.strategy if self.augment == "none" else f"{self.strategy}+{self.augment}"
+        """The row name: the strategy, with the augmentation if there is one, and the
+        framing / schedule when they are not the defaults."""
+        label = self.strategy if self.augment == "none" else f"{self.strategy}+{self.augment}"
+        if self.framing == "epochs":
+            label += " [fixed epochs]"
+        if self.schedule == "aggressive":
+            label += " [aggressive lr]"
+        return label
+
+    def setting(self, cfg: Optional["BenchConfig"] = None) -> str:
+        """The comparison this run belongs to: model, regime, full budget and training set
+        size. Runs are compared (time to target, paired differences) within a setting."""
+        epochs = self.epochs or (cfg.epochs if cfg else None)
+        subset = self.subset or (cfg.subset if cfg else None)
+        parts = [self.model, self.regime]
+        if epochs is not None:
+            parts.append(f"{epochs} epochs")
+        if subset is not None:
+            parts.append(f"{subset // 1000}k samples" if subset % 1000 == 0 else f"{subset} samples")
+        return ", ".join(parts)
 
     @property
     def is_reference(self) -> bool:
-        """The full-budget uniform run without augmentation (the time-to-accuracy target)."""
-        return self.strategy == "uniform" and self.augment == "none" and self.budget == 1.0
+        """The full-budget uniform run without augmentation, on the default schedule and
+        framing: the time-to-accuracy target of its setting."""
+        return (self.strategy == "uniform" and self.augment == "none" and self.budget == 1.0
+                and self.framing == "steps" and self.schedule == "linear")
+
+
+DEFAULT_GRID = _default_grid()
 
 
 @dataclasses.dataclass
@@ -252,6 +371,12 @@ class BenchConfig:
     warmup: float = WARMUP_FRACTION
     progress: bool = True
     data_root: Optional[str] = None
+    # A user's model (``fastsel.experiments.compare``): ``model_factory()`` builds a fresh
+    # model (called after seeding, so each seed starts from its own initialisation) and
+    # ``head(model)`` returns its final linear layer (the MMS needs its weight). None:
+    # the benchmark's models by ``RunSpec.model`` name, head ``model.fc``.
+    model_factory: Optional[Callable[[], torch.nn.Module]] = None
+    head: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None
 
 
 # Measured on this project's machine (2 cores, 2 torch threads, otherwise idle), full
@@ -267,9 +392,11 @@ INFERENCE_PER_SAMPLE = 0.33
 def estimate_seconds(specs: list[RunSpec], cfg: BenchConfig, n_train: int = 60000, n_test: int = 10000) -> float:
     """A rough duration of a grid on 2 quiet cores, from the timings above."""
     total = 0.0
-    spe = math.ceil(n_train / cfg.batch_size)
     for s in specs:
-        steps = max(1, round(s.budget * cfg.epochs * spe))
+        n = min(s.subset or n_train, n_train)
+        steps = max(1, round(s.budget * (s.epochs or cfg.epochs) * math.ceil(n / cfg.batch_size)))
+        if s.framing == "epochs":
+            steps = round(0.7 * steps)  # InfoBatch's pruned epochs: about 0.7 of the steps
         sp = STRATEGIES.get(s.strategy)
         per_step = 1.0 + (INFERENCE_PER_SAMPLE * sp.candidates / cfg.batch_size if sp and sp.style == "batch" else 0)
         if s.strategy == "dynams":  # whole-set scoring about once per N trained samples
@@ -299,6 +426,12 @@ class BenchData:
     test_y: torch.Tensor
     fill: float            # the normalised value of a black pixel (crop padding)
     classes: tuple[str, ...]
+    regime: str = "clean"
+    subset: Optional[int] = None   # the training subset drawn from the loaded set, None = all of it
+    noisy: Optional[torch.Tensor] = None   # "noisy": which training labels were replaced
+    duplicate: Optional[torch.Tensor] = None  # "redundant": which training samples are near-duplicates
+    base: Optional["BenchData"] = dataclasses.field(default=None, repr=False)  # the loaded set it came from
+    _derived: dict = dataclasses.field(default_factory=dict, repr=False)
 
 
 def _subset(n: int, k: Optional[int], seed: int) -> torch.Tensor:
@@ -318,6 +451,79 @@ def load_data(cfg: BenchConfig) -> BenchData:
     te = _subset(len(test), cfg.test_subset, 54321)
     return BenchData(train.images[tr].contiguous(), train.labels[tr].contiguous(), test.images[te].contiguous(),
                      test.labels[te].contiguous(), float(train.images.min()), tuple(train.classes))
+
+
+def regime_data(base: BenchData, regime: str = "clean", subset: Optional[int] = None) -> BenchData:
+    """The training set of a regime, derived from the loaded data (cached on it); the test
+    set is always the clean one. Every derivation draws from ``DATA_SEED``, so every run
+    and every seed of a regime sees the same data set.
+
+    * ``subset``: a fixed random subset of that many training samples first.
+    * ``"noisy"``: symmetric label noise, ``NOISE_FRACTION`` (30%) of the training labels
+      replaced by a class drawn uniformly among the other classes.
+    * ``"redundant"``: the same number of samples, of which ``DUPLICATE_FRACTION`` (half)
+      are near-duplicates: half of the set is kept as it is, the other half replaced by
+      copies of samples of the easy classes (``EASY_CLASSES``) among the kept ones, each
+      shifted by up to one pixel in each direction and given Gaussian pixel noise of std
+      ``DUPLICATE_JITTER``; labels are the originals'. Uniform sampling then spends about
+      half of every epoch on samples that teach little that their originals do not."""
+    if regime not in REGIMES:
+        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+    root = base.base if base.base is not None else base
+    if base.base is not None and (base.regime, base.subset) != (regime, subset):
+        raise ValueError("regime_data derives from the loaded data (load_data), not from a derived set")
+    if regime == "clean" and subset is None:
+        return root
+    key = (regime, subset)
+    if key in root._derived:
+        return root._derived[key]
+    x, y = root.train_x, root.train_y
+    if subset is not None:
+        keep = _subset(y.numel(), subset, DATA_SEED)
+        x, y = x[keep], y[keep]
+    g = torch.Generator().manual_seed(DATA_SEED + 1)
+    n, c = y.numel(), len(root.classes)
+    noisy = duplicate = None
+    if regime == "noisy":
+        noisy = torch.zeros(n, dtype=torch.bool)
+        flip = torch.randperm(n, generator=g)[:round(NOISE_FRACTION * n)]
+        noisy[flip] = True
+        shift = torch.randint(1, c, (flip.numel(),), generator=g)  # + 1 .. c - 1 (mod c): never the true class
+        y = y.clone()
+        y[flip] = (y[flip] + shift) % c
+    elif regime == "redundant":
+        perm = torch.randperm(n, generator=g)
+        n_dup = round(DUPLICATE_FRACTION * n)
+        kept, slots = perm[n_dup:], perm[:n_dup]
+        easy = kept[torch.isin(y[kept], torch.tensor(EASY_CLASSES))]
+        if easy.numel() == 0:
+            raise ValueError("the redundant regime needs samples of the easy classes; the subset has none")
+        src = easy[torch.randint(0, easy.numel(), (n_dup,), generator=g)]
+        copies = x[src].clone()
+        dx = torch.randint(-1, 2, (n_dup,), generator=g).tolist()
+        dy = torch.randint(-1, 2, (n_dup,), generator=g).tolist()
+        fill = root.fill
+        for i, (a, b) in enumerate(zip(dy, dx)):
+            if a or b:
+                shifted = torch.full_like(copies[i], fill)
+                h, w = copies.shape[-2:]
+                shifted[..., max(a, 0):h + min(a, 0), max(b, 0):w + min(b, 0)] = \
+                    copies[i][..., max(-a, 0):h + min(-a, 0), max(-b, 0):w + min(-b, 0)]
+                copies[i] = shifted
+        copies += DUPLICATE_JITTER * torch.randn(copies.shape, generator=g)
+        x, y = x.clone(), y.clone()
+        x[slots], y[slots] = copies, y[src]
+        duplicate = torch.zeros(n, dtype=torch.bool)
+        duplicate[slots] = True
+    out = BenchData(x.contiguous(), y.contiguous(), root.test_x, root.test_y, root.fill, root.classes, regime,
+                    subset, noisy, duplicate, root)
+    root._derived[key] = out
+    return out
+
+
+def run_config(spec: RunSpec, cfg: "BenchConfig") -> "BenchConfig":
+    """The configuration of one run: the grid's, with the spec's epochs (its full budget)."""
+    return dataclasses.replace(cfg, epochs=spec.epochs) if spec.epochs is not None else cfg
 
 
 class _TensorIndexed(torch.utils.data.Dataset):
@@ -343,17 +549,41 @@ class _TensorIndexed(torch.utils.data.Dataset):
 # Schedule and evaluation points
 # ----------------------------------------------------------------------------------
 
-def lr_schedule(total_steps: int, peak: float = PEAK_LR, warmup: float = WARMUP_FRACTION) -> list[float]:
+def lr_schedule(total_steps: int, peak: float = PEAK_LR, warmup: float = WARMUP_FRACTION,
+                shape: str = "linear") -> list[float]:
     """The learning rate of optimizer steps 0 .. T-1, followed by the value after the
     last step (index T, always 0): linear warm-up over W = max(1, ceil(warmup T)) steps
-    to ``peak`` at step W - 1 (its only maximum), then linear decay,
-    lr(t) = peak (T - t) / (T - W + 1), reaching 0 at t = T. A budget's schedule is the
-    full budget's compressed in time: lr_b(t) ≈ lr_full(t T_full / T_b)."""
+    to ``peak`` at step W - 1 (its only maximum), then the decay
+    lr(t) = peak u^a with u = (T - t) / (T - W + 1) the fraction of the decay left,
+    reaching 0 at t = T: ``shape="linear"`` a = 1; ``"aggressive"`` a = 3, the drop the
+    MMS paper pairs with MMS selection, earlier and larger (a quarter into the decay the
+    rate is 0.42 peak instead of 0.75 peak, half-way 0.125 peak instead of 0.5 peak).
+    A budget's schedule is the full budget's compressed in time:
+    lr_b(t) ≈ lr_full(t T_full / T_b)."""
     if not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+    if shape not in SCHEDULES:
+        raise ValueError(f"shape must be one of {SCHEDULES}, got {shape!r}")
+    a = 1 if shape == "linear" else 3
     w = max(1, math.ceil(warmup * total_steps))
-    return [peak * (t + 1) / w if t < w else peak * (total_steps - t) / (total_steps - w + 1)
+    return [peak * (t + 1) / w if t < w else peak * ((total_steps - t) / (total_steps - w + 1)) ** a
             for t in range(total_steps + 1)]
+
+
+def lr_at(progress: float, peak: float = PEAK_LR, warmup: float = WARMUP_FRACTION, shape: str = "linear",
+          width: float = 0.0) -> float:
+    """The same schedule as a function of the fraction of training done (the fixed-epochs
+    framing, whose step count is known only as it goes): the rate of a step that starts
+    at ``progress`` in [0, 1] and spans ``width`` of training. Warm-up to ``peak`` over
+    the first ``warmup`` of training, reached at the end of the step (as the step
+    schedule's warm-up), then peak u^a with u = (1 - progress) / (1 - warmup)."""
+    if shape not in SCHEDULES:
+        raise ValueError(f"shape must be one of {SCHEDULES}, got {shape!r}")
+    a = 1 if shape == "linear" else 3
+    p = min(max(progress, 0.0), 1.0)
+    if p < warmup - 1e-12:
+        return peak * min(1.0, (p + width) / warmup)
+    return peak * ((1.0 - p) / (1.0 - warmup)) ** a
 
 
 def eval_steps(total_steps: int, evals: int) -> list[int]:
@@ -470,21 +700,30 @@ class _Run:
     def __init__(self, spec: RunSpec, cfg: BenchConfig, data: BenchData, n_full: int):
         self.spec, self.cfg, self.data = spec, cfg, data
         torch.manual_seed(spec.seed)
-        self.model = build_model(spec.model, num_classes=len(data.classes))
+        self.model = _new_model(cfg, spec, data)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=MOMENTUM, nesterov=True,
                                    weight_decay=WEIGHT_DECAY)
         self.steps_per_epoch = math.ceil(n_full / cfg.batch_size)
         self.full_steps = cfg.epochs * self.steps_per_epoch
         self.total = max(1, round(spec.budget * self.full_steps))
-        self.lrs = lr_schedule(self.total, cfg.lr, cfg.warmup)
+        self.lrs = lr_schedule(self.total, cfg.lr, cfg.warmup, spec.schedule)
         # Evaluations in proportion to the budget: the time to accuracy is resolved to
         # 1/evals of the full budget's steps at every budget.
-        self.evals = eval_steps(self.total, max(MIN_EVALS, math.ceil(cfg.evals * spec.budget - 1e-9)))
+        n_evals = max(MIN_EVALS, math.ceil(cfg.evals * spec.budget - 1e-9))
+        self.evals = eval_steps(self.total, n_evals)
+        # The fixed-epochs framing: the schedule and the evaluations follow the fraction of
+        # the epochs done (set by the loop), not a step count known in advance.
+        self.by_progress = spec.framing == "epochs"
+        self.progress = 0.0
+        self.progress_width = 0.0  # the fraction of training one step spans
+        self.finished = False
+        self._eval_marks = [j / n_evals for j in range(1, n_evals + 1)]
         self.n_full = n_full
         self.step = 0
         self.trained = 0
         self.extra_scored = 0
         self.scored_fn: Callable[[], int] = lambda: 0
+        self.proxy_trained_fn: Callable[[], int] = lambda: 0  # samples an online proxy trained on
         self.clock = _Clock()
         self.score_s = self.select_s = self.plan_s = self.aux_s = 0.0
         self.view: Optional[_ScoringView] = None
@@ -493,7 +732,7 @@ class _Run:
 
     @property
     def done(self) -> bool:
-        return self.step >= self.total
+        return self.finished if self.by_progress else self.step >= self.total
 
     def scored(self) -> int:
         return self.scored_fn() + self.extra_scored
@@ -526,11 +765,14 @@ class _Run:
                    with_mms: bool = False) -> fastsel.Scores:
         """One optimizer step; ``with_mms``: the scores include the MMS (an epoch-style MMS
         records it from the training forward), its cost in ``score_s``."""
+        lr = (lr_at(self.progress, self.cfg.lr, self.cfg.warmup, self.spec.schedule, self.progress_width)
+              if self.by_progress else self.lrs[self.step])
         for group in self.opt.param_groups:
-            group["lr"] = self.lrs[self.step]
+            group["lr"] = lr
         logits = self.model(x)
+        self.last_logits = logits.detach()
         ks = [k for k in range(targets.k) if k == 0 or bool(targets.weights[:, k].any())]
-        head = self.model.fc.weight.detach() if with_mms else None
+        head = model_head(self.cfg, self.model).weight.detach() if with_mms else None
         t = time.perf_counter()
         scores = [fastsel.score(logits, targets.labels[:, k], weight=head) for k in ks]
         self.score_s += time.perf_counter() - t
@@ -550,7 +792,12 @@ class _Run:
 
     def after_step(self) -> None:
         """Called once a step is complete (sampler updated): evaluates at the planned points."""
-        if self.step in self._eval_set:
+        if self.by_progress:
+            if self._eval_marks and self.progress >= self._eval_marks[0] - 1e-9:
+                while self._eval_marks and self.progress >= self._eval_marks[0] - 1e-9:
+                    self._eval_marks.pop(0)
+                self.evaluate()
+        elif self.step in self._eval_set:
             self.evaluate()
 
     def begin(self) -> None:
@@ -562,6 +809,26 @@ class _Run:
         self.clock.stop()
 
 
+def _new_model(cfg: BenchConfig, spec: RunSpec, data: BenchData) -> torch.nn.Module:
+    if cfg.model_factory is None:
+        return build_model(spec.model, num_classes=len(data.classes))
+    model = cfg.model_factory()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model_factory must return an nn.Module, got {type(model).__name__}")
+    return model
+
+
+def model_head(cfg: BenchConfig, model: torch.nn.Module) -> torch.nn.Module:
+    """The model's final linear layer: ``cfg.head(model)``, else ``model.fc``."""
+    head = cfg.head(model) if cfg.head is not None else getattr(model, "fc", None)
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("the model's classifier head must be a linear layer with a weight [C, D]: pass "
+                         "head=lambda model: model.<its last nn.Linear> (the MMS needs it); got "
+                         f"{type(head).__name__ if head is not None else 'no attribute .fc'}")
+    return head
+
+
 def _seeded(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + stream * 7919 + 17) % (1 << 62))
 
@@ -570,7 +837,7 @@ def _train_irreducible(run: _Run, x: torch.Tensor, y: torch.Tensor) -> torch.nn.
     """RHO-LOSS's irreducible-loss model: the same architecture trained on the holdout for
     ``epochs`` passes (no augmentation, the same compressed schedule over its steps)."""
     torch.manual_seed(run.spec.seed + 1)
-    model = build_model(run.spec.model, num_classes=len(run.data.classes))
+    model = _new_model(run.cfg, run.spec, run.data)
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
     bs = run.cfg.batch_size
     steps = run.cfg.epochs * math.ceil(y.numel() / bs)
@@ -604,11 +871,53 @@ def _losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return torch.cat(out) if out else torch.zeros(0)
 
 
+class _ProxyView(torch.nn.Module):
+    """The online proxy as the selector sees it: scores ``inputs[0]`` (the candidates'
+    pixels) with the proxy and times itself like ``_ScoringView``; ``observe`` trains it
+    on the batch the model just trained on (timed apart, in ``seconds_train``)."""
+
+    def __init__(self, proxy):
+        super().__init__()
+        self.proxy = proxy
+        self.fc = proxy.fc
+        self.seconds = self.seconds_train = 0.0
+
+    def forward(self, inputs):
+        t = time.perf_counter()
+        out = self.proxy(inputs[0])
+        self.seconds += time.perf_counter() - t
+        return out
+
+    def observe(self, inputs, targets, logits=None):
+        t = time.perf_counter()
+        out = self.proxy.observe(inputs, targets, logits)
+        self.seconds_train += time.perf_counter() - t
+        return out
+
+
+# The online proxy of ``mms_proxy`` (bench/results/proxy/report.md chose it: the cheapest
+# of those tried, with the best agreement with the model's ranking).
+PROXY = {"pool": 2, "hidden": 128, "lr": 0.05, "distill": 0.5}
+
+
 def _run_batch_style(run: _Run, spec: StrategySpec, x: torch.Tensor, y: torch.Tensor, ctx: _Context,
                      mms_trace: list) -> None:
     strategy = spec.resolve()(**spec.kwargs(ctx))
-    run.view = _ScoringView(run.model)
-    selector = fastsel.BatchSelector(run.view, strategy, head=run.model.fc, seed=run.spec.seed)
+    if spec.proxy:
+        from fastsel.experiments.proxies import OnlineProxy, pooled_mlp
+
+        if x.dim() != 4:
+            raise ValueError(f"{spec.name} needs image inputs [N, C, H, W], got {tuple(x.shape)}")
+        torch.manual_seed(run.spec.seed + 2)
+        proxy = OnlineProxy(pooled_mlp(tuple(x.shape[1:]), len(run.data.classes), pool=PROXY["pool"],
+                                       hidden=PROXY["hidden"]), lr=PROXY["lr"], distill=PROXY["distill"])
+        run.view = _ProxyView(proxy)
+        selector = fastsel.BatchSelector(run.model, strategy, seed=run.spec.seed, scorer=run.view)
+        run.proxy_trained_fn = lambda: selector.costs.scorer_trained
+    else:
+        run.view = _ScoringView(run.model)
+        selector = fastsel.BatchSelector(run.view, strategy, head=model_head(run.cfg, run.model),
+                                         seed=run.spec.seed)
     run.scored_fn = lambda: selector.costs.scored
     if getattr(strategy, "needs_head", False):
         def hook(stats):
@@ -636,6 +945,10 @@ def _run_batch_style(run: _Run, spec: StrategySpec, x: torch.Tensor, y: torch.Te
             while queue.size >= bs and not run.done:
                 xb, lb, wb, sw = queue.pop(bs)
                 run.train_step(xb, Targets(lb, wb), sw)
+                if spec.proxy:  # the proxy's own step on the batch the model trained on
+                    t = time.perf_counter()
+                    selector.observe(xb, Targets(lb, wb).dominant(), run.last_logits)
+                    run.select_s += time.perf_counter() - t
                 run.after_step()
             if run.done:
                 break
@@ -654,16 +967,23 @@ def _run_epoch_style(run: _Run, spec: StrategySpec, x: torch.Tensor, y: torch.Te
     gen = _seeded(run.spec.seed, 1)
     epoch, last_len, empty = 0, math.ceil(y.numel() / bs), 0
     while not run.done:
-        if spec.epochs == "adaptive":
+        if run.by_progress:  # the fixed-epochs framing: exactly cfg.epochs passes of the sampler
+            if epoch >= run.cfg.epochs:
+                run.finished = True
+                break
+        elif spec.epochs == "adaptive":
             sampler.epochs = max(1, epoch + math.ceil((run.total - run.step) / max(1, last_len)))
         t = time.perf_counter()
         n_batches = len(sampler)  # makes this epoch's plan (DynaMS scores the whole set here)
         run.plan_s += time.perf_counter() - t
-        for batch in sampler:
+        for i, batch in enumerate(sampler):
+            run.progress = (epoch + i / max(1, n_batches)) / run.cfg.epochs
+            run.progress_width = 1 / (max(1, n_batches) * run.cfg.epochs)
             idx = torch.as_tensor(batch, dtype=torch.int64)
             xa, tg = aug(x[idx], y[idx], gen)
             scores = run.train_step(xa, tg, sampler.weights(idx), with_mms="mms" in sampler.table.fields)
             sampler.update(idx, scores)
+            run.progress = (epoch + (i + 1) / max(1, n_batches)) / run.cfg.epochs
             run.after_step()
             if run.done:
                 break
@@ -682,6 +1002,11 @@ def run_one(spec: RunSpec, cfg: BenchConfig, data: BenchData, *, importance: boo
     if spec.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {spec.strategy!r}; known: {', '.join(STRATEGIES)}")
     sspec = STRATEGIES[spec.strategy]
+    if spec.framing == "epochs" and sspec.style != "epoch":
+        raise ValueError(f"the fixed-epochs framing needs an epoch-style strategy; {spec.strategy!r} selects "
+                         "in the batch (use framing='steps')")
+    cfg = run_config(spec, cfg)
+    data = regime_data(data, spec.regime, spec.subset)
     x, y = data.train_x, data.train_y
     run = _Run(spec, cfg, data, y.numel())
     mms_trace: list[dict] = []
@@ -715,10 +1040,11 @@ def run_one(spec: RunSpec, cfg: BenchConfig, data: BenchData, *, importance: boo
     train_s = run.curve[-1]["train_s"]
     fwd_s = run.view.seconds if run.view is not None else 0.0
     summary = {
+        "setting": spec.setting(cfg),
         "steps": run.step, "full_steps": run.full_steps, "epochs_full": cfg.epochs,
         "train_samples": data.train_y.numel(), "final_acc": run.curve[-1]["test_acc"],
         "final_loss": run.curve[-1]["test_loss"], "train_s": train_s, "train_cpu_s": run.curve[-1]["train_cpu_s"],
-        "samples_scored": run.scored(), "samples_trained": run.trained,
+        "samples_scored": run.scored(), "samples_trained": run.trained, "proxy_trained": run.proxy_trained_fn(),
         "score_s": run.score_s, "select_fwd_s": fwd_s, "select_other_s": max(0.0, run.select_s - fwd_s),
         "plan_s": run.plan_s, "aux_s": run.aux_s,
         "step_ms": 1000 * train_s / max(1, run.step),
