@@ -34,6 +34,12 @@ class Indexed(torch.utils.data.Dataset):
         return self._len
 
     def __getitem__(self, index: int):
+        if isinstance(index, (list, tuple)) or (isinstance(index, torch.Tensor) and index.dim() > 0):
+            # DataLoader(data, sampler=ScoreSampler(...)) hands each whole batch of indices
+            # to __getitem__ as one index: name the fix here, not deep in collate.
+            raise TypeError(f"Indexed got a batch of {len(index)} indices as one index: a fastsel.ScoreSampler "
+                            "yields whole batches, so pass it as DataLoader(data, batch_sampler=sampler), "
+                            "not sampler=sampler")
         if isinstance(index, torch.Tensor):
             index = int(index)
         item = self.dataset[index]

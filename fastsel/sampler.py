@@ -31,6 +31,7 @@ loss is equal, or an empty data set) has no batch and ends as soon as it is iter
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -98,6 +99,28 @@ def _world(num_replicas: Optional[int], rank: Optional[int]) -> tuple[int, int]:
     return num_replicas, rank
 
 
+def _check_indexed(data: Any) -> None:
+    """Warns when the data set's items do not end with their index: the training loop needs
+    the indices of each batch for ``sampler.update`` and ``sampler.weights``, and without
+    them it fails later with an unpacking error far from the cause."""
+    from fastsel.data import Indexed
+
+    if isinstance(data, Indexed) or len(data) == 0:
+        return
+    probe = len(data) - 1  # the last item: a label rarely equals it, unlike item 0's
+    try:
+        item = data[probe]
+    except Exception:  # a data set that cannot be probed: nothing to say
+        return
+    last = (item[-1] if item else None) if isinstance(item, (tuple, list)) else item  # an item may be its index
+    if isinstance(last, torch.Tensor) and last.dim() == 0 and not last.dtype.is_floating_point:
+        last = int(last)
+    if not (isinstance(last, int) and not isinstance(last, bool) and last == probe):
+        warnings.warn(f"ScoreSampler: data[{probe}] does not end with its index, so the batches will not "
+                      "carry the indices that sampler.update(idx, scores) and sampler.weights(idx) need; wrap "
+                      "the data set: fastsel.Indexed(data) (items become (x, y, index))", UserWarning, stacklevel=3)
+
+
 class ScoreSampler(torch.utils.data.Sampler):
     """Batch sampler whose epochs follow an epoch-level ``Strategy``.
 
@@ -132,6 +155,7 @@ class ScoreSampler(torch.utils.data.Sampler):
             raise ValueError(f"{type(strategy).__name__} plans batches of {planned} samples but the sampler "
                              f"draws global batches of {batch_size * self.num_replicas} "
                              f"(batch_size={batch_size} x {self.num_replicas} replicas): make them equal")
+        _check_indexed(data)
         self.table = ScoreTable(n, strategy.table_fields)
         self.costs = Costs()
         self.epoch = 0
@@ -141,6 +165,7 @@ class ScoreSampler(torch.utils.data.Sampler):
         self._exhausted = False                 # every batch of this epoch handed out
         self._batch_cache: Optional[tuple[EpochPlan, list[torch.Tensor]]] = None
         self._hooks: list[Callable[[dict], None]] = []
+        self._warned_no_update = False
         self._stats: Optional[dict] = {}
         self._pending_stats = None  # what the last update's stats are computed from, when read
 
@@ -192,6 +217,14 @@ class ScoreSampler(torch.utils.data.Sampler):
         return batches
 
     def _advance_epoch(self) -> None:
+        if (self._consumed == 0 and self._exhausted and self._batch_cache is not None and self._batch_cache[1]
+                and getattr(self.strategy, "reads_scores", True) and not self._warned_no_update):
+            self._warned_no_update = True
+            warnings.warn(f"ScoreSampler: epoch {self.epoch} ended without any sampler.update(): "
+                          f"{type(self.strategy).__name__} plans its epochs from the scores update() records, "
+                          "so without them it selects blindly. Call sampler.update(idx, scores) after each "
+                          "training step (scores = fastsel.score(logits, y), or a per-sample loss tensor).",
+                          RuntimeWarning, stacklevel=3)
         self.table.apply_queued()  # an accelerator's scores of the epoch: one copy, once an epoch
         self.epoch += 1
         self._plan = None

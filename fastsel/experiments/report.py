@@ -34,7 +34,8 @@ TIME_TARGET = 0.6        # reach the reference's accuracy in <= 0.6x its wall-cl
 SCORE_TARGET_PCT = 3.0   # fastsel.score <= 3% of the step time
 
 CSV_COLUMNS = (
-    "setting", "model", "regime", "augment", "strategy", "framing", "schedule", "label", "budget", "seed", "epochs_full", "train_samples", "steps", "full_steps",
+    "setting", "model", "regime", "augment", "strategy", "framing", "schedule", "label", "budget",
+    "seed", "epochs_full", "train_samples", "steps", "full_steps",
     "eval", "step", "passes", "train_s", "train_cpu_s", "samples_scored", "samples_trained", "samples_forwarded",
     "test_acc", "test_loss", "final", "final_acc", "run_train_s", "run_train_cpu_s", "proxy_trained", "step_ms",
     "score_s",

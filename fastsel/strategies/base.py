@@ -244,12 +244,15 @@ class Strategy:
         table_fields: the ``ScoreTable`` fields an epoch strategy reads.
         unbiased: whether the returned weights make the training loss an unbiased (or
             self-normalised) estimate of the full-data loss.
+        reads_scores: whether the epoch plans depend on the scores ``sampler.update``
+            records (``ScoreSampler`` warns when an epoch ends without any update).
     """
 
     styles: tuple[str, ...] = ()
     needs_head: bool = False
     table_fields: tuple[str, ...] = ("loss",)
     unbiased: bool = False
+    reads_scores: bool = True
 
     # ---- batch style ----
     def choose(self, scores: Scores, *, step: int, seed: int, inputs: Any = None,

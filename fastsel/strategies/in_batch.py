@@ -102,6 +102,7 @@ class Uniform(Strategy):
 
     styles = ("batch", "epoch")
     unbiased = True
+    reads_scores = False  # its plans ignore the table
 
     def __init__(self, keep: int = 64, *, budget: float = 1.0):
         check_positive_int("keep", keep)
