@@ -169,6 +169,11 @@ class ScoreSampler(torch.utils.data.Sampler):
         self._stats: Optional[dict] = {}
         self._pending_stats = None  # what the last update's stats are computed from, when read
 
+    def __repr__(self) -> str:
+        return (f"ScoreSampler({self.strategy!r}, n={self.n}, batch_size={self.batch_size}, epochs={self.epochs}, "
+                f"seed={self.seed}, drop_last={self.drop_last}, num_replicas={self.num_replicas}, rank={self.rank}, "
+                f"epoch={self.epoch}, costs={self.costs!r})")
+
     # ---- the plan ----
     def _current_plan(self) -> EpochPlan:
         if self._plan is None:

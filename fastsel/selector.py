@@ -265,6 +265,14 @@ class BatchSelector:
             self._pending = None
         return self._stats if self._stats is not None else {}
 
+    def __repr__(self) -> str:
+        def name(m):
+            return None if m is None else type(m).__name__
+
+        return (f"BatchSelector({self.strategy!r}, model={name(self.model)}, scorer={name(self.scorer)}, "
+                f"head={name(self.head)}, seed={self.seed}, mms={self.mms!r}, backend={self.backend!r}, "
+                f"score_batch_size={self.score_batch_size}, step={self.step}, costs={self.costs!r})")
+
     def add_hook(self, hook: Callable[[dict], None]) -> None:
         """Calls ``hook(stats)`` after every selection (e.g. to log MMS quantiles)."""
         self._hooks.append(hook)

@@ -69,3 +69,17 @@ def test_an_epoch_without_update_warns_once():
         uniform = fastsel.ScoreSampler(data, Uniform(), batch_size=8, epochs=4)  # reads no score
         for _ in range(3):
             _epoch(uniform, data, update=False)
+
+
+def test_repr_shows_the_knobs():
+    data = fastsel.Indexed(_data())
+    sampler = fastsel.ScoreSampler(data, InfoBatch(prune_ratio=0.3), batch_size=8, epochs=5, seed=7, drop_last=True)
+    r = repr(sampler)
+    assert r.startswith("ScoreSampler(InfoBatch(prune_ratio=0.3, delta=0.875), n=40, batch_size=8, epochs=5, seed=7, "
+                        "drop_last=True, num_replicas=1, rank=0, epoch=0, costs=Costs(scored=0, trained=0, steps=0))")
+    model, head = torch.nn.Linear(3, 4), torch.nn.Linear(3, 4)
+    sel = fastsel.BatchSelector(model, fastsel.strategies.MMS(keep=2), head=head, seed=3, score_batch_size=16)
+    sel(torch.randn(6, 3), torch.arange(6) % 4)
+    r = repr(sel)
+    assert r.startswith("BatchSelector(MMS(keep=2") and "model=Linear, scorer=None, head=Linear, seed=3, " \
+        "mms='exact', backend='auto', score_batch_size=16, step=1, costs=Costs(scored=6, trained=2, steps=1))" in r
