@@ -111,7 +111,7 @@ def _median_us(fn, reps: int) -> float:
     return 1e6 * statistics.median(ts)
 
 
-def components(y: torch.Tensor, data, reps: int = 3000) -> list[dict]:
+def components(data, reps: int = 3000) -> list[dict]:
     """The work the epoch style adds to a step, each part timed alone (medians of
     ``reps`` calls, the parts interleaved in rounds): the loss through ``fastsel.score``
     (with the loss weights, forward and backward; with the head for the MMS) minus
@@ -229,7 +229,7 @@ def main(argv=None):
         ratios = [mine[k] / plain[k] - 1 for k in sorted(mine)]
         lines.append(f"| {name} | {statistics.median(mine.values()):.2f} | {100 * statistics.median(ratios):+.1f}% "
                      f"| {', '.join(f'{100 * q:+.1f}%' for q in ratios)} |")
-    comp = components(y, data)
+    comp = components(data)
     plain_ms = statistics.median(plain.values())
     lines += ["", "## The work the epoch style adds, part by part", "",
               components.__doc__.split("\n\n")[0].replace("\n    ", " ").strip(), "",

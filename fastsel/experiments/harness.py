@@ -46,8 +46,10 @@ Strategies (``STRATEGIES``):
 
 Every strategy runs with its defaults otherwise (e.g. CDF sampling by loss, switched on
 once the loss falls below 0.75x its initial value, unweighted; upper-bound IS with its
-variance-reduction switch). Everyone shares the compressed linear schedule: the MMS
-paper's "aggressive" schedule is not used. With mixing augmentations, selection and the
+variance-reduction switch). Everyone shares the compressed linear schedule unless the
+run's ``schedule`` is ``"aggressive"`` (the MMS paper's earlier, larger drop; see
+``lr_schedule``). Runs of the fixed-epochs framing make their sampler's epochs instead of
+a step count (``RunSpec``). With mixing augmentations, selection and the
 score table use the scores of each sample's dominant label, which ``augment`` makes the
 sample's own.
 
