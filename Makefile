@@ -35,10 +35,17 @@ test: build
 test-fast: build
 	$(PY) -m pytest -q -x -m "not slow" tests --ignore=tests/triton
 
-# Both microbenchmarks: fastsel.score, then the selection ops (bench/README.md).
+# Both microbenchmarks, fastsel.score then the selection ops (bench/README.md): by default
+# the headline shapes in a few minutes, written to bench/results/local/ (not tracked);
+# `make bench FULL=1` runs the full grids (about 16 min on 2 cores) into bench/results/.
+ifeq ($(FULL),1)
+BENCH_ARGS :=
+else
+BENCH_ARGS := --representative --out bench/results/local
+endif
 bench: build
-	$(PY) bench/bench_score.py
-	$(PY) bench/bench_select.py
+	$(PY) bench/bench_score.py $(BENCH_ARGS)
+	$(PY) bench/bench_select.py $(BENCH_ARGS)
 
 # End-to-end benchmark on Fashion-MNIST (bench/train_bench.py, fastsel/experiments): the
 # verdict grid (3 seeds, 4 settings, 102 runs) takes about 52 min on 2 quiet cores;

@@ -62,6 +62,10 @@ BASELINES = (EAGER, COMPILED, CROSS_ENTROPY)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_SHAPES = [(n, c) for n in (4096, 65536) for c in (10, 100, 1000, 32000)]
 QUICK_SHAPES = [(1024, 100)]
+# `make bench`'s default: the README's headline shape, float32, a few minutes.
+REPRESENTATIVE_SHAPES = [(65536, 1000)]
+REPRESENTATIVE_DTYPES = ["float32"]
+REPRESENTATIVE_TIME_BUDGET_S = 0.25
 QUICK_DTYPES = ["float32"]
 WEIGHT_CLASSES = (10, 100, 1000)  # C values that also get the mms (weight) rows
 # The exact MMS with a precomputed head (fastsel.mms_head, not timed: computed once per
@@ -154,7 +158,7 @@ def fastsel_scores(backend: str, weight: Optional[torch.Tensor], mms: str) -> Ca
         weight, mms = fastsel.mms_head(weight), "exact"
 
     def run(logits, target):
-        return fastsel.score(logits, target, weight=weight, mms=mms, backend=backend)
+        return fastsel.score(logits, target, head=weight, mms=mms, backend=backend)
 
     return run
 
@@ -780,6 +784,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"smoke run: shapes {format_shapes(QUICK_SHAPES)}, "
                              f"{QUICK_TIME_BUDGET_S} s per case, "
                              "unless --shapes / --dtypes say otherwise")
+    parser.add_argument("--representative", action="store_true",
+                        help=f"the headline in a few minutes (make bench's default): shapes "
+                             f"{format_shapes(REPRESENTATIVE_SHAPES)}, {','.join(REPRESENTATIVE_DTYPES)}, "
+                             f"{REPRESENTATIVE_TIME_BUDGET_S} s per case")
     parser.add_argument("--shapes", type=parse_shapes,
                         help="comma-separated NxC, e.g. 4096x1000,65536x100 "
                              "(default: the full grid)")
@@ -794,10 +802,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.quick and args.representative:
+        parser.error("--quick and --representative are exclusive")
     if args.shapes is None:
-        args.shapes = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
+        args.shapes = QUICK_SHAPES if args.quick else REPRESENTATIVE_SHAPES if args.representative else DEFAULT_SHAPES
     if args.dtypes is None:
-        args.dtypes = QUICK_DTYPES if args.quick else list(DTYPES)
+        args.dtypes = (QUICK_DTYPES if args.quick else REPRESENTATIVE_DTYPES if args.representative
+                       else list(DTYPES))
     return args
 
 
@@ -828,7 +839,8 @@ def main(argv=None) -> None:
         gpu_groups = plan_groups(args.shapes, args.dtypes, gpu_backends, "cuda", gpu_cap_bytes)
 
     groups = plan_groups(args.shapes, args.dtypes, backends)
-    budget_s = QUICK_TIME_BUDGET_S if args.quick else TIME_BUDGET_S
+    budget_s = (QUICK_TIME_BUDGET_S if args.quick else REPRESENTATIVE_TIME_BUDGET_S if args.representative
+                else TIME_BUDGET_S)
     timings = run_groups(groups, args.repeats, budget_s)
     if gpu_groups:
         timings.update(run_groups(gpu_groups, args.repeats, budget_s))

@@ -62,6 +62,9 @@ QUICK_N_SELECT = 2048
 QUICK_SELECT_CLASSES = (100,)
 TIME_BUDGET_S = 3.0  # per method of a comparison, after warm-up
 QUICK_TIME_BUDGET_S = 0.05
+# `make bench`'s default: the README's headline N (2^20 scores), select on one class count.
+REPRESENTATIVE_SELECT_CLASSES = (1000,)
+REPRESENTATIVE_TIME_BUDGET_S = 0.5
 SAMPLES_PER_BUDGET = 30  # a sample (several calls for fast ops) takes budget / 30
 DATA_SEED = 0  # inputs
 SAMPLE_SEED = 1234  # fastsel.sample's seed; its counter changes on every call
@@ -428,6 +431,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"smoke run: N={QUICK_N_SCORES}, select on "
                              f"{QUICK_N_SELECT}x{','.join(map(str, QUICK_SELECT_CLASSES))}, "
                              f"{QUICK_TIME_BUDGET_S} s per method")
+    parser.add_argument("--representative", action="store_true",
+                        help=f"the headline in a few minutes (make bench's default): N={N_SCORES}, select on "
+                             f"{N_SELECT}x{','.join(map(str, REPRESENTATIVE_SELECT_CLASSES))}, "
+                             f"{REPRESENTATIVE_TIME_BUDGET_S} s per method")
     parser.add_argument("--repeats", type=int, default=5,
                         help="minimum number of timed rounds, i.e. samples per method "
                              "(default 5)")
@@ -436,6 +443,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.quick and args.representative:
+        parser.error("--quick and --representative are exclusive")
     return args
 
 
@@ -446,7 +455,8 @@ def main(argv=None) -> None:
     fastsel_method = FASTSEL_PREFIX + ("cpu" if "cpu" in backends else "torch")
     n = QUICK_N_SCORES if args.quick else N_SCORES
     n_select = QUICK_N_SELECT if args.quick else N_SELECT
-    classes = QUICK_SELECT_CLASSES if args.quick else SELECT_CLASSES
+    classes = (QUICK_SELECT_CLASSES if args.quick else REPRESENTATIVE_SELECT_CLASSES if args.representative
+               else SELECT_CLASSES)
     k, k_select = n // 10, n_select // 10
     env = environment(backends)
     params = {
@@ -482,7 +492,8 @@ def main(argv=None) -> None:
                                              fastsel_method[len(FASTSEL_PREFIX):]))
     print("sanity checks passed: fastsel's results match the baselines'")
 
-    budget_s = QUICK_TIME_BUDGET_S if args.quick else TIME_BUDGET_S
+    budget_s = (QUICK_TIME_BUDGET_S if args.quick else REPRESENTATIVE_TIME_BUDGET_S if args.representative
+                else TIME_BUDGET_S)
     rng = random.Random(SHUFFLE_SEED)
     results = []
     total = sum(len(comparison.steps) for comparison in comparisons)

@@ -89,7 +89,7 @@ def _sampler_epoch(model, opt, x, y, sampler, with_mms: bool) -> tuple[float, in
     for batch in sampler:  # planning happens in the first next()
         idx = torch.as_tensor(batch, dtype=torch.int64)
         logits = model(x[idx])
-        s = fastsel.score(logits, y[idx], weight=model.fc.weight.detach() if with_mms else None)
+        s = fastsel.score(logits, y[idx], head=model.fc.weight.detach() if with_mms else None)
         w = sampler.weights(idx)
         loss = (s.loss * w).mean() if w is not None else s.loss.mean()
         opt.zero_grad(set_to_none=True)
@@ -132,7 +132,7 @@ def components(data, reps: int = 3000) -> list[dict]:
         (fastsel.score(z, t).loss * w).mean().backward()
 
     def fs_mms():
-        (fastsel.score(z, t, weight=head).loss * w).mean().backward()
+        (fastsel.score(z, t, head=head).loss * w).mean().backward()
 
     rows = []
     for name, strategy, with_mms in (("infobatch", InfoBatch(), False), ("mms_epoch", MMS(keep=0.5), True)):

@@ -206,8 +206,8 @@ def train_run(x, y, tx, ty, *, rule: str, scorer: str, seed: int, budget: float,
 
 
 def agreement(model, proxy, xc, yc) -> dict:
-    sm = fastsel.score(scoring_forward(model, xc, CHUNK), yc, weight=model.fc.weight.detach())
-    sp = fastsel.score(proxy(xc), yc, weight=proxy.head.weight.detach())
+    sm = fastsel.score(scoring_forward(model, xc, CHUNK), yc, head=model.fc.weight.detach())
+    sp = fastsel.score(proxy(xc), yc, head=proxy.head.weight.detach())
     return {"spearman_loss": spearman(sm.loss, sp.loss), "kendall_loss": kendall(sm.loss, sp.loss),
             "top128_overlap_loss": overlap(sm.loss, sp.loss, BATCH, largest=True),
             "spearman_mms": spearman(sm.mms, sp.mms), "kendall_mms": kendall(sm.mms, sp.mms),

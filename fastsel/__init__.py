@@ -1,11 +1,12 @@
 """fastsel: fused per-sample scoring and data selection for PyTorch training loops."""
 
-from fastsel._extension import CPU_EXTENSION_AVAILABLE, build_info
+from fastsel._extension import CPU_EXTENSION_AVAILABLE, ExtensionWarning, build_info
 from fastsel.ops import BACKENDS, MMS_MODES, MmsHead, Scores, available_backends, mms_head, score
 from fastsel import strategies
 from fastsel.data import Indexed
 from fastsel.sampler import Costs, ScoreSampler
 from fastsel.selector import BatchSelector
+from fastsel.queue import BatchQueue
 from fastsel.selection import (
     POLICIES,
     SCORE_DIRECTIONS,
@@ -29,6 +30,7 @@ __all__ = [
     "Indexed",
     "ScoreSampler",
     "BatchSelector",
+    "BatchQueue",
     "Costs",
     "select",
     "select_topk",
@@ -41,6 +43,7 @@ __all__ = [
     "POLICIES",
     "available_backends",
     "build_info",
+    "ExtensionWarning",
     "BACKENDS",
     "MMS_MODES",
     "CPU_EXTENSION_AVAILABLE",

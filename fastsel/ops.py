@@ -55,7 +55,7 @@ def available_backends() -> list[str]:
 
 class MmsHead(NamedTuple):
     """A classifier weight with what the exact MMS search needs of it precomputed
-    (``mms_head``); pass it as ``score(..., weight=head)`` for as long as the weight is
+    (``mms_head``); pass it as ``score(..., head=mms_head(w))`` for as long as the weight is
     unchanged."""
 
     weight: torch.Tensor
@@ -117,12 +117,12 @@ def _unpack_head(head: MmsHead, backend: str, mms: str, n: int) -> tuple[torch.T
     path (not the [C, C] matrix of small C against many rows), for a call of n rows."""
     weight, max_distance = head.weight, head.max_distance
     if not isinstance(weight, torch.Tensor) or not isinstance(max_distance, torch.Tensor):
-        raise TypeError("weight: an MmsHead must hold tensors (weight, max_distance): build it with "
+        raise TypeError("head: an MmsHead must hold tensors (weight, max_distance): build it with "
                         "fastsel.mms_head(weight)")
-    stale = ValueError("weight: the MmsHead's weight was modified in place after fastsel.mms_head() "
+    stale = ValueError("head: the MmsHead's weight was modified in place after fastsel.mms_head() "
                        "(e.g. by an optimizer step); compute the head again")
     if max_distance.shape != (weight.shape[0],) or max_distance.device != weight.device:
-        raise ValueError(f"weight: the MmsHead's max_distance must be [C] = [{weight.shape[0]}] "
+        raise ValueError(f"head: the MmsHead's max_distance must be [C] = [{weight.shape[0]}] "
                          f"on {weight.device}, got {tuple(max_distance.shape)} on {max_distance.device}")
     if torch.compiler.is_compiling():
         return weight, max_distance
@@ -132,12 +132,49 @@ def _unpack_head(head: MmsHead, backend: str, mms: str, n: int) -> tuple[torch.T
         snapshot = head.snapshot
         if snapshot is None:
             if head.version is None:  # nothing to check against: an inference tensor has no version
-                raise ValueError("weight: this MmsHead holds no copy of its weight and the weight has no "
+                raise ValueError("head: this MmsHead holds no copy of its weight and the weight has no "
                                  "version counter (an inference tensor), so an in-place update could not be "
                                  "detected; build the head with fastsel.mms_head(weight)")
         elif snapshot.device != weight.device or not _C.same_bits(weight.detach(), snapshot):
             raise stale
     return weight, max_distance
+
+
+def _head_weight(head) -> Optional[torch.Tensor]:
+    """The classifier weight [C, D] of ``head`` (a tensor, an ``MmsHead`` or a layer)."""
+    if head is None or isinstance(head, torch.Tensor):
+        return head
+    if isinstance(head, MmsHead):
+        return head.weight
+    if isinstance(head, torch.nn.Module):
+        weight = getattr(head, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return weight.detach()
+        raise TypeError(f"head: the module {type(head).__name__} has no .weight tensor; pass the classifier "
+                        "layer (e.g. model.fc) or its weight [C, D]")
+    raise TypeError(f"head must be the classifier weight [C, D], the classifier layer (e.g. model.fc) or an "
+                    f"MmsHead, got {type(head).__name__}")
+
+
+def _check_loss_options(weight, label_smoothing, logits) -> None:
+    """``F.cross_entropy``'s class weights and label smoothing (metadata only: no sync)."""
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be the class weights, a tensor of shape [C], got {type(weight).__name__}")
+        c = logits.shape[1] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
+        if weight.dim() != 1 or (c is not None and weight.shape[0] != c):
+            hint = (" (the classifier matrix for the MMS is passed as head=, e.g. head=model.fc)"
+                    if weight.dim() == 2 else "")
+            raise ValueError(f"weight must be the class weights of shape [C]"
+                             f"{'' if c is None else f' = [{c}]'} as in F.cross_entropy, got "
+                             f"{tuple(weight.shape)}{hint}")
+        if weight.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"weight (class weights) must be a floating point tensor, got {weight.dtype}")
+        if isinstance(logits, torch.Tensor) and weight.device != logits.device:
+            raise ValueError(f"weight (class weights) is on {weight.device} but logits are on {logits.device}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+            or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1] as in F.cross_entropy, got {label_smoothing!r}")
 
 
 def _validate(logits, target, weight, mms, ignore_index, backend) -> None:
@@ -172,16 +209,16 @@ def _validate(logits, target, weight, mms, ignore_index, backend) -> None:
         raise ValueError(f"mms must be one of {sorted(MMS_MODES)}, got {mms!r}")
     if weight is not None:
         if not isinstance(weight, torch.Tensor):
-            raise TypeError(f"weight must be a torch.Tensor of shape [C, D], got {type(weight).__name__}")
+            raise TypeError(f"head must be a torch.Tensor of shape [C, D], got {type(weight).__name__}")
         if weight.dim() != 2 or weight.shape[0] != c or weight.shape[1] == 0:
             raise ValueError(
-                f"weight must be the classifier matrix of shape [C, D] = [{c}, D] with D >= 1, "
+                f"head must be the classifier matrix of shape [C, D] = [{c}, D] with D >= 1, "
                 f"got {tuple(weight.shape)}"
             )
         if weight.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"weight must be a floating point tensor, got {weight.dtype}")
+            raise TypeError(f"head must be a floating point tensor, got {weight.dtype}")
         if weight.device != logits.device:
-            raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
+            raise ValueError(f"head is on {weight.device} but logits are on {logits.device}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -240,8 +277,10 @@ def score(
     logits: torch.Tensor,
     target: torch.Tensor,
     *,
-    weight: Optional[Union[torch.Tensor, MmsHead]] = None,
+    head: Optional[Union[torch.Tensor, MmsHead, torch.nn.Module]] = None,
     mms: str = "exact",
+    weight: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
     ignore_index: int = -100,
     backend: str = "auto",
 ) -> Scores:
@@ -250,15 +289,22 @@ def score(
     Args:
         logits: float32, float16, bfloat16 or float64, any strides.
         target: int64 or int32 class indices in [0, C), or ``ignore_index``.
-        weight: the last layer's weight [C, D] (e.g. ``model.fc.weight``); adds ``mms``,
-            the Minimal Margin Score of Weinstein, Fine & Hel-Or. Or an ``MmsHead`` of it
-            (``mms_head``), which makes the exact MMS cheaper on the CPU at C > 256. A
-            weight row holding NaN or +-inf has no distance to the others: the MMS is
-            then NaN wherever a distance is needed (``"exact"``: every row but ties (0)
-            and rows without a finite competitor (+inf); ``"top2"``: the rows whose
-            prediction or runner-up is such a class), on every backend and batch size.
+        head: the classifier layer producing the logits: its weight [C, D] (e.g.
+            ``model.fc.weight``), the layer itself (``model.fc``: its ``.weight`` is
+            used), or an ``MmsHead`` of the weight (``mms_head``), which makes the exact
+            MMS cheaper on the CPU at C > 256. Adds ``mms``, the Minimal Margin Score of
+            Weinstein, Fine & Hel-Or. A weight row holding NaN or +-inf has no distance
+            to the others: the MMS is then NaN wherever a distance is needed
+            (``"exact"``: every row but ties (0) and rows without a finite competitor
+            (+inf); ``"top2"``: the rows whose prediction or runner-up is such a class),
+            on every backend and batch size.
         mms: ``"exact"`` (minimum over every competing class) or ``"top2"`` (the runner-up
             only, the approximation of the original MMS code).
+        weight: class weights [C] for the loss, as ``F.cross_entropy``'s ``weight``
+            (any float dtype, on the logits' device).
+        label_smoothing: in [0, 1], as ``F.cross_entropy``'s. ``weight`` and
+            ``label_smoothing`` change ``loss`` only (it stays the training loss); every
+            other score describes the prediction against the hard target.
         ignore_index: rows with this target get loss 0 and NaN target-dependent scores.
         backend: ``"auto"`` (Triton, then CUDA for GPU tensors; the C++ kernel for CPU
             tensors; pure PyTorch when nothing compiled fits), ``"cpu"``, ``"cuda"``,
@@ -266,14 +312,24 @@ def score(
 
     Returns:
         ``Scores`` of [N] tensors, float32 (float64 for float64 logits), ``pred`` int64.
-        ``scores.loss`` equals ``F.cross_entropy(logits, target, reduction="none")`` and
-        is differentiable with respect to ``logits`` (second and higher derivatives
+        ``scores.loss`` equals ``F.cross_entropy(logits, target, weight=weight,
+        ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)``
+        and is differentiable with respect to ``logits`` (second and higher derivatives
         included); nothing else carries a gradient. Meta tensors give meta outputs of
         the right shapes and dtypes.
     """
-    head = weight if isinstance(weight, MmsHead) else None
-    if head is not None:
-        weight = head.weight
+    _check_loss_options(weight, label_smoothing, logits)
+    scores = _score(logits, target, head, mms, ignore_index, backend)
+    if weight is None and label_smoothing == 0:
+        return scores._replace(cross_entropy=scores.loss)
+    return scores._replace(loss=reference.cross_entropy_options(
+        logits, target, scores, ignore_index, weight, label_smoothing), cross_entropy=scores.loss)
+
+
+def _score(logits, target, head, mms, ignore_index, backend) -> Scores:
+    """The plain scores (loss = lse - z_y) from the backend's op."""
+    weight = _head_weight(head)
+    head = head if isinstance(head, MmsHead) else None
     _validate(logits, target, weight, mms, ignore_index, backend)
     resolved = _resolve_backend(backend, logits.device)
     max_distance = None

@@ -46,7 +46,9 @@ class Scores(NamedTuple):
 
     Float fields are float32 (float64 for float64 logits); ``pred`` is int64.
     ``loss`` is differentiable with respect to the logits; the others carry no gradient.
-    ``mms`` is None unless a classifier ``weight`` was given.
+    ``mms`` is None unless a classifier ``head`` was given. ``cross_entropy`` is
+    lse - z_y, the loss without class weights or label smoothing (``fastsel.score``
+    fills it; None in a ``Scores`` built without it means ``loss`` is that).
     """
 
     loss: torch.Tensor
@@ -58,6 +60,11 @@ class Scores(NamedTuple):
     pred: torch.Tensor
     mms: Optional[torch.Tensor]
     lse: torch.Tensor
+    cross_entropy: Optional[torch.Tensor] = None
+
+    def plain_loss(self) -> torch.Tensor:
+        """lse - z_y: ``cross_entropy`` if set, else ``loss``."""
+        return self.loss if self.cross_entropy is None else self.cross_entropy
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -352,6 +359,56 @@ def score_reference(
     # Invalid rows become NaN without cutting the graph.
     loss = torch.where(invalid & ~ignored, torch.full_like(loss, float("nan")), loss)
     return Scores(loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms_out, lse)
+
+
+def cross_entropy_options(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    scores: Scores,
+    ignore_index: int = -100,
+    weight: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """``F.cross_entropy(logits, target, weight, ignore_index=ignore_index,
+    reduction="none", label_smoothing=label_smoothing)`` from the plain cross-entropy
+    ``scores.loss`` = lse - z_y of the same rows (any producer of ``Scores``).
+
+    With class weights w (all ones if None), W = sum_j w_j and e = label_smoothing, the
+    target is (1 - e) onehot(y) + e / C, each class weighted by its w:
+
+        loss_i = (1 - e) w_y (lse_i - z_iy) + (e / C) sum_j w_j (lse_i - z_ij)
+               = (1 - e) w_y ce_i + (e / C) (W lse_i - sum_j w_j z_ij)
+
+    and 0 on rows whose target is ``ignore_index``. Class weights cost a gather; the
+    smoothing term one more read of the logits (a matrix-vector product). lse_i is taken
+    as ce_i + z_iy, so the gradient (and higher derivatives) flow through ``scores.loss``'s
+    own autograd and through linear maps of the logits; where z_iy is not finite the
+    value of lse from ``scores`` is used (no gradient there, as none is defined).
+    """
+    ce = scores.loss
+    acc = ce.dtype
+    target = target.long()
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target))
+    zero = torch.zeros((), dtype=acc, device=ce.device)
+    w = None if weight is None else weight.to(acc)
+    w_y = None if w is None else w.gather(0, y)
+    if label_smoothing == 0:
+        loss = ce if w_y is None else ce * w_y
+        return torch.where(valid, loss, zero)
+    c = logits.shape[1]
+    e = float(label_smoothing)
+    z = logits.to(acc)
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    lse = torch.where(torch.isfinite(z_y), ce + z_y, scores.lse.to(acc))
+    if w is None:
+        smooth = lse - z.sum(dim=1) / c
+        hard = ce
+    else:
+        smooth = (w.sum() * lse - z @ w) / c
+        hard = ce * w_y
+    loss = (1.0 - e) * hard + e * smooth
+    return torch.where(valid, loss, zero)
 
 
 def score_backward_reference(

@@ -32,7 +32,7 @@ loss is equal, or an empty data set) has no batch and ends as soon as it is iter
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -131,13 +131,17 @@ class ScoreSampler(torch.utils.data.Sampler):
         batch_size: samples per batch on each rank.
         epochs: the planned number of epochs (schedules such as InfoBatch's annealing use it).
         seed: every random decision is a function of (seed, epoch).
-        drop_last: drop each epoch's last incomplete batch.
+        drop_last: drop each epoch's last incomplete batch (default). Epoch-level rules
+            change the epoch's length, so without it the last batch can hold any number
+            of samples, one included, which BatchNorm in training mode refuses and which
+            gives a noisy step; the dropped samples are a different random few each
+            epoch (plans are shuffled). ``False`` trains on every planned sample.
         num_replicas, rank: DDP layout; default from ``torch.distributed`` if initialised.
             ``update`` needs ``torch.distributed`` initialised when ``num_replicas > 1``.
     """
 
     def __init__(self, data: Any, strategy: Strategy, *, batch_size: int, epochs: int, seed: int = 0,
-                 drop_last: bool = False, num_replicas: Optional[int] = None, rank: Optional[int] = None):
+                 drop_last: bool = True, num_replicas: Optional[int] = None, rank: Optional[int] = None):
         n = sized_length("data", data, "have a length (__len__)")
         check_strategy_and_seed(strategy, "epoch", seed)
         check_positive_int("batch_size", batch_size)
@@ -156,6 +160,11 @@ class ScoreSampler(torch.utils.data.Sampler):
                              f"draws global batches of {batch_size * self.num_replicas} "
                              f"(batch_size={batch_size} x {self.num_replicas} replicas): make them equal")
         _check_indexed(data)
+        if drop_last and 0 < n < batch_size * self.num_replicas:
+            warnings.warn(f"ScoreSampler: the data set has {n} samples, fewer than one batch of {batch_size} "
+                          f"x {self.num_replicas} replica(s), and drop_last=True drops every incomplete batch: "
+                          "every epoch would be empty. Use a smaller batch_size or drop_last=False.",
+                          UserWarning, stacklevel=2)
         self.table = ScoreTable(n, strategy.table_fields)
         self.costs = Costs()
         self.epoch = 0
@@ -260,6 +269,44 @@ class ScoreSampler(torch.utils.data.Sampler):
             else:  # no batch, so no update to end the epoch: it ends here, no weights needed later
                 self._advance_epoch()
 
+    # ---- steps, for schedules ----
+    @property
+    def steps_in_epoch(self) -> int:
+        """Batches (optimizer steps) of the current epoch on this rank: ``len(sampler)``,
+        true for the epoch being iterated (epoch-level rules change it every epoch)."""
+        return len(self)
+
+    def _batches_of(self, samples: int) -> int:
+        per_rank = -(-samples // self.num_replicas)
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def total_steps(self) -> tuple[int, bool]:
+        """(steps, exact): the optimizer steps of the whole run on this rank as far as they
+        are known now: the steps trained in earlier epochs, this epoch's batches, and for
+        each later epoch the most its plan can hold (``Strategy.epoch_size_bound``).
+        ``exact`` is True when every later epoch's size is known whatever the scores
+        (Uniform, PSGD, CSGD); otherwise the count is an upper bound (InfoBatch, the
+        score rules): for a per-step schedule, prefer ``progress``."""
+        if self.epoch >= self.epochs:  # the planned run is over
+            return self.costs.steps, True
+        steps = len(self) + self.costs.steps - self._consumed
+        exact = True
+        for epoch in range(self.epoch + 1, self.epochs):
+            size, known = self.strategy.epoch_size_bound(epoch, self.n, self.epochs)
+            steps += self._batches_of(size)
+            exact = exact and known
+        return steps, exact
+
+    @property
+    def progress(self) -> float:
+        """The fraction of the planned run trained, in [0, 1]: (epoch + batches trained in
+        it / its batches) / epochs. A learning-rate schedule that follows it
+        (``LambdaLR(opt, lambda _: f(sampler.progress))``, stepped each batch) keeps the
+        shape it has over full epochs whatever each epoch's length."""
+        batches = len(self._batches()) if self._plan is not None else 0
+        within = self._consumed / batches if batches else 0.0
+        return min(1.0, (self.epoch + within) / self.epochs)
+
     # ---- training-loop calls ----
     def weights(self, indices: torch.Tensor) -> torch.Tensor:
         """Loss weights [B] of these samples for the current epoch (float32, on the
@@ -286,10 +333,17 @@ class ScoreSampler(torch.utils.data.Sampler):
         check_index_range(indices, self.n, f"{where}: indices")
         return indices.long()
 
-    def update(self, indices: torch.Tensor, scores: Scores) -> None:
-        """Records the training forward's scores of the batch's samples (all ranks' under DDP)."""
-        if not isinstance(scores, Scores):
-            raise TypeError(f"update: scores must be the fastsel.Scores of the batch, got {type(scores).__name__}")
+    def update(self, indices: torch.Tensor, scores: Union[Scores, torch.Tensor]) -> None:
+        """Records the training forward's scores of the batch's samples (all ranks' under DDP).
+
+        ``scores``: the batch's ``fastsel.Scores``, or, for a strategy that reads only the
+        loss (``strategy.table_fields == ("loss",)``: InfoBatch, the loss rules), any
+        per-sample loss tensor [B] (a custom or library loss with ``reduction="none"``)."""
+        if isinstance(scores, torch.Tensor):
+            scores = self._loss_as_scores(scores)
+        elif not isinstance(scores, Scores):
+            raise TypeError(f"update: scores must be the fastsel.Scores of the batch or a per-sample loss tensor "
+                            f"[B], got {type(scores).__name__}")
         if self.num_replicas > 1 and not (dist.is_available() and dist.is_initialized()):
             # Without the gather each rank's table would hold only its own scores, and the
             # ranks' plans would silently diverge from the next epoch on.
@@ -321,6 +375,17 @@ class ScoreSampler(torch.utils.data.Sampler):
             # Last batch of the epoch trained: the epoch is over (so a checkpoint taken now
             # says epoch + 1, and a loop resuming from sampler.epoch does not repeat one).
             self._advance_epoch()
+
+    def _loss_as_scores(self, loss: torch.Tensor) -> Scores:
+        if self.table.fields != ("loss",):
+            raise TypeError(f"update: {type(self.strategy).__name__} records {list(self.table.fields)}, not only the "
+                            "loss, so a loss tensor is not enough: pass the batch's scores, "
+                            "s = fastsel.score(logits, y" + (", head=model.fc" if "mms" in self.table.fields else "")
+                            + "), sampler.update(idx, s)")
+        if loss.dim() != 1 or not loss.dtype.is_floating_point:
+            raise ValueError(f"update: a loss tensor must be the per-sample loss, 1-D floating point [B] "
+                             f"(reduction='none'), got shape {tuple(loss.shape)} and dtype {loss.dtype}")
+        return Scores(loss, *(None,) * 8)
 
     def _gather(self, idx: torch.Tensor, values: dict) -> tuple[torch.Tensor, dict]:
         if self.num_replicas == 1 or not (dist.is_available() and dist.is_initialized()):

@@ -359,8 +359,10 @@ def select(
     by: str = "loss",
     policy: str = "topk",
     largest: Optional[bool] = None,
-    weight: Optional[torch.Tensor] = None,
+    head: Optional[torch.Tensor] = None,
     mms: str = "exact",
+    weight: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
     ignore_index: int = -100,
     replacement: bool = False,
     seed: Optional[int] = None,
@@ -383,14 +385,15 @@ def select(
         probability max(s_min, F_R(s_i)^beta), F_R from ``history``; ``k`` must be None
         (the number kept is random). A ``History`` then receives this batch's scores.
 
-    Returns a ``Selection`` whose ``scores`` is the full ``Scores``.
+    ``head``, ``mms``, ``weight``, ``label_smoothing`` and ``ignore_index`` are
+    ``fastsel.score``'s. Returns a ``Selection`` whose ``scores`` is the full ``Scores``.
     """
     if by not in SCORE_DIRECTIONS:
         raise ValueError(f"by must be one of {sorted(SCORE_DIRECTIONS)}, got {by!r}")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    if by == "mms" and weight is None:
-        raise ValueError("by='mms' needs the classifier weight: pass weight=model.fc.weight")
+    if by == "mms" and head is None:
+        raise ValueError("by='mms' needs the classifier head: pass head=model.fc (or its weight [C, D])")
     if policy == "percentile":
         if k is not None:
             raise ValueError("k must be None with policy='percentile': the rule keeps a random number of samples")
@@ -398,8 +401,8 @@ def select(
             raise ValueError("policy='percentile' needs history= (a History or a tensor of recent scores)")
     elif k is None:
         raise ValueError(f"policy={policy!r} needs k, the number of samples to select")
-    scores: Scores = score(logits, target, weight=weight, mms=mms, ignore_index=ignore_index,
-                           backend=backend)
+    scores: Scores = score(logits, target, head=head, mms=mms, weight=weight, label_smoothing=label_smoothing,
+                           ignore_index=ignore_index, backend=backend)
     values = getattr(scores, by).detach()
     if policy == "topk":
         direction = SCORE_DIRECTIONS[by] == "largest" if largest is None else largest

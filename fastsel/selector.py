@@ -25,6 +25,7 @@ network that learns online, ``fastsel.experiments.proxies.OnlineProxy``):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import torch
@@ -35,7 +36,7 @@ from fastsel.sampler import Costs, ScorerCosts
 from fastsel._checks import check_int
 from fastsel.strategies.base import Strategy, check_strategy_and_seed, prepare_strategy_load
 
-__all__ = ["BatchSelector", "scoring_forward"]
+__all__ = ["BatchSelector", "scoring_forward", "output_logits", "default_logits_fn"]
 
 STAT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -65,22 +66,43 @@ def _map_batch(batch: Any, take) -> Any:
                     "or a tuple/list/dict of tensors with the batch in dimension 0")
 
 
-def scoring_forward(model: torch.nn.Module, inputs: Any, chunk_size: Optional[int] = None) -> torch.Tensor:
-    """``model(inputs)`` in inference mode with the model in eval mode, restoring the mode
-    of every submodule afterwards (BatchNorm running statistics stay untouched).
+def output_logits(output: Any) -> Any:
+    """The logits of a model's output: the output itself when it is a tensor, else its
+    ``logits`` (a Hugging Face ``ModelOutput``, a dict or any object with that field).
+    Anything else is returned as is (the caller reports it)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    logits = getattr(output, "logits", None)
+    return output if logits is None else logits
+
+
+def default_logits_fn(model: Callable, inputs: Any) -> Any:
+    """``model(inputs)``, unwrapped by ``output_logits``."""
+    return output_logits(model(inputs))
+
+
+def scoring_forward(model: torch.nn.Module, inputs: Any, chunk_size: Optional[int] = None,
+                    logits_fn: Optional[Callable[[Any, Any], Any]] = None) -> torch.Tensor:
+    """``logits_fn(model, inputs)`` (default: ``model(inputs)``, its ``.logits`` if it
+    has one) in inference mode with the model in eval mode, restoring the mode of every
+    submodule afterwards (BatchNorm running statistics stay untouched).
 
     ``chunk_size`` runs the forward on consecutive slices of the batch and concatenates
     the logits: for large candidate batches on the CPU, activations that fit the caches
     can make that faster than one big forward (eval mode makes the slices independent)."""
+    fn = default_logits_fn if logits_fn is None else logits_fn
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.inference_mode():
             n = _batch_size(inputs) if chunk_size else 0
             if not chunk_size or n <= chunk_size:
-                return model(inputs)
-            return torch.cat([model(_map_batch(inputs, lambda t, i=i: t[i:i + chunk_size]))
-                              for i in range(0, n, chunk_size)])
+                return fn(model, inputs)
+            parts = [fn(model, _map_batch(inputs, lambda t, i=i: t[i:i + chunk_size])) for i in range(0, n, chunk_size)]
+            bad = next((p for p in parts if not isinstance(p, torch.Tensor)), None)
+            return bad if bad is not None else torch.cat(parts)  # the caller reports a non-tensor
     finally:
         for m, training in modes:
             m.training = training
@@ -141,6 +163,12 @@ class BatchSelector:
             A scorer that learns online has ``observe(inputs, targets[, logits])``: train
             it through ``selector.observe``, which counts the samples in
             ``costs.scorer_trained`` (``costs`` is then a ``fastsel.sampler.ScorerCosts``).
+        logits_fn: ``(model, inputs) -> logits [N, C]``, the model's scoring forward, for
+            models called otherwise or returning more than logits (e.g. a Hugging Face
+            model: ``lambda m, batch: m(**batch).logits``). Default: ``model(inputs)``,
+            or its ``logits`` when the output is a dict or has that attribute (a
+            ``ModelOutput``). Runs as the model's forward does (eval mode, inference
+            mode, sliced by ``score_batch_size``).
 
     ``selector(x, y)`` returns ``(x_sel, y_sel, weights)``; ``last_indices`` holds the
     chosen positions in the candidate batch. ``costs`` counts samples
@@ -150,7 +178,11 @@ class BatchSelector:
 
     def __init__(self, model: torch.nn.Module, strategy: Strategy, *, head: Optional[torch.nn.Module] = None,
                  seed: int = 0, mms: str = "exact", backend: str = "auto",
-                 score_batch_size: Optional[int] = None, scorer: Optional[Callable[[Any], torch.Tensor]] = None):
+                 score_batch_size: Optional[int] = None, scorer: Optional[Callable[[Any], torch.Tensor]] = None,
+                 logits_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None):
+        if logits_fn is not None and not callable(logits_fn):
+            raise TypeError(f"logits_fn must be callable (model, inputs) -> logits [N, C], got "
+                            f"{type(logits_fn).__name__}")
         if not callable(model):
             raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
         if scorer is not None and not callable(scorer):
@@ -164,6 +196,7 @@ class BatchSelector:
                 raise ValueError(f"{type(strategy).__name__} needs the classifier head: pass head=model.fc "
                                  "(a module whose .weight is [C, D])")
         self.model = model
+        self.logits_fn = logits_fn
         self.scorer = scorer
         self.strategy = strategy
         self.head = head
@@ -183,20 +216,23 @@ class BatchSelector:
         if not isinstance(target, torch.Tensor) or target.dim() != 1:
             raise ValueError(f"target must be a 1-D tensor of class indices, got {target!r:.80}")
         forward, what = (self.model, "model") if self.scorer is None else (self.scorer, "scorer")
+        fn = self.logits_fn if self.scorer is None else None
         if isinstance(forward, torch.nn.Module):
-            logits = scoring_forward(forward, inputs, self.score_batch_size)
+            logits = scoring_forward(forward, inputs, self.score_batch_size, fn)
         else:
-            logits = forward(inputs)
+            logits = (fn or default_logits_fn)(forward, inputs)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != target.shape[0]:
-            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"{what} output must be logits [N, C] with N = {target.shape[0]} (the batch), "
-                             f"got shape {got}")
+            got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
+            how = ("pass logits_fn=lambda model, inputs: <the logits [N, C] of model on inputs> (e.g. "
+                   "model(**inputs).logits)" if what == "model" else "make the scorer return logits [N, C]")
+            raise ValueError(f"the {what}'s output must be logits [N, C] with N = {target.shape[0]} (the batch), "
+                             f"got {got}: {how}")
         weight = self.head.weight.detach() if self.strategy.needs_head else None
         if weight is not None and weight.shape[0] != logits.shape[1]:
             raise ValueError(f"head must be the classifier layer of the {what} producing the scoring logits: its "
                              f"weight has {weight.shape[0]} rows but the logits have C = {logits.shape[1]} columns")
         with torch.inference_mode():
-            scores = score(logits, target.to(logits.device), weight=weight, mms=self.mms, backend=self.backend)
+            scores = score(logits, target.to(logits.device), head=weight, mms=self.mms, backend=self.backend)
         sel = self.strategy.choose(scores, step=self.step, seed=self.seed, inputs=inputs, targets=target)
         idx = sel.indices
         n = target.shape[0]

@@ -138,7 +138,7 @@ def score_and_check(logits: torch.Tensor, target: torch.Tensor, backend: str, *,
                     weight: Optional[torch.Tensor] = None, mms: str = "exact",
                     ignore_index: int = -100, msg: str = "", **kw) -> fastsel.Scores:
     """Score with ``backend``, compare with the oracle on the same (rounded) input, return it."""
-    got = fastsel.score(logits, target, weight=weight, mms=mms, ignore_index=ignore_index,
+    got = fastsel.score(logits, target, head=weight, mms=mms, ignore_index=ignore_index,
                         backend=backend)
     want = oracle(logits, target, weight=weight, mms=mms, ignore_index=ignore_index)
     assert_scores_close(got, want, logits.dtype, logits=logits, msg=msg, **kw)

@@ -39,11 +39,12 @@ def fake_scores(idx: torch.Tensor, epoch: int) -> fastsel.Scores:
     i = idx.to(torch.float64)[:, None]
     j = torch.arange(C, dtype=torch.float64)[None, :]
     logits = (3.0 * torch.sin(0.731 * i * (j + 1) + 0.37 * epoch * (j + 2))).to(torch.float32)
-    return fastsel.score(logits, idx % C, weight=HEAD)
+    return fastsel.score(logits, idx % C, head=HEAD)
 
 
 def make_sampler(**kw) -> fastsel.ScoreSampler:
     data = fastsel.Indexed(TensorDataset(torch.arange(N)))
+    kw.setdefault("drop_last", False)  # the tests count every planned sample
     return fastsel.ScoreSampler(data, STRATEGIES[STRATEGY](), batch_size=BATCH, epochs=EPOCHS, seed=SEED, **kw)
 
 

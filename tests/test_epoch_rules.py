@@ -29,7 +29,7 @@ def logits_of(idx: torch.Tensor, epoch: int) -> torch.Tensor:
 
 
 def scores_of(idx: torch.Tensor, epoch: int) -> fastsel.Scores:
-    return fastsel.score(logits_of(idx, epoch), idx % C, weight=W)
+    return fastsel.score(logits_of(idx, epoch), idx % C, head=W)
 
 
 def data(n: int = N):
@@ -100,7 +100,7 @@ def test_more_unknown_than_keep_visits_every_unknown():
 
 
 def test_first_epoch_is_full_then_keep_fraction():
-    sampler = fastsel.ScoreSampler(data(), HardLoss(0.25), batch_size=BS, epochs=3, seed=2)
+    sampler = fastsel.ScoreSampler(data(), HardLoss(0.25), batch_size=BS, epochs=3, seed=2, drop_last=False)
     stream = run(sampler, 1)
     assert sorted(i for b, _ in stream for i in b) == list(range(N))
     second = run(sampler, 1)
@@ -174,7 +174,7 @@ def test_rho_loss_epoch_ranks_reducible_loss():
 # ---- through a sampler: MMS from the training forward, errors of misuse ------------------------
 
 def test_mms_epoch_reads_the_recorded_mms():
-    sampler = fastsel.ScoreSampler(data(), MMS(0.4), batch_size=BS, epochs=3, seed=0)
+    sampler = fastsel.ScoreSampler(data(), MMS(0.4), batch_size=BS, epochs=3, seed=0, drop_last=False)
     run(sampler, 1)
     visited = [i for b, _ in run(sampler, 1) for i in b]
     mms = scores_of(torch.arange(N), 0).mms
@@ -182,7 +182,7 @@ def test_mms_epoch_reads_the_recorded_mms():
 
 
 def test_mms_epoch_without_the_weight_is_a_clear_error():
-    sampler = fastsel.ScoreSampler(data(), MMS(0.4), batch_size=BS, epochs=2)
+    sampler = fastsel.ScoreSampler(data(), MMS(0.4), batch_size=BS, epochs=2, drop_last=False)
     b = torch.as_tensor(next(iter(sampler)))
     with pytest.raises(ValueError, match=r"score the training forward with the classifier weight"):
         sampler.update(b, fastsel.score(logits_of(b, 0), b % C))
@@ -194,7 +194,7 @@ def test_an_int_keep_is_the_in_batch_style(make):
     strategy = make()
     assert strategy.styles == ("batch",)
     with pytest.raises(StyleError, match=r"give keep as a fraction of the data set, e\.g\. .*\(keep=0\.3\)"):
-        fastsel.ScoreSampler(data(), strategy, batch_size=BS, epochs=2)
+        fastsel.ScoreSampler(data(), strategy, batch_size=BS, epochs=2, drop_last=False)
 
 
 def test_a_float_keep_works_in_batch_too():
@@ -241,7 +241,7 @@ def test_refresh_rescores_every_r_epochs_and_counts_the_cost():
     model = Frozen()
     running = model.bn.running_mean.clone()
     strategy = MMS(0.3, refresh=2, rescorer=Rescorer(model, head=model.fc, batch_size=64))
-    sampler = fastsel.ScoreSampler(data(), strategy, batch_size=BS, epochs=5, seed=0)
+    sampler = fastsel.ScoreSampler(data(), strategy, batch_size=BS, epochs=5, seed=0, drop_last=False)
     scored = []
     for epoch in range(5):
         before = sampler.costs.scored
@@ -258,7 +258,7 @@ def test_refresh_rescores_every_r_epochs_and_counts_the_cost():
 
 def test_refresh_needs_a_head_for_the_mms():
     strategy = MMS(0.3, refresh=1, rescorer=Rescorer(Frozen()))
-    sampler = fastsel.ScoreSampler(data(), strategy, batch_size=BS, epochs=2)
+    sampler = fastsel.ScoreSampler(data(), strategy, batch_size=BS, epochs=2, drop_last=False)
     with pytest.raises(ValueError, match="needs the classifier layer: Rescorer"):
         next(iter(sampler))
 
@@ -279,14 +279,14 @@ MAKERS = {
 @pytest.mark.parametrize("stop", [1, 13, 14, 30, 41])
 def test_exact_resume(name, stop):
     epochs = 4
-    whole = fastsel.ScoreSampler(data(), MAKERS[name](), batch_size=BS, epochs=epochs, seed=7)
+    whole = fastsel.ScoreSampler(data(), MAKERS[name](), batch_size=BS, epochs=epochs, seed=7, drop_last=False)
     stream = run(whole, epochs)
-    first = fastsel.ScoreSampler(data(), MAKERS[name](), batch_size=BS, epochs=epochs, seed=7)
+    first = fastsel.ScoreSampler(data(), MAKERS[name](), batch_size=BS, epochs=epochs, seed=7, drop_last=False)
     head = run(first, epochs, stop_after=stop)
     buf = io.BytesIO()
     torch.save(first.state_dict(), buf)
     buf.seek(0)
-    resumed = fastsel.ScoreSampler(data(), MAKERS[name](), batch_size=BS, epochs=epochs, seed=7)
+    resumed = fastsel.ScoreSampler(data(), MAKERS[name](), batch_size=BS, epochs=epochs, seed=7, drop_last=False)
     resumed.load_state_dict(torch.load(buf, weights_only=True))
     rest = []
     while resumed.epoch < epochs:

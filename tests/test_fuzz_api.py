@@ -740,7 +740,7 @@ def test_score_empty_batch_and_single_class(backend, dtype):
     for c in (1, 7):
         for weight in (None, torch.randn(c, 3)):
             s = fastsel.score(torch.empty(0, c, dtype=dtype), torch.empty(0, dtype=torch.int32),
-                              weight=weight, backend=backend)
+                              head=weight, backend=backend)
             for name in FLOAT_FIELDS + (("mms",) if weight is not None else ()):
                 v = getattr(s, name)
                 assert v.shape == (0,) and v.dtype == out, (name, v.shape, v.dtype)
@@ -749,7 +749,7 @@ def test_score_empty_batch_and_single_class(backend, dtype):
     # C = 1: loss 0, entropy 0, confidence 1, grad_norm 0, margins and MMS +inf, lse = z
     z = torch.tensor([[-1e308], [5e-324], [-INF], [NAN], [INF], [3.0]], dtype=torch.float64).to(dtype)
     t = torch.tensor([0, 0, 0, 0, -100, -100], dtype=torch.int32)
-    s = fastsel.score(z, t, weight=torch.ones(1, 2), backend=backend)
+    s = fastsel.score(z, t, head=torch.ones(1, 2), backend=backend)
     zz = z.double().flatten().tolist()
     valid = [i for i, v in enumerate(zz) if math.isfinite(v)]  # -1e308 is -inf in float32
     for i in range(6):
@@ -931,7 +931,7 @@ def mms_of(case: dict, backend: str, rows: Optional[list] = None) -> list:
     x = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), case["c"]).to(DTYPES[case["dtype"]])
     w = torch.tensor(case["weight"], dtype=torch.float64).to(DTYPES[case["wdtype"]])
     weight = fastsel.mms_head(w) if case["head"] else w
-    s = fastsel.score(x, torch.zeros(len(rows), dtype=torch.int64), weight=weight, mms=case["mode"],
+    s = fastsel.score(x, torch.zeros(len(rows), dtype=torch.int64), head=weight, mms=case["mode"],
                       backend=backend)
     return s.mms.tolist()
 
@@ -1429,9 +1429,9 @@ def test_select_equals_score_then_select_topk(backend, case, by, data):
     k = data.draw(st.integers(0, n))
     largest = data.draw(st.sampled_from([None, True, False]))
     w = torch.linspace(-1, 1, case["c"] * 2, dtype=torch.float64).reshape(case["c"], 2) if by == "mms" else None
-    sel = fastsel.select(x, t, k, by=by, largest=largest, weight=w, ignore_index=case["ignore_index"],
+    sel = fastsel.select(x, t, k, by=by, largest=largest, head=w, ignore_index=case["ignore_index"],
                          backend=backend)
-    s = fastsel.score(x, t, weight=w, ignore_index=case["ignore_index"], backend=backend)
+    s = fastsel.score(x, t, head=w, ignore_index=case["ignore_index"], backend=backend)
     direction = fastsel.SCORE_DIRECTIONS[by] == "largest" if largest is None else largest
     want = topk_oracle(getattr(s, by).double().tolist(), k, direction)
     assert sel.indices.tolist() == want, report(case, [f"by={by} k={k}: {sel.indices.tolist()} != {want}"], backend)
@@ -1512,7 +1512,7 @@ def test_regression_int32_target_equal_to_ignore_index_modulo_2_32(backend, bad,
 
 def _mms(z, w, backend, mms="exact", head=False):
     weight = fastsel.mms_head(w) if head else w
-    return fastsel.score(z, torch.zeros(z.shape[0], dtype=torch.int64), weight=weight, mms=mms,
+    return fastsel.score(z, torch.zeros(z.shape[0], dtype=torch.int64), head=weight, mms=mms,
                          backend=backend).mms.tolist()
 
 

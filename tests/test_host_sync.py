@@ -169,7 +169,7 @@ def test_sampler_update_reads_nothing_on_the_host_and_the_queued_table_matches(d
                     assert not sampler.table._queued  # applied at the end of the epoch
 
     def make():
-        return fastsel.ScoreSampler(list(range(n)), InfoBatch(0.5), batch_size=batch, epochs=4, seed=1)
+        return fastsel.ScoreSampler(list(range(n)), InfoBatch(0.5), batch_size=batch, epochs=4, seed=1, drop_last=False)
 
     queued = make()
     run(queued, plan=device_like, queues=True)
@@ -187,7 +187,7 @@ def test_sampler_update_reads_nothing_on_the_host_and_the_queued_table_matches(d
 def test_device_checks_still_catch_bad_indices(device_like):
     # on an accelerator the range check is an asynchronous assertion; on the CPU that
     # assertion fails at once
-    sampler = fastsel.ScoreSampler(list(range(8)), InfoBatch(0.5), batch_size=4, epochs=1)
+    sampler = fastsel.ScoreSampler(list(range(8)), InfoBatch(0.5), batch_size=4, epochs=1, drop_last=False)
     device_like(lambda: next(iter(sampler)))
     scores = fastsel.score(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64))
     with pytest.raises(RuntimeError, match=r"update: indices must be in \[0, 8\)"):
@@ -228,7 +228,7 @@ def test_score_table_queue_is_bounded_and_keeps_what_it_could_not_apply(device_l
 
 
 def test_sampler_stats_are_the_values_at_update_time(device_like):
-    sampler = fastsel.ScoreSampler(list(range(8)), InfoBatch(0.5), batch_size=4, epochs=2)
+    sampler = fastsel.ScoreSampler(list(range(8)), InfoBatch(0.5), batch_size=4, epochs=2, drop_last=False)
     batch = device_like(lambda: next(iter(sampler)))
     scores = fastsel.score(torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 0.0]]),
                            torch.tensor([0, 0, 1, 1]))

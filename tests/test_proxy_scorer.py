@@ -122,7 +122,7 @@ def test_mms_uses_the_scorers_own_head():
     selector(x, y)
     scorer.eval()
     with torch.no_grad():
-        mms = fastsel.score(scorer(x), y, weight=scorer.fc.weight).mms
+        mms = fastsel.score(scorer(x), y, head=scorer.fc.weight).mms
     assert sorted(selector.last_indices.tolist()) == sorted(torch.topk(mms, 12, largest=False).indices.tolist())
     explicit = fastsel.BatchSelector(model, MMS(12), scorer=scorer, head=scorer.fc)
     explicit(x, y)
@@ -158,7 +158,7 @@ def test_non_callable_scorer_is_a_type_error(bad):
 def test_scorer_output_of_the_wrong_shape(fn):
     scorer = make(seed=2)
     selector = fastsel.BatchSelector(Untouchable(), HardLoss(8), scorer=lambda x: fn(scorer(x)))
-    with pytest.raises(ValueError, match=r"scorer output must be logits \[N, C\]"):
+    with pytest.raises(ValueError, match=r"scorer's output must be logits \[N, C\]"):
         selector(*candidates(40))
     assert selector.costs.steps == 0 and selector.step == 0
 

@@ -80,7 +80,7 @@ def test_readme_score_sampler_example_runs_end_to_end():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     E = 8
     data = fastsel.Indexed(train_set)
-    sampler = fastsel.ScoreSampler(data, fastsel.strategies.InfoBatch(), batch_size=32, epochs=E, seed=0)
+    sampler = fastsel.ScoreSampler(data, fastsel.strategies.InfoBatch(), batch_size=32, epochs=E, seed=0, drop_last=False)
     before = copy.deepcopy(model.state_dict())
     per_epoch = []
     for epoch in range(E):
@@ -115,12 +115,12 @@ def test_readme_epoch_mms_example_runs_end_to_end():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     data = fastsel.Indexed(train_set)
     E = 3
-    sampler = fastsel.ScoreSampler(data, fastsel.strategies.MMS(keep=0.3), batch_size=32, epochs=E)
+    sampler = fastsel.ScoreSampler(data, fastsel.strategies.MMS(keep=0.3), batch_size=32, epochs=E, drop_last=False)
     visited = []
     for epoch in range(E):
         seen = []
         for x, y, idx in DataLoader(data, batch_sampler=sampler):
-            s = fastsel.score(model(x), y, weight=model.fc.weight)
+            s = fastsel.score(model(x), y, head=model.fc.weight)
             (s.loss * sampler.weights(idx)).mean().backward(); opt.step(); opt.zero_grad()
             sampler.update(idx, s)
             seen.append(idx)
@@ -186,7 +186,7 @@ def test_dataset_without_len_is_a_type_error_naming_the_length(dataset):
     with pytest.raises(TypeError, match="__len__"):
         fastsel.Indexed(dataset)
     with pytest.raises(TypeError, match="__len__"):
-        fastsel.ScoreSampler(dataset, Uniform(), batch_size=2, epochs=1)
+        fastsel.ScoreSampler(dataset, Uniform(), batch_size=2, epochs=1, drop_last=False)
 
 
 def test_indexed_rejects_non_map_style():
@@ -198,7 +198,7 @@ def test_indexed_rejects_non_map_style():
 
 def test_uniform_every_index_once_per_epoch_new_order_each_epoch():
     n, bs = 53, 8
-    sampler = fastsel.ScoreSampler(indexed(n), Uniform(budget=1.0), batch_size=bs, epochs=4, seed=3)
+    sampler = fastsel.ScoreSampler(indexed(n), Uniform(budget=1.0), batch_size=bs, epochs=4, seed=3, drop_last=False)
     orders = []
     for e in range(4):
         length = len(sampler)
@@ -216,7 +216,7 @@ def test_uniform_every_index_once_per_epoch_new_order_each_epoch():
 def test_iter_is_one_epoch_with_updates_and_a_dataloader():
     n = 40
     data = indexed(n)
-    sampler = fastsel.ScoreSampler(data, Uniform(), batch_size=16, epochs=3, seed=0)
+    sampler = fastsel.ScoreSampler(data, Uniform(), batch_size=16, epochs=3, seed=0, drop_last=False)
     loader = DataLoader(data, batch_sampler=sampler)
     epochs = []
     for e in range(3):
@@ -234,7 +234,7 @@ def test_iter_is_one_epoch_with_updates_and_a_dataloader():
 
 def test_same_seed_same_stream_other_seed_other_stream():
     def stream(seed, strategy_cls=InfoBatch):
-        s = fastsel.ScoreSampler(indexed(60), strategy_cls(), batch_size=7, epochs=4, seed=seed)
+        s = fastsel.ScoreSampler(indexed(60), strategy_cls(), batch_size=7, epochs=4, seed=seed, drop_last=False)
         return [run_epoch(s) for _ in range(4)]
 
     a, b, c = stream(5), stream(5), stream(6)
@@ -256,7 +256,7 @@ def test_drop_last(n, bs, expected):
 
 
 def test_len_matches_batches_for_pruned_epochs():
-    sampler = fastsel.ScoreSampler(indexed(101), InfoBatch(), batch_size=10, epochs=8, seed=1)
+    sampler = fastsel.ScoreSampler(indexed(101), InfoBatch(), batch_size=10, epochs=8, seed=1, drop_last=False)
     lengths = []
     for epoch in range(8):
         expected = len(sampler)
@@ -274,7 +274,7 @@ def test_len_matches_batches_for_pruned_epochs():
 
 
 def test_budget_fraction_of_uniform():
-    sampler = fastsel.ScoreSampler(indexed(100), Uniform(budget=0.3), batch_size=8, epochs=3, seed=0)
+    sampler = fastsel.ScoreSampler(indexed(100), Uniform(budget=0.3), batch_size=8, epochs=3, seed=0, drop_last=False)
     epochs = [[i for b, _ in run_epoch(sampler) for i in b] for _ in range(3)]
     for ids in epochs:
         assert len(ids) == len(set(ids)) == 30
@@ -286,7 +286,7 @@ def test_budget_fraction_of_uniform():
 @pytest.mark.parametrize("r", [0.5, 0.3])
 def test_infobatch_prunes_below_mean_at_rate_r_with_rescaled_weights(r):
     n, E = 3000, 8
-    sampler = fastsel.ScoreSampler(indexed(n), InfoBatch(prune_ratio=r), batch_size=250, epochs=E, seed=11)
+    sampler = fastsel.ScoreSampler(indexed(n), InfoBatch(prune_ratio=r), batch_size=250, epochs=E, seed=11, drop_last=False)
     epoch0 = run_epoch(sampler)
     assert sorted(i for b, _ in epoch0 for i in b) == list(range(n))
     assert all(w == 1.0 for _, ws in epoch0 for w in ws), "epoch 0: nothing scored yet, weight 1"
@@ -317,7 +317,7 @@ def test_infobatch_prunes_below_mean_at_rate_r_with_rescaled_weights(r):
 
 def test_infobatch_keeps_unscored_samples_at_weight_one():
     n = 400
-    sampler = fastsel.ScoreSampler(indexed(n), InfoBatch(), batch_size=50, epochs=8, seed=2)
+    sampler = fastsel.ScoreSampler(indexed(n), InfoBatch(), batch_size=50, epochs=8, seed=2, drop_last=False)
     scored = []
     for i, b in enumerate(sampler):  # score only half of epoch 0
         if i % 2 == 0:
@@ -377,7 +377,7 @@ N_RESUME, BS_RESUME, E_RESUME = 37, 8, 3
 
 def make_sampler(n=N_RESUME):
     return fastsel.ScoreSampler(indexed(n), InfoBatch(prune_ratio=0.5), batch_size=BS_RESUME,
-                                epochs=E_RESUME, seed=7)
+                                epochs=E_RESUME, seed=7, drop_last=False)
 
 
 def train_steps(sampler, record, *, total, stop=None, on_start=None):
@@ -574,7 +574,7 @@ def test_dataloader_workers_prefetch_gives_the_same_stream_and_weights():
 
 @pytest.fixture
 def started():
-    sampler = fastsel.ScoreSampler(indexed(10), InfoBatch(), batch_size=4, epochs=3)
+    sampler = fastsel.ScoreSampler(indexed(10), InfoBatch(), batch_size=4, epochs=3, drop_last=False)
     batch = torch.tensor(next(iter(sampler)))
     return sampler, batch
 
@@ -615,7 +615,9 @@ def test_update_scores_of_the_wrong_length(started):
     with pytest.raises(ValueError, match="samples"):
         sampler.update(batch, fake_scores(torch.cat([batch, batch])))
     with pytest.raises(TypeError, match="Scores"):
-        sampler.update(batch, fake_scores(batch).loss)
+        sampler.update(batch, fake_scores(batch).loss.tolist())
+    with pytest.raises(ValueError, match="samples"):
+        sampler.update(batch, fake_scores(batch).loss[:3])  # a loss tensor is checked the same way
     assert sampler.costs.steps == 0
 
 
@@ -635,7 +637,7 @@ def test_update_indices_on_another_device(started):
 
 
 def test_weights_before_iterating():
-    sampler = fastsel.ScoreSampler(indexed(10), InfoBatch(), batch_size=4, epochs=3)
+    sampler = fastsel.ScoreSampler(indexed(10), InfoBatch(), batch_size=4, epochs=3, drop_last=False)
     with pytest.raises(RuntimeError, match="iterate"):
         sampler.weights(torch.tensor([0, 1]))
 
@@ -643,9 +645,9 @@ def test_weights_before_iterating():
 def test_strategy_without_the_epoch_style():
     for strategy in (fastsel.strategies.MMS(keep=4), fastsel.strategies.HardLoss(keep=4)):
         with pytest.raises(StyleError, match="epoch"):
-            fastsel.ScoreSampler(indexed(10), strategy, batch_size=4, epochs=2)
+            fastsel.ScoreSampler(indexed(10), strategy, batch_size=4, epochs=2, drop_last=False)
     with pytest.raises(TypeError, match="Strategy"):
-        fastsel.ScoreSampler(indexed(10), "infobatch", batch_size=4, epochs=2)
+        fastsel.ScoreSampler(indexed(10), "infobatch", batch_size=4, epochs=2, drop_last=False)
 
 
 @pytest.mark.parametrize("kw", [
@@ -664,7 +666,7 @@ def test_invalid_arguments(kw):
 # ---------------------------------------------------------------- costs and hooks
 
 def test_costs_and_hooks():
-    sampler = fastsel.ScoreSampler(indexed(30), InfoBatch(), batch_size=8, epochs=4, seed=0)
+    sampler = fastsel.ScoreSampler(indexed(30), InfoBatch(), batch_size=8, epochs=4, seed=0, drop_last=False)
     seen = []
     sampler.add_hook(lambda stats: seen.append(dict(stats)))
     trained = steps = 0

@@ -157,7 +157,7 @@ def _fn(x, t):
 
 
 def _fn_weight(x, t, w):
-    s = fastsel.score(x, t, weight=w, mms="top2")
+    s = fastsel.score(x, t, head=w, mms="top2")
     return s.loss.mean() + s.entropy.sum() + s.mms.sum() + s.pred.sum()
 
 
@@ -223,5 +223,5 @@ def test_compile_fullgraph_with_mms_head():
     weight = torch.randn(300, 16, generator=torch.Generator().manual_seed(4))
     head = fastsel.mms_head(weight)
     logits, target = random_logits(64, 300, seed=4), random_target(64, 300)
-    compiled = torch.compile(lambda x, y: fastsel.score(x, y, weight=head, backend="cpu").mms, fullgraph=True)
-    assert torch.equal(compiled(logits, target), fastsel.score(logits, target, weight=weight, backend="cpu").mms)
+    compiled = torch.compile(lambda x, y: fastsel.score(x, y, head=head, backend="cpu").mms, fullgraph=True)
+    assert torch.equal(compiled(logits, target), fastsel.score(logits, target, head=weight, backend="cpu").mms)

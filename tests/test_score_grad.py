@@ -65,7 +65,7 @@ def test_loss_grad_unchanged_by_weight(backend, mms):
     target = random_target(n, c, ignore_frac=0.2)
     w = torch.randn(c, 5)
     g = torch.randn(n)
-    s = fastsel.score(x, target, weight=w, mms=mms, backend=backend)
+    s = fastsel.score(x, target, head=w, mms=mms, backend=backend)
     s.loss.backward(gradient=g)
     _, want = _ce_grad(x, target, upstream=g)
     torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-6)
@@ -110,7 +110,7 @@ def test_gradcheck_with_weight_and_custom_ignore(backend):
     w = torch.randn(c, 3, dtype=torch.float64)
 
     def loss(z):
-        return fastsel.score(z, target, weight=w, ignore_index=2, backend=backend).loss
+        return fastsel.score(z, target, head=w, ignore_index=2, backend=backend).loss
 
     assert torch.autograd.gradcheck(loss, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -177,14 +177,14 @@ def test_only_loss_requires_grad(backend, with_weight):
     x = random_logits(6, 5, seed=2).requires_grad_(True)
     target = random_target(6, 5)
     w = torch.randn(5, 3) if with_weight else None
-    s = fastsel.score(x, target, weight=w, backend=backend)
+    s = fastsel.score(x, target, head=w, backend=backend)
     assert s.loss.requires_grad and s.loss.grad_fn is not None
     for name in ("entropy", "margin", "true_margin", "grad_norm", "confidence", "pred", "lse"):
         assert not getattr(s, name).requires_grad, name
     if with_weight:
         assert not s.mms.requires_grad
     # Without requires_grad on the input, nothing requires grad.
-    s0 = fastsel.score(x.detach(), target, weight=w, backend=backend)
+    s0 = fastsel.score(x.detach(), target, head=w, backend=backend)
     assert not any(t.requires_grad for t in s0 if t is not None)
 
 

@@ -179,7 +179,7 @@ def test_mms_nonfinite_weight_rule_every_path_and_batch_size(mode, c, poison):
     results = {}
     for backend in BACKENDS:
         for size in (1, 7, 64, n):  # the per-row, lane-wise, group and Gram paths
-            got = torch.cat([fastsel.score(x[i:i + size], t[i:i + size], weight=w, mms=mode,
+            got = torch.cat([fastsel.score(x[i:i + size], t[i:i + size], head=w, mms=mode,
                                            backend=backend).mms for i in range(0, n, size)])
             results[backend, size] = got
     ref = results["torch", n]
@@ -200,7 +200,7 @@ def test_mms_nonfinite_weight_with_head_and_float64(mode):
     x = torch.randn(50, 400, dtype=torch.float64)
     t = torch.randint(0, 400, (50,))
     head = fastsel.mms_head(w)
-    got = [fastsel.score(x, t, weight=wt, mms=mode, backend=b).mms
+    got = [fastsel.score(x, t, head=wt, mms=mode, backend=b).mms
            for b in BACKENDS for wt in (w, head)]
     for g in got[1:]:
         assert torch.equal(torch.isnan(g), torch.isnan(got[0]))
@@ -222,8 +222,8 @@ def test_mms_of_weights_of_extreme_magnitude(backend, mode, dtype, factor):
         w = torch.randn(c, 24, dtype=torch.float64)
         x = torch.randn(n, c, dtype=dtype)
         t = torch.randint(0, c, (n,))
-        want = fastsel.score(x.double(), t, weight=w, mms=mode, backend="torch").mms / factor
-        got = fastsel.score(x, t, weight=(w * factor).to(dtype), mms=mode, backend=backend).mms
+        want = fastsel.score(x.double(), t, head=w, mms=mode, backend="torch").mms / factor
+        got = fastsel.score(x, t, head=(w * factor).to(dtype), mms=mode, backend=backend).mms
         assert torch.isfinite(got).all() and (got > 0).all()
         rtol = 1e-12 if dtype == torch.float64 else 1e-5
         torch.testing.assert_close(got.double(), want, rtol=rtol, atol=0, msg=f"C = {c}")
@@ -235,7 +235,7 @@ def test_mms_of_a_zero_head(backend):
     x = torch.randn(200, 500)
     x[0, :2] = 9.0
     for mode in ("exact", "top2"):
-        got = fastsel.score(x, torch.zeros(200, dtype=torch.long), weight=torch.zeros(500, 32), mms=mode,
+        got = fastsel.score(x, torch.zeros(200, dtype=torch.long), head=torch.zeros(500, 32), mms=mode,
                             backend=backend).mms
         assert got[0] == 0 and (got[1:] == INF).all()
 
@@ -255,18 +255,18 @@ def test_stale_head_without_version_counter_is_caught():
     w_param = torch.nn.Parameter(torch.randn(300, 16))
     for w, update in ((w_inf, lambda w: w.add_(0.5)), (w_param, lambda w: w.data.mul_(-1.0))):
         head = fastsel.mms_head(w)
-        before = fastsel.score(x, t, weight=head, backend="cpu").mms
-        torch.testing.assert_close(before, fastsel.score(x, t, weight=w.detach(), backend="cpu").mms,
+        before = fastsel.score(x, t, head=head, backend="cpu").mms
+        torch.testing.assert_close(before, fastsel.score(x, t, head=w.detach(), backend="cpu").mms,
                                    rtol=0, atol=0)
         with torch.inference_mode():
             update(w)
         with pytest.raises(ValueError, match="modified in place"):
-            fastsel.score(x, t, weight=head, backend="cpu")
+            fastsel.score(x, t, head=head, backend="cpu")
         # the top-2 MMS and the reference do not use the precomputed distances
-        fastsel.score(x, t, weight=head, mms="top2", backend="cpu")
-        fastsel.score(x, t, weight=head, backend="torch")
-        assert torch.equal(fastsel.score(x, t, weight=fastsel.mms_head(w), backend="cpu").mms,
-                           fastsel.score(x, t, weight=w.detach(), backend="cpu").mms)
+        fastsel.score(x, t, head=head, mms="top2", backend="cpu")
+        fastsel.score(x, t, head=head, backend="torch")
+        assert torch.equal(fastsel.score(x, t, head=fastsel.mms_head(w), backend="cpu").mms,
+                           fastsel.score(x, t, head=w.detach(), backend="cpu").mms)
 
 
 @requires_extension
@@ -275,7 +275,7 @@ def test_head_of_an_inference_tensor_without_a_copy_is_refused():
         w = torch.randn(300, 8)
     head = fastsel.mms_head(w)._replace(snapshot=None)
     with pytest.raises(ValueError, match="no version counter"):
-        fastsel.score(torch.randn(4, 300), torch.zeros(4, dtype=torch.long), weight=head, backend="cpu")
+        fastsel.score(torch.randn(4, 300), torch.zeros(4, dtype=torch.long), head=head, backend="cpu")
 
 
 @requires_extension
@@ -285,8 +285,8 @@ def test_head_with_nan_weight_is_not_stale():
     w[3, 3] = NAN
     head = fastsel.mms_head(w)
     x, t = torch.randn(5, 300), torch.zeros(5, dtype=torch.long)
-    s = fastsel.score(x, t, weight=head, backend="cpu")  # no "modified in place" error
-    plain = fastsel.score(x, t, weight=w, backend="cpu")
+    s = fastsel.score(x, t, head=head, backend="cpu")  # no "modified in place" error
+    plain = fastsel.score(x, t, head=w, backend="cpu")
     assert torch.isnan(s.mms).all() and torch.isnan(plain.mms).all()  # the non-finite weight rule
 
 
@@ -311,7 +311,7 @@ def test_meta_tensors_give_meta_outputs():
     x = torch.empty(5, 7, device="meta")
     t = torch.empty(5, dtype=torch.long, device="meta")
     for weight in (None, torch.empty(7, 3, device="meta")):
-        s = fastsel.score(x, t, weight=weight)
+        s = fastsel.score(x, t, head=weight)
         for name in ("loss", "entropy", "margin", "true_margin", "grad_norm", "confidence", "lse"):
             v = getattr(s, name)
             assert v.device.type == "meta" and v.shape == (5,) and v.dtype == torch.float32, name

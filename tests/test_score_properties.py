@@ -68,7 +68,7 @@ def _valid_rows(logits):
 @given(case=cases())
 def test_matches_oracle(backend, case):
     logits, target, weight, mms, ignore_index = case
-    got = fastsel.score(logits, target, weight=weight, mms=mms, ignore_index=ignore_index, backend=backend)
+    got = fastsel.score(logits, target, head=weight, mms=mms, ignore_index=ignore_index, backend=backend)
     want = oracle(logits, target, weight=weight, mms=mms, ignore_index=ignore_index)
     assert_scores_close(got, want, logits.dtype, logits=logits)
 
@@ -89,7 +89,7 @@ def test_reference_matches_python_definition(case):
 def test_invariants(backend, case):
     logits, target, weight, mms, ignore_index = case
     n, c = logits.shape
-    s = fastsel.score(logits, target, weight=weight, mms=mms, ignore_index=ignore_index, backend=backend)
+    s = fastsel.score(logits, target, head=weight, mms=mms, ignore_index=ignore_index, backend=backend)
     valid = _valid_rows(logits)
     ignored = target.long() == ignore_index
     tol = 1e-5 if logits.dtype != torch.float64 else 1e-12
@@ -125,7 +125,7 @@ def test_invariants(backend, case):
         # mms is 0 exactly when the top logit is tied (otherwise every ratio is > 0).
         assert torch.equal(s.mms[v] == 0, s.margin[v] == 0)
         if mms == "exact":  # the min over all competitors is at most the runner-up's ratio
-            top2 = fastsel.score(logits, target, weight=weight, mms="top2", ignore_index=ignore_index,
+            top2 = fastsel.score(logits, target, head=weight, mms="top2", ignore_index=ignore_index,
                                  backend=backend).mms
             assert (s.mms[v].double() <= top2[v].double() * (1 + tol)).all()
     if c == 1:
@@ -143,8 +143,8 @@ def test_shift_invariance(backend, case, shifts):
     shifted = logits + shift[:, None]
     # The grid values plus these shifts are exact in float32 and float64.
     assert torch.equal(torch.isnan(shifted), torch.isnan(logits))
-    s0 = fastsel.score(logits, target, weight=weight, mms=mms, ignore_index=ignore_index, backend=backend)
-    s1 = fastsel.score(shifted, target, weight=weight, mms=mms, ignore_index=ignore_index, backend=backend)
+    s0 = fastsel.score(logits, target, head=weight, mms=mms, ignore_index=ignore_index, backend=backend)
+    s1 = fastsel.score(shifted, target, head=weight, mms=mms, ignore_index=ignore_index, backend=backend)
     rtol, atol = tolerances(logits.dtype, max(logit_scale(s0, shifted), 1.0))
     for name in ("loss", "entropy", "margin", "true_margin", "grad_norm", "confidence", "mms"):
         a, b = getattr(s1, name), getattr(s0, name)

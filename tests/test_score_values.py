@@ -92,15 +92,15 @@ def test_output_types(backend):
             logits = random_logits(4, 6, dtype=dtype)
             target = random_target(4, 6, dtype=tdtype)
             s = fastsel.score(logits, target, backend=backend)
-            assert isinstance(s, fastsel.Scores) and isinstance(s, tuple) and len(s) == 9
-            assert s.mms is None
+            assert isinstance(s, fastsel.Scores) and isinstance(s, tuple) and len(s) == 10
+            assert s.mms is None and s.cross_entropy is s.loss  # no class weights nor smoothing
             for name in ("loss", "entropy", "margin", "true_margin", "grad_norm", "confidence", "lse"):
                 t = getattr(s, name)
                 assert t.dtype == out_dtype(dtype), (name, dtype, t.dtype)
                 assert t.shape == (4,)
             assert s.pred.dtype == torch.int64 and s.pred.shape == (4,)
             w = torch.randn(6, 3)
-            s = fastsel.score(logits, target, weight=w, backend=backend)
+            s = fastsel.score(logits, target, head=w, backend=backend)
             assert s.mms is not None and s.mms.dtype == out_dtype(dtype) and s.mms.shape == (4,)
 
 
@@ -137,7 +137,7 @@ def test_hand_rows_match_python_definition(backend, dtype):
         assert_scores_close(oracle(logits, target, weight=weight, mms=mms), want, torch.float64,
                             logits=logits, msg=f"reference vs definition ({mms})")
         # ... and so must the backend.
-        got = fastsel.score(logits, target, weight=weight, mms=mms, backend=backend)
+        got = fastsel.score(logits, target, head=weight, mms=mms, backend=backend)
         assert_scores_close(got, want, dtype, logits=logits, msg=f"mms={mms}")
 
 
@@ -306,7 +306,7 @@ def test_nan_and_posinf_rows(backend, dtype, c):
         assert torch.isnan(getattr(s, name)[bad_rows]).all(), name
     assert torch.isnan(s.loss[[1, 2, 3, 4]]).all() and s.loss[6].item() == 0.0
     # The other rows are unaffected: same as scoring them alone.
-    alone = fastsel.score(logits[good_rows], target[good_rows], weight=w, backend=backend)
+    alone = fastsel.score(logits[good_rows], target[good_rows], head=w, backend=backend)
     for name in ("loss", "entropy", "margin", "true_margin", "grad_norm", "confidence", "mms", "lse", "pred"):
         got_f = getattr(s, name)[good_rows]
         assert not (got_f.is_floating_point() and torch.isnan(got_f).any()), name
@@ -400,13 +400,13 @@ def test_ignore_index(backend, dtype, ignore_index):
     target = torch.where(ignored, torch.full_like(valid, ignore_index), valid)
     w = torch.randn(c, 6)
     kw = {} if ignore_index == -100 else {"ignore_index": ignore_index}
-    s = fastsel.score(logits, target, weight=w, backend=backend, **kw)
+    s = fastsel.score(logits, target, head=w, backend=backend, **kw)
     assert_scores_close(s, oracle(logits, target, weight=w, ignore_index=ignore_index), dtype, logits=logits)
     assert (s.loss[ignored] == 0).all()
     assert torch.isnan(s.true_margin[ignored]).all() and torch.isnan(s.grad_norm[ignored]).all()
     assert not torch.isnan(s.true_margin[~ignored]).any() and not torch.isnan(s.grad_norm[~ignored]).any()
     # Target-independent scores are the same as with a real target.
-    ref = fastsel.score(logits, valid, weight=w, backend=backend, **kw)
+    ref = fastsel.score(logits, valid, head=w, backend=backend, **kw)
     for name in ("entropy", "margin", "confidence", "pred", "mms", "lse"):
         torch.testing.assert_close(getattr(s, name), getattr(ref, name), rtol=1e-6, atol=1e-6)
     # As F.cross_entropy(reduction="none", ignore_index=...).
@@ -465,7 +465,7 @@ def test_non_contiguous_logits(backend, dtype, kind, c):
     w = torch.randn(c, 5)
     s = score_and_check(x, target, backend, weight=w, msg=kind)
     # And the same values as the contiguous copy.
-    sc = fastsel.score(x.contiguous(), target, weight=w, backend=backend)
+    sc = fastsel.score(x.contiguous(), target, head=w, backend=backend)
     for name in ("loss", "entropy", "margin", "pred", "mms", "lse"):
         torch.testing.assert_close(getattr(s, name), getattr(sc, name), rtol=1e-5, atol=1e-5, equal_nan=True)
 
@@ -576,7 +576,7 @@ def test_mms_matches_oracle_and_brute_force(backend, mms, c, d, wdtype):
     torch.testing.assert_close(s.mms.double(), brute, rtol=1e-4, atol=1e-5)
     assert (s.mms >= 0).all()
     if mms == "exact":
-        top2 = fastsel.score(logits, target, weight=weight, mms="top2", backend=backend).mms
+        top2 = fastsel.score(logits, target, head=weight, mms="top2", backend=backend).mms
         assert (s.mms <= top2 * (1 + 1e-5)).all()  # the min over all competitors <= runner-up's
 
 
@@ -649,7 +649,7 @@ def test_gram_mms_bit_exact(c, dtype, mms):
     if c >= 4:
         weight[c // 3] = float("nan")
     target = random_target(n, c, seed=3)
-    got = fastsel.score(logits, target, weight=weight, mms=mms, backend="cpu").mms
+    got = fastsel.score(logits, target, head=weight, mms=mms, backend="cpu").mms
     want = _gram_mms_float32(logits, weight, mms)
     # the top-2 MMS of a row whose prediction or runner-up is the NaN class is NaN
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
@@ -672,7 +672,7 @@ def test_gram_mms_recomputes_cancelling_pairs(c):
         logits[i, r] = logits[i, a] - 0.25
     target = random_target(n, c, seed=5)
     for mms in ("exact", "top2"):
-        got = fastsel.score(logits, target, weight=weight, mms=mms, backend="cpu").mms
+        got = fastsel.score(logits, target, head=weight, mms=mms, backend="cpu").mms
         torch.testing.assert_close(got.double(), _mms_brute(logits, weight, mms), rtol=1e-4, atol=1e-6)
     # the top-2 MMS of rows 0 and 1 is the near-duplicate pair's, both ways: 0.25 / ~0.008
     assert (got[:2] > 10).all()
@@ -726,13 +726,13 @@ def test_mms_exact_adversarial_rows_and_batch_independence(backend, c, dtype):
         s = score_and_check(logits, target, backend, weight=weight, mms=mms, msg=f"adversarial {mms}")
         torch.testing.assert_close(s.mms.double(), _mms_brute(logits, weight, mms), rtol=1e-4, atol=1e-5)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(c))
-        shuffled = fastsel.score(logits[order], target[order], weight=weight, mms=mms, backend=backend)
+        shuffled = fastsel.score(logits[order], target[order], head=weight, mms=mms, backend=backend)
         assert torch.equal(shuffled.mms, s.mms[order]), mms
         for i in (0, 5, 13, 21, 29, 37, n - 1):
-            alone = fastsel.score(logits[i:i + 1], target[i:i + 1], weight=weight, mms=mms, backend=backend)
+            alone = fastsel.score(logits[i:i + 1], target[i:i + 1], head=weight, mms=mms, backend=backend)
             assert torch.equal(alone.mms, s.mms[i:i + 1]), (mms, i)
-    exact = fastsel.score(logits, target, weight=weight, mms="exact", backend=backend).mms
-    top2 = fastsel.score(logits, target, weight=weight, mms="top2", backend=backend).mms
+    exact = fastsel.score(logits, target, head=weight, mms="exact", backend=backend).mms
+    top2 = fastsel.score(logits, target, head=weight, mms="top2", backend=backend).mms
     assert (exact < top2).any()  # some row's minimum is not its runner-up: candidates were needed
 
 
@@ -749,8 +749,8 @@ def test_mms_head_changes_no_value(backend, c, dtype):
     head = fastsel.mms_head(weight)
     assert head.max_distance.shape == (c,) and head.max_distance.dtype == torch.float64
     for mms in ("exact", "top2"):
-        plain = fastsel.score(logits, target, weight=weight, mms=mms, backend=backend).mms
-        with_head = fastsel.score(logits, target, weight=head, mms=mms, backend=backend).mms
+        plain = fastsel.score(logits, target, head=weight, mms=mms, backend=backend).mms
+        with_head = fastsel.score(logits, target, head=head, mms=mms, backend=backend).mms
         assert torch.equal(with_head, plain), mms
         torch.testing.assert_close(with_head.double(), _mms_brute(logits, weight, mms), rtol=1e-4, atol=1e-5)
 
@@ -771,11 +771,11 @@ def test_mms_head_max_distance_is_an_upper_bound_and_is_used():
     wide_dist = torch.cdist(wide.double(), wide.double()).amax(dim=1)
     torch.testing.assert_close(fastsel.mms_head(wide).max_distance, wide_dist, rtol=1e-4, atol=0)
     assert fastsel.mms_head(torch.randn(1, 8)).max_distance.shape == (1,)
-    exact = fastsel.score(logits, target, weight=weight, backend="cpu").mms
-    top2 = fastsel.score(logits, target, weight=weight, mms="top2", backend="cpu").mms
+    exact = fastsel.score(logits, target, head=weight, backend="cpu").mms
+    top2 = fastsel.score(logits, target, head=weight, mms="top2", backend="cpu").mms
     assert (exact < top2).any()  # some rows need their candidates
     wrong = fastsel.MmsHead(weight, torch.full((1000,), 1e-6, dtype=torch.float64), head.version)
-    assert torch.equal(fastsel.score(logits, target, weight=wrong, backend="cpu").mms, top2)
+    assert torch.equal(fastsel.score(logits, target, head=wrong, backend="cpu").mms, top2)
 
 
 def test_mms_head_bad_input_and_stale_weight():
@@ -787,19 +787,19 @@ def test_mms_head_bad_input_and_stale_weight():
         with pytest.raises(err, match="weight"):
             fastsel.mms_head(bad)
     with pytest.raises(ValueError, match=r"max_distance must be \[C\] = \[50\]"):
-        fastsel.score(logits, target, weight=head._replace(max_distance=torch.ones(49, dtype=torch.float64)))
-    with pytest.raises(ValueError, match=r"weight must be the classifier matrix of shape \[C, D\] = \[7"):
-        fastsel.score(random_logits(4, 7), random_target(4, 7), weight=head)  # a head of another layer
+        fastsel.score(logits, target, head=head._replace(max_distance=torch.ones(49, dtype=torch.float64)))
+    with pytest.raises(ValueError, match=r"head must be the classifier matrix of shape \[C, D\] = \[7"):
+        fastsel.score(random_logits(4, 7), random_target(4, 7), head=head)  # a head of another layer
     with pytest.raises(RuntimeError, match="max_distance must be a floating point"):
         torch.ops.fastsel.score_forward(logits, target, -100, weight, 1, torch.ones(50, dtype=torch.int64))
-    fastsel.score(logits, target, weight=head)  # fine while the weight is unchanged
+    fastsel.score(logits, target, head=head)  # fine while the weight is unchanged
     with torch.no_grad():
         weight.mul_(2)  # an optimizer step, say
     with pytest.raises(ValueError, match="modified in place after fastsel.mms_head"):
-        fastsel.score(logits, target, weight=head)
+        fastsel.score(logits, target, head=head)
     with torch.inference_mode():  # an inference tensor has no version to check
         w = torch.randn(50, 8)
-        fastsel.score(logits, target, weight=fastsel.mms_head(w))
+        fastsel.score(logits, target, head=fastsel.mms_head(w))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: dtype_ids[d])
@@ -897,7 +897,7 @@ def test_inputs_not_mutated(backend):
         copies = [t.clone() for t in (logits, target, weight)]
         strides = [t.stride() for t in (logits, target, weight)]
         for mms in ("exact", "top2"):
-            fastsel.score(logits, target, weight=weight, mms=mms, backend=backend)
+            fastsel.score(logits, target, head=weight, mms=mms, backend=backend)
         leaf = logits.detach().clone().requires_grad_(True)
         fastsel.score(leaf, target, backend=backend).loss.nan_to_num().sum().backward()
         for orig, now, st in zip(copies, (logits, target, weight), strides):
@@ -943,14 +943,14 @@ def test_repeatable_and_thread_count_independent(backend):
     logits = random_logits(4097, 1000, seed=12)
     target = random_target(4097, 1000, ignore_frac=0.1)
     w = torch.randn(1000, 16)
-    a = fastsel.score(logits, target, weight=w, backend=backend)
-    b = fastsel.score(logits, target, weight=w, backend=backend)
+    a = fastsel.score(logits, target, head=w, backend=backend)
+    b = fastsel.score(logits, target, head=w, backend=backend)
     for name in ("loss", "entropy", "margin", "true_margin", "grad_norm", "confidence", "pred", "mms", "lse"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0, equal_nan=True)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = fastsel.score(logits, target, weight=w, backend=backend)
+        one = fastsel.score(logits, target, head=w, backend=backend)
     finally:
         torch.set_num_threads(threads)
     assert_scores_close(one, oracle(logits, target, weight=w), torch.float32, logits=logits)

@@ -282,17 +282,17 @@ def _batch(n=300, c=10, d=16, seed=0):
 @pytest.mark.parametrize("by", sorted(fastsel.SCORE_DIRECTIONS))
 def test_select_topk_picks_the_documented_direction(backend, by):
     x, y, w = _batch()
-    sel = fastsel.select(x, y, 30, by=by, weight=w, backend=backend)
+    sel = fastsel.select(x, y, 30, by=by, head=w, backend=backend)
     values = getattr(sel.scores, by)
     largest = fastsel.SCORE_DIRECTIONS[by] == "largest"
     assert torch.equal(sel.indices, stable_topk(values, 30, largest))
-    flipped = fastsel.select(x, y, 30, by=by, weight=w, largest=not largest, backend=backend)
+    flipped = fastsel.select(x, y, 30, by=by, head=w, largest=not largest, backend=backend)
     assert torch.equal(flipped.indices, stable_topk(values, 30, not largest))
 
 
 def test_select_mms_keeps_the_smallest_margin_samples(backend):
     x, y, w = _batch(n=640, c=10, d=32)
-    sel = fastsel.select(x, y, 64, by="mms", weight=w, backend=backend)
+    sel = fastsel.select(x, y, 64, by="mms", head=w, backend=backend)
     mms = sel.scores.mms
     chosen = torch.zeros(640, dtype=torch.bool)
     chosen[sel.indices] = True
@@ -328,7 +328,7 @@ def test_select_percentile_policy_is_selective_backprop(backend):
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(k=5, by="pred"), ValueError, "by must be one of"),
     (dict(k=5, policy="greedy"), ValueError, "policy must be one of"),
-    (dict(k=5, by="mms"), ValueError, "by='mms' needs the classifier weight"),
+    (dict(k=5, by="mms"), ValueError, "by='mms' needs the classifier head"),
     (dict(policy="topk"), ValueError, "needs k"),
     (dict(k=5, policy="percentile", history=torch.rand(3)), ValueError, "k must be None with policy='percentile'"),
     (dict(policy="percentile"), ValueError, "needs history="),

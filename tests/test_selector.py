@@ -135,7 +135,7 @@ def test_scoring_forward_is_inference_without_graph():
 def test_mms_keeps_the_64_smallest_mms_candidates():
     model = make_model().train()
     x, y = candidates()
-    want = eval_scores(model, x, y, weight=model.fc.weight.detach())
+    want = eval_scores(model, x, y, head=model.fc.weight.detach())
     selector = fastsel.BatchSelector(model, MMS(keep=64), head=model.fc)
     xb, yb, w = selector(x, y)
     rows = rows_of(xb, x)
@@ -153,8 +153,8 @@ def test_mms_mode_is_passed_to_scoring(mms):
     model = make_model()
     x, y = candidates()
     w = model.fc.weight.detach()
-    want = eval_scores(model, x, y, weight=w, mms=mms)
-    other = eval_scores(model, x, y, weight=w, mms={"exact": "top2", "top2": "exact"}[mms])
+    want = eval_scores(model, x, y, head=w, mms=mms)
+    other = eval_scores(model, x, y, head=w, mms={"exact": "top2", "top2": "exact"}[mms])
     keep = 200  # for this model and batch the exact and top-2 selections differ at 200
     expected = set(torch.argsort(want.mms, stable=True)[:keep].tolist())
     assert expected != set(torch.argsort(other.mms, stable=True)[:keep].tolist())
@@ -289,7 +289,7 @@ def test_costs_count_candidates_and_kept():
 def test_stats_mms_quantiles_and_selected_vs_rest_loss():
     model = make_model()
     x, y = candidates()
-    want = eval_scores(model, x, y, weight=model.fc.weight.detach())
+    want = eval_scores(model, x, y, head=model.fc.weight.detach())
     got = []
     selector = fastsel.BatchSelector(model, MMS(64), head=model.fc)
     selector.add_hook(got.append)
@@ -466,7 +466,7 @@ def test_topscore_follows_score_directions_and_needs_the_head_for_mms():
     model = nn.Linear(6, 5)  # a linear model is its own head
     x, y = torch.randn(50, 6), torch.randint(0, 5, (50,))
     logits = model(x).detach()
-    s = fastsel.score(logits, y, weight=model.weight.detach())
+    s = fastsel.score(logits, y, head=model.weight.detach())
     for by in ("margin", "loss", "mms"):
         strategy = TopScore(8, by=by)
         assert strategy.needs_head == (by == "mms")

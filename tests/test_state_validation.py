@@ -105,7 +105,7 @@ N, BS = 37, 8
 
 def make_sampler(strategy=None, seed=7, n=N):
     return fastsel.ScoreSampler(indexed(n), strategy if strategy is not None else InfoBatch(), batch_size=BS,
-                                epochs=4, seed=seed)
+                                epochs=4, seed=seed, drop_last=False)
 
 
 def saved_state():
@@ -258,10 +258,10 @@ def test_consumed_bound_is_the_plans_batch_count():
 def test_sampler_refuses_another_strategys_state_naming_both():
     model = torch.nn.Linear(1, C)
     data = fastsel.Indexed(TensorDataset(torch.arange(N, dtype=torch.float32)[:, None], torch.arange(N) % C))
-    dynams = fastsel.ScoreSampler(data, DynaMS(0.5, 1, model=model), batch_size=BS, epochs=4)
+    dynams = fastsel.ScoreSampler(data, DynaMS(0.5, 1, model=model), batch_size=BS, epochs=4, drop_last=False)
     for _, _, idx in DataLoader(data, batch_sampler=dynams):
         dynams.update(idx, fake_scores(idx))
-    target = fastsel.ScoreSampler(data, InfoBatch(), batch_size=BS, epochs=4)
+    target = fastsel.ScoreSampler(data, InfoBatch(), batch_size=BS, epochs=4, drop_last=False)
     train(target, 3)
     before = target.state_dict()
     with pytest.raises(ValueError, match=re.escape("state['strategy']['strategy'] must be 'InfoBatch', got 'DynaMS': "
@@ -349,7 +349,7 @@ def test_sampler_round_trip_weights_only_resumes_identically(name):
     make = epoch_strategies()[name]
 
     def sampler():
-        return fastsel.ScoreSampler(epoch_data(), make(), batch_size=BS, epochs=6, seed=2)
+        return fastsel.ScoreSampler(epoch_data(), make(), batch_size=BS, epochs=6, seed=2, drop_last=False)
 
     full = sampler()
     stream = [b for _ in range(6) for b in dl_train(full)]
@@ -597,7 +597,7 @@ def test_strategy_rejects_tampered_state_and_stays_untouched(name, path, value, 
 def test_dynams_subset_beyond_the_data_set_is_refused_by_the_sampler():
     name = "DynaMS"
     strategy_state = warmed(name).state_dict()
-    s = fastsel.ScoreSampler(epoch_data(), all_strategies()[name][0](), batch_size=BS, epochs=4)
+    s = fastsel.ScoreSampler(epoch_data(), all_strategies()[name][0](), batch_size=BS, epochs=4, drop_last=False)
     state = s.state_dict()
     state["strategy"] = tampered(strategy_state, ("subset",), lambda t: torch.cat([t, torch.tensor([N])]))
     with pytest.raises(ValueError, match=re.escape(f"state['strategy']['subset'] must hold values in [0, {N}), got "
@@ -776,7 +776,7 @@ def test_selector_rejects_tampered_state_and_stays_untouched(path, value, exc, m
 @pytest.mark.skipif(torch.distributed.is_available() and torch.distributed.is_initialized(),
                     reason="needs a process without a process group")
 def test_update_with_replicas_but_no_process_group_raises():
-    s = fastsel.ScoreSampler(indexed(20), InfoBatch(), batch_size=4, epochs=2, num_replicas=2, rank=1)
+    s = fastsel.ScoreSampler(indexed(20), InfoBatch(), batch_size=4, epochs=2, num_replicas=2, rank=1, drop_last=False)
     batches = list(s)  # planning and sharding stay allowed (e.g. to inspect a rank's batches)
     assert len(s) == len(batches) == 3 and sorted(i for b in batches for i in b) == sorted(
         s.state_dict()["plan"][0][1::2].tolist())
@@ -785,7 +785,7 @@ def test_update_with_replicas_but_no_process_group_raises():
                                            r"init_process_group.*leave num_replicas and rank unset"):
         s.update(idx, fake_scores(idx))
     assert int(s.table.count.sum()) == 0 and s.costs.as_dict() == {"scored": 0, "trained": 0, "steps": 0}
-    one = fastsel.ScoreSampler(indexed(20), InfoBatch(), batch_size=4, epochs=2, num_replicas=1, rank=0)
+    one = fastsel.ScoreSampler(indexed(20), InfoBatch(), batch_size=4, epochs=2, num_replicas=1, rank=0, drop_last=False)
     b = torch.tensor(next(iter(one)))
     one.update(b, fake_scores(b))
     assert one.costs.steps == 1
@@ -798,7 +798,7 @@ def test_selective_backprop_equal_losses_give_empty_epochs_through_a_dataloader(
     data = fastsel.Indexed(TensorDataset(torch.zeros(n, 1), torch.zeros(n, dtype=torch.int64)))
 
     def make():
-        return fastsel.ScoreSampler(data, SelectiveBackprop(staleness=2), batch_size=bs, epochs=6, seed=1)
+        return fastsel.ScoreSampler(data, SelectiveBackprop(staleness=2), batch_size=bs, epochs=6, seed=1, drop_last=False)
 
     def run_epochs(s, epochs):
         out = []
@@ -841,13 +841,13 @@ def test_len_then_iter_serves_the_empty_epoch_before_the_next():
 
 @pytest.mark.parametrize("name", list(epoch_strategies()))
 def test_empty_data_set_gives_epochs_of_no_batch(name):
-    s = fastsel.ScoreSampler(epoch_data(0), epoch_strategies()[name](), batch_size=BS, epochs=3)
+    s = fastsel.ScoreSampler(epoch_data(0), epoch_strategies()[name](), batch_size=BS, epochs=3, drop_last=False)
     for epoch in range(3):
         assert len(s) == 0
         assert list(DataLoader(s.data, batch_sampler=s)) == []
         assert s.epoch == epoch + 1
     state = roundtrip(s.state_dict())
-    fresh = fastsel.ScoreSampler(epoch_data(0), epoch_strategies()[name](), batch_size=BS, epochs=3)
+    fresh = fastsel.ScoreSampler(epoch_data(0), epoch_strategies()[name](), batch_size=BS, epochs=3, drop_last=False)
     fresh.load_state_dict(state)
     assert fresh.epoch == 3 and list(fresh) == [] and fresh.epoch == 4
 

@@ -471,7 +471,7 @@ def test_selective_backprop_epoch_style_stale():
     data = fastsel.Indexed(torch.utils.data.TensorDataset(torch.zeros(n, 1)))
     strat = SelectiveBackprop(staleness=3)
     assert strat.styles == ("batch", "epoch")
-    sampler = fastsel.ScoreSampler(data, strat, batch_size=bs, epochs=7, seed=5)
+    sampler = fastsel.ScoreSampler(data, strat, batch_size=bs, epochs=7, seed=5, drop_last=False)
     shift = 0.0
     for epoch in range(7):
         table_before = sampler.table.values("loss").clone()  # what the epoch's plan reads
@@ -546,7 +546,7 @@ BATCH_ONLY = [lambda: CDFSampling(4), lambda: UpperBoundIS(4), lambda: RhoLoss(l
 def test_epoch_style_raises_style_error(make):
     data = fastsel.Indexed(torch.utils.data.TensorDataset(torch.zeros(8, 1)))
     with pytest.raises(StyleError, match="epoch style"):
-        fastsel.ScoreSampler(data, make(), batch_size=4, epochs=1)
+        fastsel.ScoreSampler(data, make(), batch_size=4, epochs=1, drop_last=False)
 
 
 def resumable_strategies():

@@ -123,7 +123,7 @@ def test_hard_batches_keeps_top_delta_by_stale_batch_mean_loss():
     base[hot] = 50.0
     trainer = FakeTrainer(lambda e: base + (hardness(e) - hardness(0)))
     strategy = HardBatches(0.25, batch_size=32)
-    sampler = fastsel.ScoreSampler(data, strategy, batch_size=32, epochs=4, seed=3)
+    sampler = fastsel.ScoreSampler(data, strategy, batch_size=32, epochs=4, seed=3, drop_last=False)
 
     first = run_epoch(sampler, trainer)
     assert sorted(epoch_indices(first)) == list(range(N)), "epoch 0 must visit every sample once"
@@ -155,7 +155,7 @@ def test_hard_batches_short_batch_comes_last_and_chunks_are_kept_batches():
     base[formed[4]] = 5.0    # then batches 4 and 11
     base[formed[11]] = 4.0
     trainer = FakeTrainer(lambda e: base)
-    sampler = fastsel.ScoreSampler(data, strategy, batch_size=32, epochs=2)
+    sampler = fastsel.ScoreSampler(data, strategy, batch_size=32, epochs=2, drop_last=False)
     run_epoch(sampler, trainer)
     got = [idx for _, idx, _ in run_epoch(sampler, trainer)]
     assert got == [formed[4].tolist(), formed[11].tolist(), formed[-1].tolist()]
@@ -219,7 +219,7 @@ def test_dynams_refreshes_the_smallest_margin_subset_every_r_epochs():
     x = data.dataset.tensors[0]
     trainer = ModelTrainer()
     strategy = DynaMS(0.25, 2, model=trainer.model, score_batch_size=100)
-    sampler = fastsel.ScoreSampler(data, strategy, batch_size=32, epochs=6, seed=5)
+    sampler = fastsel.ScoreSampler(data, strategy, batch_size=32, epochs=6, seed=5, drop_last=False)
     k = N // 4
     subsets, scored = [], []
     for epoch in range(6):
@@ -285,7 +285,7 @@ def test_dynams_parameter_sharing_proxy():
 
     stats = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
     strategy = DynaMS(0.25, 1, model=model, proxy=narrow, warmup_epochs=0, score_batch_size=200)
-    sampler = fastsel.ScoreSampler(data, strategy, batch_size=64, epochs=1)
+    sampler = fastsel.ScoreSampler(data, strategy, batch_size=64, epochs=1, drop_last=False)
     got = torch.tensor([i for b in sampler for i in b])
     assert model.training and bn.training
     assert all(torch.equal(a, b) for a, b in zip(stats, (bn.running_mean, bn.running_var, bn.num_batches_tracked)))
@@ -311,7 +311,7 @@ def test_budgeted_draws_budget_n_distinct_samples_with_the_running_mean_importan
     data = make_data()
     trainer = FakeTrainer(random_hardness(seed=2))
     strategy = PSGD(0.3)
-    sampler = fastsel.ScoreSampler(data, strategy, batch_size=32, epochs=4, seed=11)
+    sampler = fastsel.ScoreSampler(data, strategy, batch_size=32, epochs=4, seed=11, drop_last=False)
     k = round(0.3 * N)
     seen_any = torch.zeros(N, dtype=torch.bool)
     for epoch in range(4):
@@ -395,7 +395,7 @@ def test_budgeted_reweight_gives_importance_weights():
     trainer = FakeTrainer(random_hardness(seed=3))
     strategy = CSGD(0.25, reweight=True)
     assert strategy.unbiased and not CSGD(0.25).unbiased
-    sampler = fastsel.ScoreSampler(data, strategy, batch_size=64, epochs=3)
+    sampler = fastsel.ScoreSampler(data, strategy, batch_size=64, epochs=3, drop_last=False)
     for epoch in range(3):
         p = strategy.importance(sampler.table).float()
         batches = run_epoch(sampler, trainer)
@@ -411,23 +411,23 @@ def test_budgeted_reweight_gives_importance_weights():
 # ---------------------------------------------------------------- all strategies
 
 def make_hard_batches(seed=0):
-    return (fastsel.ScoreSampler(make_data(), HardBatches(0.5, batch_size=32), batch_size=32, epochs=5, seed=seed),
+    return (fastsel.ScoreSampler(make_data(), HardBatches(0.5, batch_size=32), batch_size=32, epochs=5, seed=seed, drop_last=False),
             FakeTrainer(random_hardness()))
 
 
 def make_dynams(seed=0):
     trainer = ModelTrainer()
     strategy = DynaMS(0.25, 2, model=trainer.model, score_batch_size=128)
-    return fastsel.ScoreSampler(make_data(), strategy, batch_size=32, epochs=5, seed=seed), trainer
+    return fastsel.ScoreSampler(make_data(), strategy, batch_size=32, epochs=5, seed=seed, drop_last=False), trainer
 
 
 def make_psgd(seed=0):
-    return (fastsel.ScoreSampler(make_data(), PSGD(0.4), batch_size=32, epochs=5, seed=seed),
+    return (fastsel.ScoreSampler(make_data(), PSGD(0.4), batch_size=32, epochs=5, seed=seed, drop_last=False),
             FakeTrainer(random_hardness()))
 
 
 def make_csgd(seed=0):
-    return (fastsel.ScoreSampler(make_data(), CSGD(0.4, reweight=True), batch_size=32, epochs=5, seed=seed),
+    return (fastsel.ScoreSampler(make_data(), CSGD(0.4, reweight=True), batch_size=32, epochs=5, seed=seed, drop_last=False),
             FakeTrainer(random_hardness()))
 
 
@@ -593,7 +593,7 @@ def test_epoch_only_strategies_refuse_the_batch_style(strategy):
     assert strategy.styles == ("epoch",)
     with pytest.raises(StyleError, match="BatchSelector"):
         fastsel.BatchSelector(make_model(), strategy)
-    fastsel.ScoreSampler(make_data(), strategy, batch_size=32, epochs=2)  # the epoch style is fine
+    fastsel.ScoreSampler(make_data(), strategy, batch_size=32, epochs=2, drop_last=False)  # the epoch style is fine
 
 
 def test_dynams_data_errors():

@@ -776,7 +776,7 @@ class _Run:
         ks = [k for k in range(targets.k) if k == 0 or bool(targets.weights[:, k].any())]
         head = model_head(self.cfg, self.model).weight.detach() if with_mms else None
         t = time.perf_counter()
-        scores = [fastsel.score(logits, targets.labels[:, k], weight=head) for k in ks]
+        scores = [fastsel.score(logits, targets.labels[:, k], head=head) for k in ks]
         self.score_s += time.perf_counter() - t
         if targets.k == 1:
             per_sample = scores[0].loss
@@ -963,7 +963,8 @@ def _run_epoch_style(run: _Run, spec: StrategySpec, x: torch.Tensor, y: torch.Te
     strategy = spec.resolve()(**spec.kwargs(ctx))
     data = fastsel.Indexed(FashionMNIST(x, y))
     bs = run.cfg.batch_size
-    sampler = fastsel.ScoreSampler(data, strategy, batch_size=bs, epochs=run.cfg.epochs, seed=run.spec.seed)
+    sampler = fastsel.ScoreSampler(data, strategy, batch_size=bs, epochs=run.cfg.epochs, seed=run.spec.seed,
+                                   drop_last=False)  # as the committed grid ran (every sample of a plan)
     run.scored_fn = lambda: sampler.costs.scored
     aug = get_augmentation(run.spec.augment, fill=run.data.fill)
     gen = _seeded(run.spec.seed, 1)

@@ -45,7 +45,7 @@ TABLE_FIELDS: dict[str, Callable[[Scores], torch.Tensor]] = {
     "grad_norm": lambda s: s.grad_norm,
     "confidence": lambda s: s.confidence,
     "prob_margin": _prob_margin,
-    "p_wrong": lambda s: -torch.expm1(-s.loss),  # 1 - p_y
+    "p_wrong": lambda s: -torch.expm1(-s.plain_loss()),  # 1 - p_y, whatever the loss's options
     "mms": lambda s: _require_mms(s),
 }
 
@@ -53,7 +53,7 @@ TABLE_FIELDS: dict[str, Callable[[Scores], torch.Tensor]] = {
 def _require_mms(s: Scores) -> torch.Tensor:
     if s.mms is None:
         raise ValueError("this strategy records the MMS: score the training forward with the classifier weight, "
-                         "s = fastsel.score(logits, target, weight=model.fc.weight), before sampler.update(idx, s)")
+                         "s = fastsel.score(logits, target, head=model.fc), before sampler.update(idx, s)")
     return s.mms
 
 
@@ -271,6 +271,12 @@ class Strategy:
             where = {"batch": "the in-batch style (BatchSelector)", "epoch": "the epoch style (ScoreSampler)"}[style]
             raise StyleError(f"{type(self).__name__} does not support {where}; "
                              f"it supports: {', '.join(self.styles) or 'nothing'}")
+
+    def epoch_size_bound(self, epoch: int, n: int, epochs: int) -> tuple[int, bool]:
+        """(samples, exact): the most samples the plan of ``epoch`` can hold over a data
+        set of ``n``, and whether that is its size whatever the scores (then the sampler
+        knows the run's steps ahead). Default: ``(n, False)``."""
+        return n, False
 
     # ---- state ----
     def state_dict(self) -> dict:

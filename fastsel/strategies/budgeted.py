@@ -58,6 +58,9 @@ class _Budgeted(Strategy):
             return torch.ones_like(p)
         return p
 
+    def epoch_size_bound(self, epoch: int, n: int, epochs: int) -> tuple[int, bool]:
+        return fraction_count(self.budget, n), True
+
     def plan_epoch(self, epoch: int, table: ScoreTable, *, seed: int, epochs: int,
                    data: Any = None) -> EpochPlan:
         n = table.n

@@ -67,7 +67,7 @@ class MMS(TopScore):
     learning-rate schedule and monitors the batch MMS quantiles (``BatchSelector.stats``).
 
     Epoch style (``keep`` a fraction): the training forward must record the MMS, i.e. be
-    scored with the head, ``s = fastsel.score(logits, y, weight=model.fc.weight)`` before
+    scored with the head, ``s = fastsel.score(logits, y, head=model.fc)`` before
     ``sampler.update(idx, s)``; a ``Rescorer`` for ``refresh`` needs ``head=`` too.
     """
 
@@ -116,6 +116,9 @@ class Uniform(Strategy):
         keep_in_batch(self.keep, n)
         sel = sample(torch.ones(n, device=scores.loss.device), self.keep, seed=seed, counter=step)
         return Selection(sel.indices, sel.weights, scores)
+
+    def epoch_size_bound(self, epoch: int, n: int, epochs: int) -> tuple[int, bool]:
+        return fraction_count(self.budget, n), True
 
     def plan_epoch(self, epoch: int, table: ScoreTable, *, seed: int, epochs: int,
                    data: Any = None) -> EpochPlan:

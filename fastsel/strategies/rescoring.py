@@ -152,7 +152,7 @@ class Rescorer:
                 raise ValueError(f"the proxy must return logits [B, C] with B = {idx.numel()} (the batch), got {got}")
             weight = self.head.weight.detach() if "mms" in fields else None
             with torch.inference_mode():
-                s = score(logits, torch.as_tensor(y).to(logits.device), weight=weight, mms=self.mms,
+                s = score(logits, torch.as_tensor(y).to(logits.device), head=weight, mms=self.mms,
                           backend=self.backend)
                 for f in fields:
                     values[f][idx.to(torch.int64)] = TABLE_FIELDS[f](s).to("cpu", torch.float32)

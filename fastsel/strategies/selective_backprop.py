@@ -32,12 +32,11 @@ class SelectiveBackprop(Strategy):
     expected keep rate is E[U^beta] = 1 / (beta + 1) (0.25 for beta = 3).
 
     The queue: the paper forwards samples one batch at a time and queues the kept ones
-    until ``batch_size`` of them are ready for one backward pass. Here ``choose`` returns
-    this step's kept samples (a random number, possibly 0) and the caller trains on them
-    directly: make the candidate batch about (beta + 1) × the wanted backward batch (4×
-    for beta = 3) for backward batches of that size on average, and skip the optimizer
-    step when nothing was kept. A selector's call cannot return samples of an earlier
-    candidate batch, so an exact-size queue would have to live in the training loop.
+    until ``batch_size`` of them are ready for one backward pass. ``choose`` returns this
+    step's kept samples (a random number, possibly 0 or 1); ``fastsel.BatchQueue(selector,
+    batch_size)`` is the paper's queue, handing out only full backward batches. Without
+    it, make the candidate batch about (beta + 1) × the wanted backward batch (4× for
+    beta = 3) and skip the optimizer step when nothing was kept.
 
     Stale variant (``staleness=n`` epochs; adds the epoch style, ``fastsel.ScoreSampler``):
     every n-th epoch (epoch % n == 0, so epoch 0 too) is a full pass, every sample once in

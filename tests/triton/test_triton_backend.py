@@ -14,7 +14,7 @@ def test_score_triton_backend_matches_reference_and_grad():
     target = torch.randint(0, 37, (9,))
     target[4] = -100
     weight = torch.randn(37, 5)
-    s = fastsel.score(logits, target, weight=weight, backend="triton")
+    s = fastsel.score(logits, target, head=weight, backend="triton")
     want = score_reference(logits.detach().double(), target, -100, weight.double(), "exact")
     for name in ("loss", "entropy", "margin", "true_margin", "grad_norm", "confidence", "mms", "lse"):
         torch.testing.assert_close(getattr(s, name).double(), getattr(want, name),
