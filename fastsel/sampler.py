@@ -154,11 +154,7 @@ class ScoreSampler(torch.utils.data.Sampler):
         self.seed = seed
         self.drop_last = drop_last
         self.num_replicas, self.rank = _world(num_replicas, rank)
-        planned = getattr(strategy, "batch_size", None)  # strategies that plan whole batches
-        if planned is not None and planned != batch_size * self.num_replicas:
-            raise ValueError(f"{type(strategy).__name__} plans batches of {planned} samples but the sampler "
-                             f"draws global batches of {batch_size * self.num_replicas} "
-                             f"(batch_size={batch_size} x {self.num_replicas} replicas): make them equal")
+        self._check_planned_batches()
         _check_indexed(data)
         if drop_last and 0 < n < batch_size * self.num_replicas:
             warnings.warn(f"ScoreSampler: the data set has {n} samples, fewer than one batch of {batch_size} "
@@ -177,6 +173,29 @@ class ScoreSampler(torch.utils.data.Sampler):
         self._warned_no_update = False
         self._stats: Optional[dict] = {}
         self._pending_stats = None  # what the last update's stats are computed from, when read
+
+    def _check_planned_batches(self) -> None:
+        planned = getattr(self.strategy, "batch_size", None)  # strategies that plan whole batches
+        if planned is not None and planned != self.batch_size * self.num_replicas:
+            raise ValueError(f"{type(self.strategy).__name__} plans batches of {planned} samples but the sampler "
+                             f"draws global batches of {self.batch_size * self.num_replicas} "
+                             f"(batch_size={self.batch_size} x {self.num_replicas} replicas): make them equal")
+
+    def set_world(self, num_replicas: int, rank: int) -> None:
+        """Sets the DDP layout after construction, for frameworks that start the process
+        group after the user built the sampler (Lightning's DDP launches its processes
+        inside ``fit``). Only at the start of an epoch: no batch of it trained."""
+        if self._consumed:
+            raise RuntimeError(f"set_world: {self._consumed} batches of epoch {self.epoch} are already trained on "
+                               "this layout; change it only at the start of an epoch")
+        old = self.num_replicas, self.rank
+        self.num_replicas, self.rank = _world(num_replicas, rank)
+        try:
+            self._check_planned_batches()
+        except ValueError:
+            self.num_replicas, self.rank = old
+            raise
+        self._batch_cache = None  # this rank's batches follow the layout
 
     def __repr__(self) -> str:
         return (f"ScoreSampler({self.strategy!r}, n={self.n}, batch_size={self.batch_size}, epochs={self.epochs}, "
@@ -296,6 +315,21 @@ class ScoreSampler(torch.utils.data.Sampler):
             steps += self._batches_of(size)
             exact = exact and known
         return steps, exact
+
+    def max_epoch_steps(self) -> int:
+        """The most batches any epoch of the run can hold on this rank (the bound of
+        ``Strategy.epoch_size_bound``): a constant epoch length for frameworks that size
+        their epochs once."""
+        return max((self._batches_of(self.strategy.epoch_size_bound(e, self.n, self.epochs)[0])
+                    for e in range(self.epochs)), default=0)
+
+    def planned_steps(self) -> int:
+        """The run's steps as counted before it starts, a pure function of the strategy,
+        the data set's size and the batch layout (the same in a resumed process): the
+        sum over epochs of the most each epoch's plan can hold
+        (``Strategy.epoch_size_bound``). Exact when ``total_steps()`` is."""
+        return sum(self._batches_of(self.strategy.epoch_size_bound(e, self.n, self.epochs)[0])
+                   for e in range(self.epochs))
 
     @property
     def progress(self) -> float:
