@@ -16,8 +16,8 @@
 // written with differentiable ATen ops, so every further order works as well.
 //
 // The same formula registered from Python (torch.library.register_autograd, still used
-// for the Triton ops in fastsel/_autograd.py) costs ~20 us of Python per call, more than
-// the whole kernel for a batch of 128 x 10 logits; here the autograd step stays in C++.
+// for the Triton ops in fastsel/_autograd.py) runs Python on every call, which for small
+// batches costs more than the whole kernel; here the autograd step stays in C++.
 #include <torch/autograd.h>
 #include <torch/library.h>
 

@@ -67,21 +67,18 @@ class MmsHead(NamedTuple):
 def mms_head(weight: torch.Tensor) -> MmsHead:
     """Precomputes, for a fixed classifier weight [C, D], each class's largest distance to
     another class, max_j ||w_a - w_j|| (C^2 D multiply-adds once, in float64, by blocks
-    of rows so that no [C, C] matrix is held: 14-25 ms at 1000 x 512 on this project's
-    2-core machine).
+    of rows so that no [C, C] matrix is held).
 
     With it the CPU kernel's exact MMS search prunes with that maximum instead of the
-    triangle-inequality bound through the mean row, which in a simulation of random
-    1000 x 512 heads left ~0.16 candidate distances a row instead of ~1.1; the MMS values
-    are the same, bit for bit. Worth it when many rows are scored with one unchanged head
-    (a whole data set with a trained model): at 65536 x 1000 the exact MMS then added
-    +31% to +45% over the call without weight (the top-2 MMS +34% to +36%, the plain
-    weight +67% to +72%). A weight updated in place after this (an optimizer step) makes
-    ``score`` raise: compute the head again. Where the precomputed distances are used (the
-    CPU kernel's pruned exact search), the weight is also compared byte for byte with a
-    copy taken here, so an update that bumps no version counter (``weight.data.copy_``,
-    an inference tensor) raises as well; the copy doubles the head's memory, the
-    comparison (a memcmp) took ~0.05 ms a call at 1000 x 512 (not made under
+    triangle-inequality bound through the mean row, a tighter bound that leaves far fewer
+    candidate distances to compute per row; the MMS values are the same, bit for bit.
+    Worth it when many rows are scored with one unchanged head (a whole data set with a
+    trained model; bench/README.md has the measured cost). A weight updated in place
+    after this (an optimizer step) makes ``score`` raise: compute the head again. Where
+    the precomputed distances are used (the CPU kernel's pruned exact search), the weight
+    is also compared byte for byte with a copy taken here, so an update that bumps no
+    version counter (``weight.data.copy_``, an inference tensor) raises as well; the copy
+    doubles the head's memory, and the comparison is one memcmp a call (not made under
     ``torch.compile``). Other backends take ``head.weight`` as is.
     """
     if not isinstance(weight, torch.Tensor):
@@ -112,8 +109,8 @@ def _version_of(t: torch.Tensor) -> Optional[int]:
 
 def _unpack_head(head: MmsHead, backend: str, mms: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, max_distance) of a head, checked for staleness: its version counter on
-    every backend, and its bytes (a memcmp with the head's copy, ~0.1 ms at 1000 x 512)
-    where the precomputed distances are used: the CPU kernel's exact MMS on its pruned
+    every backend, and its bytes (a memcmp with the head's copy) where the precomputed
+    distances are used: the CPU kernel's exact MMS on its pruned
     path (not the [C, C] matrix of small C against many rows), for a call of n rows."""
     weight, max_distance = head.weight, head.max_distance
     if not isinstance(weight, torch.Tensor) or not isinstance(max_distance, torch.Tensor):

@@ -10,8 +10,9 @@ of kept samples varies (Selective-Backprop keeps a random number, possibly 0 or 
 
 This is the queue of Jiang et al. (2019): candidates are forwarded a batch at a time, the
 kept ones wait until ``batch_size`` of them are ready for one backward pass, so every
-optimizer step sees a full batch. A kept sample is trained at most one candidate batch
-later than it was chosen, at most ``batch_size - 1`` of them wait at any time.
+optimizer step sees a full batch. Kept samples are trained in the order they were
+chosen and at most ``batch_size - 1`` wait at any time; a sample waits until enough
+others are kept after it (several candidate batches when few are kept per batch).
 """
 
 from __future__ import annotations

@@ -373,17 +373,20 @@ def cross_entropy_options(
     reduction="none", label_smoothing=label_smoothing)`` from the plain cross-entropy
     ``scores.loss`` = lse - z_y of the same rows (any producer of ``Scores``).
 
-    With class weights w (all ones if None), W = sum_j w_j and e = label_smoothing, the
-    target is (1 - e) onehot(y) + e / C, each class weighted by its w:
+    With class weights w (all ones if None) and e = label_smoothing, the target is
+    (1 - e) onehot(y) + e / C, each class weighted by its w:
 
-        loss_i = (1 - e) w_y (lse_i - z_iy) + (e / C) sum_j w_j (lse_i - z_ij)
-               = (1 - e) w_y ce_i + (e / C) (W lse_i - sum_j w_j z_ij)
+        loss_i = (1 - e) w_y ce_i + (e / C) sum_j w_j t_ij,   t_ij = lse_i - z_ij = -log p_ij,
 
-    and 0 on rows whose target is ``ignore_index``. Class weights cost a gather; the
-    smoothing term one more read of the logits (a matrix-vector product). lse_i is taken
-    as ce_i + z_iy, so the gradient (and higher derivatives) flow through ``scores.loss``'s
-    own autograd and through linear maps of the logits; where z_iy is not finite the
-    value of lse from ``scores`` is used (no gradient there, as none is defined).
+    and 0 on rows whose target is ``ignore_index``. Class weights cost a gather. The
+    smoothing term takes one [N, C] temporary in the scores' dtype: t_ij is formed as
+    (lse_i - m_i) + (m_i - z_ij), m_i the row's maximum, both parts >= 0, so neither
+    cancels nor overflows where the logits are huge (lse - m = log d is taken from
+    ``scores.confidence`` = 1 / d, to full precision). Its gradient flows through
+    ``scores.loss``'s own autograd (d(lse)/dz = d(ce + z_y)/dz) and the linear map
+    m - z, so second derivatives are there too. On a row whose true class has z_y = -inf
+    (an infinite loss) ce + z_y is undefined: the value is still right, but the
+    gradient lacks the smoothing term's part through lse (e W / C times the softmax).
     """
     ce = scores.loss
     acc = ce.dtype
@@ -393,20 +396,22 @@ def cross_entropy_options(
     zero = torch.zeros((), dtype=acc, device=ce.device)
     w = None if weight is None else weight.to(acc)
     w_y = None if w is None else w.gather(0, y)
+    hard = ce if w_y is None else ce * w_y
     if label_smoothing == 0:
-        loss = ce if w_y is None else ce * w_y
-        return torch.where(valid, loss, zero)
-    c = logits.shape[1]
+        return torch.where(valid, hard, zero)
+    n, c = logits.shape
     e = float(label_smoothing)
-    z = logits.to(acc)
-    z_y = z.gather(1, y[:, None]).squeeze(1)
-    lse = torch.where(torch.isfinite(z_y), ce + z_y, scores.lse.to(acc))
-    if w is None:
-        smooth = lse - z.sum(dim=1) / c
-        hard = ce
-    else:
-        smooth = (w.sum() * lse - z @ w) / c
-        hard = ce * w_y
+    zd = logits.detach()
+    m = zd.amax(dim=1).to(acc) if n > 0 else ce.new_zeros(0)
+    m = torch.where(torch.isfinite(m), m, zero)  # rows without a finite maximum are NaN through ce
+    z_y = logits.gather(1, y[:, None]).squeeze(1).to(acc)
+    carrier = ce + (z_y - m)  # lse - m, with the gradient of lse
+    log_d = -torch.log(scores.confidence.to(acc).detach())  # the same value, to full precision
+    lse_rel = torch.where(torch.isfinite(carrier), log_d + (carrier - carrier.detach()), log_d)
+    t = (m[:, None] - logits).add_(lse_rel[:, None])  # -log p_ij in the scores' dtype: the one temporary
+    if w is not None:
+        t = t * w if w.requires_grad else t.mul_(w)  # in place unless w's gradient needs t
+    smooth = t.sum(dim=1) / c
     loss = (1.0 - e) * hard + e * smooth
     return torch.where(valid, loss, zero)
 

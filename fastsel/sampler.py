@@ -156,11 +156,11 @@ class ScoreSampler(torch.utils.data.Sampler):
         self.num_replicas, self.rank = _world(num_replicas, rank)
         self._check_planned_batches()
         _check_indexed(data)
-        if drop_last and 0 < n < batch_size * self.num_replicas:
-            warnings.warn(f"ScoreSampler: the data set has {n} samples, fewer than one batch of {batch_size} "
-                          f"x {self.num_replicas} replica(s), and drop_last=True drops every incomplete batch: "
-                          "every epoch would be empty. Use a smaller batch_size or drop_last=False.",
-                          UserWarning, stacklevel=2)
+        if drop_last and n > 0 and self.max_epoch_steps() == 0:
+            warnings.warn(f"ScoreSampler: no epoch of {type(strategy).__name__} can plan one full batch of "
+                          f"{batch_size} per replica ({self.num_replicas}) over {n} samples, and drop_last=True "
+                          "drops every incomplete batch: every epoch would be empty. Use a smaller batch_size or "
+                          "drop_last=False.", UserWarning, stacklevel=2)
         self.table = ScoreTable(n, strategy.table_fields)
         self.costs = Costs()
         self.epoch = 0
@@ -457,6 +457,7 @@ class ScoreSampler(torch.utils.data.Sampler):
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch, "consumed": self._consumed, "seed": self.seed, "n": self.n,
+            "drop_last": self.drop_last,
             "plan": None if self._plan is None else (self._plan.indices.clone(), self._plan.weights.clone()),
             "table": self.table.state_dict(), "strategy": self.strategy.state_dict(),
             "costs": self.costs.as_dict(),
@@ -466,10 +467,16 @@ class ScoreSampler(torch.utils.data.Sampler):
         """Restores a ``state_dict()``. The whole state is checked first (a state of another
         data set, table layout or strategy, or a tampered one, raises ``ValueError`` or
         ``TypeError`` naming the entry) and a failed load changes nothing."""
-        _state.require_keys("state", state, ("epoch", "consumed", "seed", "n", "plan", "table", "strategy", "costs"))
+        saved_drop_last = ("drop_last",) if isinstance(state, dict) and "drop_last" in state else ()  # older: none
+        _state.require_keys("state", state,
+                            ("epoch", "consumed", "seed", "n", "plan", "table", "strategy", "costs") + saved_drop_last)
         n = _state.check_int("state['n']", state["n"], 0)
         if n != self.n:
             raise ValueError(f"state['n'] is {n}: the sampler state is for {n} samples, this sampler has {self.n}")
+        if "drop_last" in state and state["drop_last"] is not self.drop_last:  # states before it was saved: none
+            raise ValueError(f"state['drop_last'] is {state['drop_last']!r} but this sampler has "
+                             f"drop_last={self.drop_last}: the epoch's batches would differ; build the sampler with "
+                             f"drop_last={state['drop_last']!r}")
         epoch = _state.check_int("state['epoch']", state["epoch"], 0)
         seed = _state.check_int("state['seed']", state["seed"], 0)
         plan = self._plan_from_state(state["plan"])

@@ -183,6 +183,9 @@ class BatchSelector:
         if logits_fn is not None and not callable(logits_fn):
             raise TypeError(f"logits_fn must be callable (model, inputs) -> logits [N, C], got "
                             f"{type(logits_fn).__name__}")
+        if logits_fn is not None and scorer is not None:
+            raise ValueError("logits_fn is the model's scoring forward, but with scorer= the model is not run to "
+                             "score: make the scorer return the logits [N, C] and leave logits_fn unset")
         if not callable(model):
             raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
         if scorer is not None and not callable(scorer):

@@ -191,7 +191,7 @@ def train(sampler, run: dict, record: list, *, stop=None, checks: list):
 
 
 @fuzz_settings(200)
-@pytest.mark.filterwarnings("ignore:ScoreSampler. the data set has:UserWarning")  # drawn tiny data sets
+@pytest.mark.filterwarnings("ignore:ScoreSampler. no epoch of:UserWarning")  # drawn tiny plans
 @given(run=sampler_runs())
 def test_sampler_runs_invariants_and_exact_resume(run):
     checks = []
@@ -421,7 +421,7 @@ def _same_state(a, b) -> bool:
 
 
 @fuzz_settings(150)
-@pytest.mark.filterwarnings("ignore:ScoreSampler. the data set has:UserWarning")  # drawn tiny data sets
+@pytest.mark.filterwarnings("ignore:ScoreSampler. no epoch of:UserWarning")  # drawn tiny plans
 @given(run=sampler_runs(), data=st.data())
 def test_tampered_sampler_state_is_refused_cleanly_or_harmless(run, data):
     """One entry of a real checkpoint replaced by a nasty value: load_state_dict raises a

@@ -142,3 +142,15 @@ def test_bad_setups_are_refused(tmp_path):
     trainer = SelectionTrainer(model=_model(), args=_args(tmp_path), train_dataset=data, sampler=_sampler(data))
     with pytest.raises(FileNotFoundError, match="no sampler state"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+
+
+def test_gradient_accumulation_needs_epochs_of_known_length(tmp_path):
+    data = Tokens()
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=2 needs epochs of known length.*InfoBatch"):
+        SelectionTrainer(model=_model(), args=_args(tmp_path, gradient_accumulation_steps=2), train_dataset=data,
+                         sampler=_sampler(data))
+    args = _args(tmp_path, gradient_accumulation_steps=2)
+    trainer = SelectionTrainer(model=_model(), args=args, train_dataset=data, sampler=_sampler(data, Uniform()))
+    trainer.train()
+    assert trainer.sampler.costs.steps == E * N // B and trainer.state.global_step == E * N // B // 2
+    assert args.max_steps == -1 and args.num_train_epochs == 3.0 and not args.ignore_data_skip  # the caller's args

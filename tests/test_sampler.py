@@ -243,7 +243,7 @@ def test_same_seed_same_stream_other_seed_other_stream():
     assert stream(5, Uniform) == stream(5, Uniform) != stream(6, Uniform)
 
 
-@pytest.mark.filterwarnings("ignore:ScoreSampler. the data set has 5 samples:UserWarning")  # tested elsewhere
+@pytest.mark.filterwarnings("ignore:ScoreSampler. no epoch of:UserWarning")  # tested in test_sampler_loop
 @pytest.mark.parametrize("n,bs,expected", [(20, 6, [6, 6, 6]), (18, 6, [6, 6, 6]), (5, 6, [])])
 def test_drop_last(n, bs, expected):
     sampler = fastsel.ScoreSampler(indexed(n), Uniform(), batch_size=bs, epochs=2, drop_last=True)

@@ -66,13 +66,32 @@ def test_infobatch_epochs_change_length_but_every_batch_is_full():
     assert {e[-1] for e in loose} - {16}  # without drop_last the last batches vary
 
 
-def test_fewer_samples_than_a_batch_warns():
+def test_epochs_smaller_than_a_batch_warn():
     with pytest.warns(UserWarning, match="every epoch would be empty"):
         fastsel.ScoreSampler(_data(10), Uniform(), batch_size=16, epochs=2)
+    with pytest.warns(UserWarning, match="Uniform can plan one full batch of 16"):  # 10 of 100 samples an epoch
+        fastsel.ScoreSampler(_data(100), Uniform(budget=0.1), batch_size=16, epochs=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastsel.ScoreSampler(_data(10), Uniform(), batch_size=16, epochs=2, drop_last=False)
         fastsel.ScoreSampler(_data(0), Uniform(), batch_size=16, epochs=2)
+        two = fastsel.ScoreSampler(_data(31), Uniform(), batch_size=16, epochs=2, num_replicas=2, rank=1)
+        assert len(two) == 1  # 16 of the (wrapped) 32 on this rank: a full batch, no warning
+
+
+def test_a_state_of_the_other_drop_last_is_refused():
+    data = _data(40)
+    old = fastsel.ScoreSampler(data, Uniform(), batch_size=16, epochs=2, drop_last=False)
+    first = next(iter(old))
+    old.update(torch.tensor(first), torch.ones(len(first)))
+    new = fastsel.ScoreSampler(data, Uniform(), batch_size=16, epochs=2)
+    with pytest.raises(ValueError, match=r"state\['drop_last'\] is False.*drop_last=True"):
+        new.load_state_dict(old.state_dict())
+    legacy = old.state_dict()
+    del legacy["drop_last"]  # a state saved before the key existed: loads as before
+    again = fastsel.ScoreSampler(data, Uniform(), batch_size=16, epochs=2, drop_last=False)
+    again.load_state_dict(legacy)
+    assert again.steps_in_epoch == 3
 
 
 @pytest.mark.parametrize("drop_last", [True, False])

@@ -98,6 +98,29 @@ def test_extremes(backend, eps):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
+@pytest.mark.parametrize("case", [
+    ("equal 1e30", torch.tensor([[1e30, 1e30]]), [0], None),
+    ("equal 1e30, weight 1e10", torch.tensor([[1e30, 1e30]]), [0], [1e10, 1.0]),
+    ("near float32's max", torch.tensor([[3e38, 3e38, 0.0]]), [0], None),
+    ("float64's max", torch.tensor([[1e308, 1e308]], dtype=torch.float64), [0], None),
+    ("1e6 + O(1)", 1e6 + torch.tensor([[0.3, -1.2, 2.0, 0.5], [1.1, 0.0, -0.7, 0.2]]), [0, 3], None),
+    ("infinite class weight", torch.tensor([[0.0, 1.0], [float("-inf"), 1.0]]), [0, 1], [1.0, float("inf")]),
+    ("bfloat16 |z| ~ 1e3", (torch.randn(5, 9, generator=torch.Generator().manual_seed(3)) * 300).bfloat16(),
+     [0, 1, 2, 3, 4], [0.5, 1.0, 2.0, 0.1, 1.0, 1.0, 3.0, 0.2, 1.0]),
+], ids=lambda c: c[0])
+@pytest.mark.parametrize("eps", [0.1, 1.0])
+def test_huge_logits_neither_cancel_nor_overflow(backend, case, eps):
+    """The smoothing term sums -log p_j = (lse - m) + (m - z_j), never W lse - sum w_j z_j:
+    at 1e30 the latter cancels to garbage, near float32's maximum it overflows."""
+    _, logits, target, weight = case
+    target = torch.tensor(target)
+    weight = None if weight is None else torch.tensor(weight, dtype=torch.float64)
+    got = fastsel.score(logits, target, weight=weight, label_smoothing=eps, backend=backend).loss
+    want = _want(logits, target, weight, eps)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6 if logits.dtype != torch.float64 else 1e-12,
+                               atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.25])
 def test_gradients_match_cross_entropy(backend, eps):
     """First and second derivatives (float64 gradcheck, and against F.cross_entropy's)."""
@@ -186,3 +209,22 @@ def test_property_float64(n, c, eps, weighted, scale, seed):
         if backend in ("cpu", "torch"):
             got = fastsel.score(logits, target, weight=w, label_smoothing=eps, backend=backend).loss
             torch.testing.assert_close(got, _want(logits, target, w, eps), rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+def test_class_weights_may_require_grad(backend, eps):
+    """F.cross_entropy refuses a weight that requires grad; score gives its gradient (the
+    explicit formula with log_softmax is the oracle), and uses no in-place op that would
+    break it."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(6, 4, dtype=torch.float64, generator=g).requires_grad_(True)
+    t = torch.tensor([0, 1, 2, 3, -100, 1])
+    w = (torch.rand(4, dtype=torch.float64, generator=g) + 0.5).requires_grad_(True)
+    lp = F.log_softmax(z, 1)
+    y = t.clamp(min=0)
+    want = (1 - eps) * w[y] * -lp.gather(1, y[:, None]).squeeze(1) + eps / 4 * -(lp * w).sum(1)
+    want = torch.where(t != -100, want, torch.zeros_like(want))
+    got = fastsel.score(z, t, weight=w, label_smoothing=eps, backend=backend).loss
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got.sum(), (z, w)), torch.autograd.grad(want.sum(), (z, w))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -90,3 +90,5 @@ def test_an_output_without_logits_names_logits_fn():
     assert torch.equal(got, want)
     with pytest.raises(TypeError, match=r"logits_fn must be callable"):
         fastsel.BatchSelector(Net("tensor"), HardLoss(keep=4), logits_fn="logits")
+    with pytest.raises(ValueError, match=r"with scorer= the model is not run"):
+        fastsel.BatchSelector(Net("tensor"), HardLoss(keep=4), scorer=Net("tensor"), logits_fn=lambda m, x: m(x))

@@ -832,6 +832,7 @@ def test_selective_backprop_equal_losses_give_empty_epochs_through_a_dataloader(
         assert head + run_epochs(fresh, 6 - stop) == stream
 
 
+@pytest.mark.filterwarnings("ignore:ScoreSampler. no epoch of:UserWarning")  # empty epochs on purpose
 def test_len_then_iter_serves_the_empty_epoch_before_the_next():
     s = fastsel.ScoreSampler(indexed(10), Uniform(budget=0.2), batch_size=4, epochs=4, drop_last=True)
     assert len(s) == 0 and s.epoch == 0
@@ -860,6 +861,7 @@ SMALL_PLANS = {  # strategies whose plan of 10 samples keeps 2 (from epoch 0 on)
 }
 
 
+@pytest.mark.filterwarnings("ignore:ScoreSampler. no epoch of:UserWarning")  # empty epochs on purpose
 @pytest.mark.parametrize("name", list(SMALL_PLANS))
 @pytest.mark.parametrize("drop_last,expected", [(True, []), (False, [2])])
 def test_plan_smaller_than_one_batch(name, drop_last, expected):

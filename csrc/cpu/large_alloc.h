@@ -2,19 +2,17 @@
 //
 // The backward writes a fresh N*C gradient on every step (262 MB at 65536 x 1000 float32).
 // From the default allocator each call gets newly mapped pages, and the first write to
-// each page faults into the kernel, which zeroes it: on the development VM that took
-// longer than computing the gradient (~65 ms of faults for 262 MB with 4 KiB pages).
-// So the most recent large gradient block is kept when its tensor dies and handed to the
+// each page faults into the kernel, which zeroes it: a page fault per 4 KiB can cost
+// more than computing the gradient itself. So the most recent large gradient block is kept when its tensor dies and handed to the
 // next backward that fits it: in a training loop the logits' gradient of step t is freed
 // in step t's backward of the layer below, so step t + 1 writes into pages that are
 // already mapped. At most one block is held (the size of one gradient);
 // FASTSEL_GRADIENT_CACHE=0 turns this off.
 //
 // Transparent huge pages (madvise MADV_HUGEPAGE on the block, what PyTorch does under
-// THP_MEM_ALLOC_ENABLE=1) were tried and dropped: on the development VM a freed huge page
-// is returned to the hypervisor, and touching a new one cost 4-5x more than 4 KiB faults,
-// so results swung between 25 and 300 ms from call to call. The cache avoids faults
-// altogether in a loop.
+// THP_MEM_ALLOC_ENABLE=1) are not used: where a freed huge page goes back to the
+// hypervisor, touching a new one costs more than the 4 KiB faults it saves, and the time
+// per call becomes erratic. The cache avoids faults altogether in a loop.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -40,13 +40,10 @@ constexpr int64_t kMmsGramMaxClasses = 256;
 // Whether a call of N rows takes its MMS distances from the [C, C] matrix (C^2 D
 // multiply-adds once, then C per row) rather than per row (the exact MMS ~2 distances
 // of D each plus the candidate search, the top-2 MMS one distance). D drops out of the
-// comparison; where the two cost the same was measured on this project's machine
-// (D = 512, 2 threads, interleaved A/B): the exact MMS at C^2 ~ 4N (C = 100: the matrix
-// 0.14-0.20 ms against 0.09-0.10 per row for 640 rows, 0.33 against 0.38-0.40 for 4096;
-// C = 256: 0.77 against 0.42-0.43 for 4096 rows, 1.9-2.3 against 2.1-2.2 for 16384; C = 10
-// and 32 meet near 100 and 200 rows), the top-2 MMS at C^2 ~ N (C = 32: even at 640
-// rows, the matrix ahead at 2048; C = 100: even at 4096, ahead at 16384). The two agree to float32 rounding, not bit for bit, so a row's
-// MMS can change in its last bits with the size of the batch it is scored in.
+// comparison; the crossovers (the exact MMS at C^2 ~ 4N, the top-2 MMS at C^2 ~ N) are
+// where the two cost the same in interleaved timings (docs/kernels.md). The two agree to
+// float32 rounding, not bit for bit, so a row's MMS can change in its last bits with the
+// size of the batch it is scored in.
 inline bool use_mms_gram(int64_t N, int64_t C, bool exact) {
   return C <= kMmsGramMaxClasses && C * C <= (exact ? 4 : 1) * N;
 }

@@ -1,8 +1,7 @@
 // race_key_bits of selection_keys.h for 8 consecutive elements at once (AVX2).
 //
-// Philox is integer multiply-heavy: with scalar keys, sampling 2^20 items without
-// replacement took 16 ms on the development machine, 7 ms with this path. Here each
-// 32x32 -> 64-bit multiply of the round is two vpmuludq (even and odd lanes). The float part runs the
+// Philox is integer multiply-heavy, and with scalar keys the multiplies dominate sampling
+// without replacement (bench/bench_select.py times it). Here each 32x32 -> 64-bit multiply of the round is two vpmuludq (even and odd lanes). The float part runs the
 // same IEEE operations in the same order as the scalar header (no FMA: the extension is
 // built with -ffp-contract=off), so the keys are bit-identical; tests compare them with
 // the reference on every backend.

@@ -69,7 +69,7 @@ constexpr float kLog2e = 1.44269504f;
 // One fused multiply-add reduces t by n ln2 with ln2 rounded to float (off by 1.9e-9):
 // r is then off by |n| * 1.9e-9, a relative error of exp below 6e-8 for t >= -20 (where
 // the terms matter to the sums) and 2.5e-7 at the floor. The classic two-constant
-// Cody-Waite split costs one more FMA per vector; dropping it made the op 4.6% faster.
+// Cody-Waite split would cost one more FMA per vector for accuracy the sums do not need.
 constexpr float kLn2 = 0.693147182f;
 
 inline Vec exp_nonpositive(const Vec& t) {
@@ -218,8 +218,8 @@ struct LaneSums {
 
   // Sweeps x[0, n) with the shared maximum m. Returns the position of the first element
   // not below m (the row's first maximum when the row is valid), or -1. Tracking it here
-  // costs a predictable branch per iteration; searching for it afterwards took ~12% of a
-  // row's time.
+  // costs a predictable branch per iteration; searching for it afterwards would read the
+  // row once more.
   //
   // With `next` (a row of the same length n), pass 1 of that row runs in the same loop:
   // pass 2 keeps the multiply-add pipes busy and pass 1 (max/min) the others, so pass 1
@@ -559,8 +559,8 @@ struct RowJob {
   }
 
   // MMS of the rows of a group (C <= kBlock), after their row passes: the rows are still
-  // in L2 (kLanes rows of at most kBlock columns), and interleaved with the rows, which stream
-  // from memory, the same work took ~30% longer. Pass 2 listed each row's columns at or
+  // in L2 (kLanes rows of at most kBlock columns); interleaved with the row passes, which
+  // stream from memory, the same work would compete with them for the caches. Pass 2 listed each row's columns at or
   // above its floor (RowCandidates, mms.h): the runner-up comes from that list, and so do
   // the exact mode's candidates when the list covers them; else the row is swept. Either
   // way reach_factor (mms.h) adapts.
@@ -939,13 +939,13 @@ constexpr double kGramCancellationRatio = 1.0 / 64;
 // ||w_a||^2 + ||w_j||^2 - 2 w_a.w_j; it cancels where two rows nearly coincide (in
 // float32, rows 1e-3 apart relative to their norm came out ~10% off), so those pairs are
 // recomputed from the difference of the rows. Centring the rows first would flag fewer
-// pairs when all rows share a large component, but cost more per call (~+25 us at
-// C = 100) than the recomputation of the few pairs flagged in practice.
+// pairs when all rows share a large component, but costs a pass over W on every call,
+// more than the recomputation of the few pairs flagged in practice.
 //
-// Everything after the product is one loop over the upper triangle, mirrored: the eight
-// elementwise torch ops it replaced (sum of norms, sub, compare, nonzero, clamp, rsqrt)
-// cost ~20 us a call at C = 10, most of the MMS of a 640-row batch, and the mirror
-// makes the matrix symmetric bit for bit, which lanes_mms_gram (mms.h) relies on.
+// Everything after the product is one loop over the upper triangle, mirrored: a chain of
+// elementwise torch ops (sum of norms, sub, compare, nonzero, clamp, rsqrt) would launch
+// eight ops per call, which at small C costs more than the whole MMS of a batch, and the
+// mirror makes the matrix symmetric bit for bit, which lanes_mms_gram (mms.h) relies on.
 // *suspect is set when a row's squared norm (the Gram diagonal) is not finite: the row
 // holds NaN or +-inf, or overflows (the caller tells which).
 at::Tensor inverse_distances(const at::Tensor& w, bool* suspect) {
@@ -998,8 +998,8 @@ at::Tensor inverse_distances(const at::Tensor& w, bool* suspect) {
 // pruned MMS search's bounds (mms.h). The triangle inequality holds around any mu, so
 // the mean's own rounding is harmless; each radius adds float sums of at most 256
 // squares in double, so it is good to ~1e-6 relative whatever D (the search's slack is
-// 1e-4). Rows in parallel: `(w - w.mean(0)).norm(2, 1)` took ~0.15 ms at 1000 x 512,
-// most of the call for a batch of a few hundred rows.
+// 1e-4). Rows in parallel, in one pass: `(w - w.mean(0)).norm(2, 1)` would allocate and
+// read a [C, D] temporary, a large part of the call for a batch of a few hundred rows.
 at::Tensor centred_radii(const at::Tensor& w) {
   const int64_t C = w.size(0), D = w.size(1);
   const float* rows = w.const_data_ptr<float>();

@@ -29,9 +29,11 @@ What the subclass changes, through the ``Trainer``'s documented extension points
   ends when the sampler's run does (a resumed Trainer, counting epochs as if all were
   full, can believe fewer done).
 
-With ``gradient_accumulation_steps > 1``, a shortened epoch whose batches do not fill
-its last accumulation group carries that group's gradients into the next epoch's first
-step (the Trainer steps the optimizer at its own epoch boundaries only).
+``gradient_accumulation_steps > 1`` is refused unless every epoch's length is known
+ahead (Uniform, PSGD, CSGD): the Trainer steps the optimizer at its own epoch
+boundaries, so a shortened epoch's last accumulation group would be carried into the
+next epoch or never stepped. The Trainer's logged ``epoch`` counts in units of the
+longest epoch.
 
 The model must return logits ``[B, C]`` (a ``ModelOutput``, a dict with ``logits``, or a
 tensor) for the ``labels`` of the batch. One process: under several processes the
@@ -41,6 +43,7 @@ refused.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Optional
 
@@ -120,6 +123,7 @@ class SelectionTrainer(Trainer):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         super().__init__(*args, **kwargs)
+        self.args = copy.copy(self.args)  # max_steps, num_train_epochs and ignore_data_skip are set on a copy
         if self.train_dataset is None or len(self.train_dataset) != sampler.n:
             raise ValueError(f"sampler is over {sampler.n} samples but train_dataset has "
                              f"{None if self.train_dataset is None else len(self.train_dataset)}: build the sampler "
@@ -127,6 +131,13 @@ class SelectionTrainer(Trainer):
         if self.args.world_size > 1:
             raise ValueError("SelectionTrainer runs in one process: under several, the Trainer's accelerator would "
                              "shard the sampler's batches again (use ScoreSampler in your own DDP loop)")
+        exact = all(sampler.strategy.epoch_size_bound(e, sampler.n, sampler.epochs)[1] for e in range(sampler.epochs))
+        if self.args.gradient_accumulation_steps > 1 and not exact:
+            raise ValueError(f"gradient_accumulation_steps={self.args.gradient_accumulation_steps} needs epochs of "
+                             f"known length, but {type(sampler.strategy).__name__}'s depend on the scores: the Trainer "
+                             "steps the optimizer at its own epoch boundaries only, so a shortened epoch's last "
+                             "accumulation group would be carried into the next epoch or never stepped. Use "
+                             "gradient_accumulation_steps=1 (a larger batch_size instead)")
         if self.args.per_device_train_batch_size != sampler.batch_size:
             raise ValueError(f"args.per_device_train_batch_size is {self.args.per_device_train_batch_size} but the "
                              f"sampler's batch_size is {sampler.batch_size}: make them equal")

@@ -30,6 +30,10 @@ selection where it stopped. Nothing of Lightning is patched; the Trainer must be
   sampler that is not a ``BatchSampler``). At ``setup`` the callback gives the sampler
   the Trainer's world size and rank (the process group starts inside ``fit``).
 
+A strategy that plans whole global batches (``HardBatches(batch_size=...)``) checks the
+layout when the sampler is built: under DDP give the sampler ``num_replicas`` and
+``rank`` (from the launcher's environment) there.
+
 Lightning is imported as ``lightning.pytorch`` when that package is installed, else as
 ``pytorch_lightning``: pass the callback to the Trainer of the same package.
 """
