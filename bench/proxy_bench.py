@@ -45,7 +45,7 @@ import fastsel
 from fastsel.datasets import fashion_mnist
 from fastsel.experiments.models import SmallCNN
 from fastsel.experiments.proxies import OnlineProxy, pooled_mlp
-from fastsel.selector import scoring_forward
+from fastsel.forward import scoring_forward
 from fastsel.strategies import MMS, HardLoss
 
 BATCH, CANDIDATES, CHUNK = 128, 640, 256

@@ -1,10 +1,12 @@
 """fastsel: fused per-sample scoring and data selection for PyTorch training loops."""
 
 from fastsel._extension import CPU_EXTENSION_AVAILABLE, ExtensionWarning, build_info
-from fastsel.ops import BACKENDS, MMS_MODES, MmsHead, Scores, available_backends, mms_head, score
+from fastsel.backends import BACKENDS, available_backends
+from fastsel.ops import MMS_MODES, MmsHead, Scores, mms_head, score
 from fastsel import strategies
 from fastsel.data import Indexed
-from fastsel.sampler import Costs, ScoreSampler
+from fastsel.costs import Costs
+from fastsel.sampler import ScoreSampler
 from fastsel.selector import BatchSelector
 from fastsel.queue import BatchQueue
 from fastsel.selection import (

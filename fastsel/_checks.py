@@ -15,7 +15,24 @@ from typing import Any, Collection, Optional
 import torch
 
 __all__ = ["check_int", "check_positive_int", "check_real", "check_fraction", "check_bool", "check_choice",
-           "sized_length", "checks_on_host", "check_index_range"]
+           "sized_length", "checks_on_host", "check_index_range", "check_k", "MAX_INDEX"]
+
+MAX_INDEX = (1 << 32) - 1  # the selection kernels index with 32 bits
+
+
+def check_k(k: Any, n: Optional[int] = None, *, allow_above_n: bool = False, op: Optional[str] = None) -> None:
+    """``k``, a number of samples to select: an int (not a bool) >= 0, at most ``n`` unless
+    ``allow_above_n`` (draws with replacement) or ``n`` is None (ops that clamp k), and at
+    most 2^32 - 1. ``op`` prefixes the message with the op's name."""
+    where = f"{op}: " if op else ""
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"{where}k must be an int, got {k!r}")
+    if k < 0:
+        raise ValueError(f"{where}k must be >= 0, got {k}")
+    if n is not None and k > n and not allow_above_n:
+        raise ValueError(f"{where}k = {k} exceeds N = {n}")
+    if k > MAX_INDEX:  # with replacement: k draws, 8 bytes each
+        raise ValueError(f"{where}k = {k} draws exceed the limit of 2^32 - 1 per call")
 
 
 def _fail(name: str, expected: str, value: Any, optional: bool) -> None:

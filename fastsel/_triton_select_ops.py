@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from fastsel._checks import check_k
 from fastsel.reference import replacement_weights, select_topk_reference
 from fastsel.triton import (
     percentile_triton,
@@ -44,11 +45,6 @@ def _check_1d(op: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} must be 1-D, got shape {tuple(t.shape)}")
 
 
-def _check_k(op: str, k: int) -> None:
-    if k < 0:
-        raise ValueError(f"{op}: k must be non-negative, got {k}")
-
-
 def _smallest_packed_indices(packed: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (the low 32 bits) of the k smallest packed (key, index) int64s, in (key,
     index) order. The packed values are unique, so topk's result does not depend on how
@@ -61,7 +57,7 @@ def _smallest_packed_indices(packed: torch.Tensor, k: int) -> torch.Tensor:
 def triton_select_topk(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     op = "triton_select_topk"
     _check_1d(op, "scores", scores)
-    _check_k(op, k)
+    check_k(k, op=op)
     k = min(k, scores.shape[0])
     if k == 0:
         return torch.empty(0, dtype=torch.int64, device=scores.device)
@@ -80,7 +76,7 @@ def triton_sample_without_replacement(importance: torch.Tensor, k: int, seed: in
                                       counter: int) -> torch.Tensor:
     op = "triton_sample_without_replacement"
     _check_1d(op, "importance", importance)
-    _check_k(op, k)
+    check_k(k, op=op)
     _check_seed(op, seed, counter)
     k = min(k, importance.shape[0])
     if k == 0:
@@ -95,7 +91,7 @@ def triton_sample_with_replacement(importance: torch.Tensor, k: int, seed: int,
                                    counter: int) -> torch.Tensor:
     op = "triton_sample_with_replacement"
     _check_1d(op, "importance", importance)
-    _check_k(op, k)
+    check_k(k, op=op)
     _check_seed(op, seed, counter)
     if k == 0 or importance.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=importance.device)

@@ -11,14 +11,14 @@ differentiable: its backward, ``torch.ops.fastsel.score_backward``, recomputes
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional, Union
 
 import torch
 
 from fastsel import _checks, reference
 from fastsel._autograd import score_backward_fake, score_forward_fake
-from fastsel._extension import CPU_EXTENSION_AVAILABLE, CUDA_EXTENSION_AVAILABLE
+from fastsel._extension import CPU_EXTENSION_AVAILABLE
+from fastsel.backends import BACKENDS, FLOAT_DTYPES, available_backends, check_backend_name, resolve_backend
 
 if CPU_EXTENSION_AVAILABLE:
     from fastsel import _C
@@ -26,31 +26,8 @@ from fastsel.reference import Scores
 
 __all__ = ["score", "Scores", "MmsHead", "mms_head", "available_backends", "BACKENDS", "MMS_MODES"]
 
-BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 MMS_MODES = {"exact": 1, "top2": 2}
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
-
-
-def _triton_importable() -> bool:
-    """Whether Triton can be imported, without importing it (see fastsel/_triton_ops.py)."""
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
-def available_backends() -> list[str]:
-    """Backends usable in this process, in the order ``auto`` prefers them."""
-    names = []
-    if torch.cuda.is_available():
-        if _triton_importable():
-            names.append("triton")
-        if CUDA_EXTENSION_AVAILABLE:
-            names.append("cuda")
-    if CPU_EXTENSION_AVAILABLE:
-        names.append("cpu")
-    names.append("torch")
-    return names
 
 
 class MmsHead(NamedTuple):
@@ -86,7 +63,7 @@ def mms_head(weight: torch.Tensor) -> MmsHead:
     if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
         raise ValueError(f"weight must be a classifier matrix of shape [C, D] with C, D >= 1, "
                          f"got {tuple(weight.shape)}")
-    if weight.dtype not in _FLOAT_DTYPES:
+    if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weight must be a floating point tensor, got {weight.dtype}")
     with torch.no_grad():
         # in float64, rows rescaled by a power of two so that their largest entry is near 1:
@@ -165,7 +142,7 @@ def _check_loss_options(weight, label_smoothing, logits) -> None:
             raise ValueError(f"weight must be the class weights of shape [C]"
                              f"{'' if c is None else f' = [{c}]'} as in F.cross_entropy, got "
                              f"{tuple(weight.shape)}{hint}")
-        if weight.dtype not in _FLOAT_DTYPES:
+        if weight.dtype not in FLOAT_DTYPES:
             raise TypeError(f"weight (class weights) must be a floating point tensor, got {weight.dtype}")
         if isinstance(logits, torch.Tensor) and weight.device != logits.device:
             raise ValueError(f"weight (class weights) is on {weight.device} but logits are on {logits.device}")
@@ -179,7 +156,7 @@ def _validate(logits, target, weight, mms, ignore_index, backend) -> None:
         raise TypeError(f"logits must be a torch.Tensor of shape [N, C], got {type(logits).__name__}")
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D [N, C], got shape {tuple(logits.shape)}")
-    if logits.dtype not in _FLOAT_DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"logits must be float32, float16, bfloat16 or float64, got {logits.dtype}"
         )
@@ -212,47 +189,11 @@ def _validate(logits, target, weight, mms, ignore_index, backend) -> None:
                 f"head must be the classifier matrix of shape [C, D] = [{c}, D] with D >= 1, "
                 f"got {tuple(weight.shape)}"
             )
-        if weight.dtype not in _FLOAT_DTYPES:
+        if weight.dtype not in FLOAT_DTYPES:
             raise TypeError(f"head must be a floating point tensor, got {weight.dtype}")
         if weight.device != logits.device:
             raise ValueError(f"head is on {weight.device} but logits are on {logits.device}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend == "auto":
-        if device.type == "cpu":
-            return "cpu" if CPU_EXTENSION_AVAILABLE else "torch"
-        if device.type == "cuda":
-            if _triton_importable():
-                return "triton"
-            if CUDA_EXTENSION_AVAILABLE:
-                return "cuda"
-        return "torch"
-    compiled = {  # backend: (built?, device it runs on, how to get it built)
-        "cpu": (CPU_EXTENSION_AVAILABLE, "cpu",
-                "the compiled extension fastsel._C, which is not built; run "
-                "`pip install --no-build-isolation -e .` or use backend='torch'"),
-        "cuda": (CUDA_EXTENSION_AVAILABLE, "cuda",
-                 "fastsel._C built with CUDA (a CUDA toolkit and a CUDA build of torch at "
-                 "build time; FASTSEL_BUILD_CUDA=1 to insist)"),
-    }
-    if backend in compiled:
-        built, runs_on, needs = compiled[backend]
-        if not built:
-            raise RuntimeError(f"backend={backend!r} needs {needs}")
-        if device.type != runs_on:
-            raise ValueError(f"backend={backend!r} runs on {runs_on.upper()} tensors, got tensors on {device}")
-    if backend == "triton":
-        if not _triton_importable():
-            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"backend='triton' runs on CUDA tensors (or on the CPU under "
-                f"TRITON_INTERPRET=1), got tensors on {device}"
-            )
-    return backend
+    check_backend_name(backend)
 
 
 def _check_target_range(target: torch.Tensor, c: int, ignore_index: int) -> None:
@@ -328,7 +269,7 @@ def _score(logits, target, head, mms, ignore_index, backend) -> Scores:
     weight = _head_weight(head)
     head = head if isinstance(head, MmsHead) else None
     _validate(logits, target, weight, mms, ignore_index, backend)
-    resolved = _resolve_backend(backend, logits.device)
+    resolved = resolve_backend(backend, logits.device)
     max_distance = None
     if head is not None:
         weight, max_distance = _unpack_head(head, resolved, mms, logits.shape[0])

@@ -23,7 +23,8 @@ import torch
 
 from fastsel import _state
 from fastsel._checks import check_positive_int
-from fastsel.selector import BatchSelector, _batch_size, _map_batch
+from fastsel.forward import batch_size_of, map_batch
+from fastsel.selector import BatchSelector
 
 __all__ = ["BatchQueue"]
 
@@ -105,7 +106,7 @@ class BatchQueue:
 
     @staticmethod
     def _slice(x, y, w, a: int, b: int):
-        return _map_batch(x, lambda t: t[a:b]), y[a:b], w[a:b]
+        return map_batch(x, lambda t: t[a:b]), y[a:b], w[a:b]
 
     def state_dict(self) -> dict:
         batch = self._joined() if self._pending else None
@@ -130,7 +131,7 @@ class BatchQueue:
             if not isinstance(w, torch.Tensor) or w.shape != y.shape or not w.dtype.is_floating_point:
                 raise ValueError("state['pending'][2] must be the waiting samples' float weights, shaped as the targets")
             try:
-                n = _batch_size(x)
+                n = batch_size_of(x)
             except TypeError:
                 n = -1
             if n != y.numel():

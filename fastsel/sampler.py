@@ -38,53 +38,13 @@ import torch
 import torch.distributed as dist
 
 from fastsel import _state
+from fastsel.costs import Costs, ScorerCosts
+from fastsel.data import Indexed
 from fastsel.reference import Scores
 from fastsel._checks import check_index_range, check_positive_int, sized_length
 from fastsel.strategies.base import EpochPlan, ScoreTable, Strategy, check_strategy_and_seed, prepare_strategy_load
 
-__all__ = ["ScoreSampler", "Costs", "ScorerCosts"]
-
-
-class Costs:
-    """Samples forwarded for scoring only, and samples forwarded and backpropagated for
-    training (docs/methods.md section 4: steps alone hide scoring)."""
-
-    FIELDS: tuple[str, ...] = ("scored", "trained", "steps")
-
-    def __init__(self):
-        for f in self.FIELDS:
-            setattr(self, f, 0)
-
-    def as_dict(self) -> dict:
-        return {f: getattr(self, f) for f in self.FIELDS}
-
-    def load(self, d: dict) -> None:
-        """Loads an ``as_dict()``, checked whole first: on error nothing has changed."""
-        self._prepare_load(d, "state")()
-
-    state_dict, load_state_dict = as_dict, load
-
-    def _prepare_load(self, state: Any, path: str) -> Callable[[], None]:
-        keys = self.FIELDS
-        _state.require_keys(path, state, keys)
-        values = [_state.check_int(_state.key(path, k), state[k], 0) for k in keys]
-
-        def load() -> None:
-            for k, v in zip(keys, values):
-                setattr(self, k, v)
-        return load
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(" + ", ".join(f"{f}={getattr(self, f)}" for f in self.FIELDS) + ")"
-
-
-class ScorerCosts(Costs):
-    """``Costs`` of a ``BatchSelector`` whose scorer learns online (has ``observe``):
-    ``scorer_trained`` also counts the samples the scorer took optimizer steps on (forward
-    and backward through the scorer, not the model), so that a proxy's training is part
-    of the bill. ``scored`` counts the samples forwarded through the scorer."""
-
-    FIELDS = Costs.FIELDS + ("scorer_trained",)
+__all__ = ["ScoreSampler"]
 
 
 def _world(num_replicas: Optional[int], rank: Optional[int]) -> tuple[int, int]:
@@ -103,8 +63,6 @@ def _check_indexed(data: Any) -> None:
     """Warns when the data set's items do not end with their index: the training loop needs
     the indices of each batch for ``sampler.update`` and ``sampler.weights``, and without
     them it fails later with an unpacking error far from the cause."""
-    from fastsel.data import Indexed
-
     if isinstance(data, Indexed) or len(data) == 0:
         return
     probe = len(data) - 1  # the last item: a label rarely equals it, unlike item 0's

@@ -17,9 +17,10 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 
 from fastsel import _checks, reference
-from fastsel._checks import check_real
+from fastsel._checks import MAX_INDEX, check_k, check_real
 from fastsel._extension import CPU_EXTENSION_AVAILABLE
-from fastsel.ops import BACKENDS, _resolve_backend, score
+from fastsel.backends import FLOAT_DTYPES, check_backend_name, resolve_backend
+from fastsel.ops import score
 from fastsel.reference import Scores
 
 __all__ = [
@@ -39,8 +40,6 @@ SCORE_DIRECTIONS = {
     "confidence": "smallest",
 }
 POLICIES = ("topk", "sample", "percentile")
-_MAX_INDEX = (1 << 32) - 1
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class Selection(NamedTuple):
@@ -70,9 +69,9 @@ class History:
                  dtype: torch.dtype = torch.float32):
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
-        if size > _MAX_INDEX:  # percentile works on histories of at most 2^32 - 1 values
+        if size > MAX_INDEX:  # percentile works on histories of at most 2^32 - 1 values
             raise ValueError(f"size must be at most 2^32 - 1, got {size}")
-        if dtype not in _FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
         self.size = size
         self._buffer = torch.full((size,), float("nan"), dtype=dtype, device=device)
@@ -137,24 +136,13 @@ def _check_vector(x, name: str) -> None:
         raise TypeError(f"{name} must be a 1-D floating point torch.Tensor, got {type(x).__name__}")
     if x.dim() != 1:
         raise ValueError(f"{name} must be 1-D [N], got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if x.numel() > _MAX_INDEX:
+    if x.numel() > MAX_INDEX:
         raise ValueError(f"{name} has {x.numel()} entries; at most 2^32 - 1 are supported")
     if x.device.type == "meta":
         raise ValueError(f"{name} is on the meta device, which holds no values: selection decides "
                          "from the values, so pass a tensor on a real device")
-
-
-def _check_k(k, n: int, *, allow_above_n: bool = False) -> None:
-    if not isinstance(k, int) or isinstance(k, bool):
-        raise TypeError(f"k must be an int, got {k!r}")
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    if k > n and not allow_above_n:
-        raise ValueError(f"k = {k} exceeds N = {n}")
-    if k > _MAX_INDEX:  # with replacement: k draws, 8 bytes each
-        raise ValueError(f"k = {k} draws exceed the limit of 2^32 - 1 per call")
 
 
 def _resolve_seed(seed: Optional[int], counter: int, generator: Optional[torch.Generator]) -> tuple[int, int]:
@@ -177,9 +165,8 @@ def _resolve_seed(seed: Optional[int], counter: int, generator: Optional[torch.G
 
 
 def _selection_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    resolved = _resolve_backend(backend, device)
+    check_backend_name(backend)
+    resolved = resolve_backend(backend, device)
     if resolved == "triton":
         from fastsel import _triton_select_ops  # noqa: F401  (registers the ops on first use)
     return resolved
@@ -228,7 +215,7 @@ def select_topk(scores: torch.Tensor, k: int, largest: bool = True, *, backend: 
     """The ``k`` best of ``scores`` [N]: largest (or smallest) first, ties broken by the
     lowest index, NaN ranked after every number. Weights are ones."""
     _check_vector(scores, "scores")
-    _check_k(k, scores.numel())
+    check_k(k, scores.numel())
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be a bool, got {largest!r}")
     resolved = _selection_backend(backend, scores.device)
@@ -312,7 +299,7 @@ def sample(
     _check_vector(importance, "importance")
     if not isinstance(replacement, bool):
         raise TypeError(f"replacement must be a bool, got {replacement!r}")
-    _check_k(k, importance.numel(), allow_above_n=replacement)
+    check_k(k, importance.numel(), allow_above_n=replacement)
     seed, counter = _resolve_seed(seed, counter, generator)
     resolved = _selection_backend(backend, importance.device)
     if resolved != "cpu" and not torch.compiler.is_compiling():

@@ -25,87 +25,20 @@ network that learns online, ``fastsel.experiments.proxies.OnlineProxy``):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import torch
 
 from fastsel import _state
+from fastsel.costs import Costs, ScorerCosts
+from fastsel.forward import batch_size_of, default_logits_fn, map_batch, scoring_forward
 from fastsel.ops import score
-from fastsel.sampler import Costs, ScorerCosts
 from fastsel._checks import check_int
 from fastsel.strategies.base import Strategy, check_strategy_and_seed, prepare_strategy_load
 
-__all__ = ["BatchSelector", "scoring_forward", "output_logits", "default_logits_fn"]
+__all__ = ["BatchSelector"]
 
 STAT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, (tuple, list)) and batch:
-        return _batch_size(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _batch_size(next(iter(batch.values())))
-    raise TypeError(f"cannot find the batch size of a {type(batch).__name__}")
-
-
-def _map_batch(batch: Any, take) -> Any:
-    """``take(t)`` for a tensor, or for each tensor of a (named)tuple / list / dict, keeping
-    the structure (the batch is in dimension 0 of every tensor)."""
-    if isinstance(batch, torch.Tensor):
-        return take(batch)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple (kept by default_collate)
-        return type(batch)(*(_map_batch(b, take) for b in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_map_batch(b, take) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _map_batch(v, take) for k, v in batch.items()}
-    raise TypeError(f"cannot select samples from a {type(batch).__name__}; inputs must be a tensor "
-                    "or a tuple/list/dict of tensors with the batch in dimension 0")
-
-
-def output_logits(output: Any) -> Any:
-    """The logits of a model's output: the output itself when it is a tensor, else its
-    ``logits`` (a Hugging Face ``ModelOutput``, a dict or any object with that field).
-    Anything else is returned as is (the caller reports it)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping) and "logits" in output:
-        return output["logits"]
-    logits = getattr(output, "logits", None)
-    return output if logits is None else logits
-
-
-def default_logits_fn(model: Callable, inputs: Any) -> Any:
-    """``model(inputs)``, unwrapped by ``output_logits``."""
-    return output_logits(model(inputs))
-
-
-def scoring_forward(model: torch.nn.Module, inputs: Any, chunk_size: Optional[int] = None,
-                    logits_fn: Optional[Callable[[Any, Any], Any]] = None) -> torch.Tensor:
-    """``logits_fn(model, inputs)`` (default: ``model(inputs)``, its ``.logits`` if it
-    has one) in inference mode with the model in eval mode, restoring the mode of every
-    submodule afterwards (BatchNorm running statistics stay untouched).
-
-    ``chunk_size`` runs the forward on consecutive slices of the batch and concatenates
-    the logits: for large candidate batches on the CPU, activations that fit the caches
-    can make that faster than one big forward (eval mode makes the slices independent)."""
-    fn = default_logits_fn if logits_fn is None else logits_fn
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.inference_mode():
-            n = _batch_size(inputs) if chunk_size else 0
-            if not chunk_size or n <= chunk_size:
-                return fn(model, inputs)
-            parts = [fn(model, _map_batch(inputs, lambda t, i=i: t[i:i + chunk_size])) for i in range(0, n, chunk_size)]
-            bad = next((p for p in parts if not isinstance(p, torch.Tensor)), None)
-            return bad if bad is not None else torch.cat(parts)  # the caller reports a non-tensor
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _linear_weight(module: Any) -> Optional[torch.Tensor]:
@@ -162,7 +95,7 @@ class BatchSelector:
             else ``ValueError``); left None, the scorer's ``.head`` or ``.fc`` is used.
             A scorer that learns online has ``observe(inputs, targets[, logits])``: train
             it through ``selector.observe``, which counts the samples in
-            ``costs.scorer_trained`` (``costs`` is then a ``fastsel.sampler.ScorerCosts``).
+            ``costs.scorer_trained`` (``costs`` is then a ``fastsel.costs.ScorerCosts``).
         logits_fn: ``(model, inputs) -> logits [N, C]``, the model's scoring forward, for
             models called otherwise or returning more than logits (e.g. a Hugging Face
             model: ``lambda m, batch: m(**batch).logits``). Default: ``model(inputs)``,
@@ -244,7 +177,7 @@ class BatchSelector:
         # Outside inference mode: the weights take part in the training loss.
         weights = sel.weights.clone().to(target.device) if sel.weights.is_inference() else sel.weights.to(target.device)
         self.last_indices = idx  # positions in the candidate batch, e.g. to fetch per-sample extras
-        return (_map_batch(inputs, lambda t: t[idx.to(t.device)]), target[idx.to(target.device)],
+        return (map_batch(inputs, lambda t: t[idx.to(t.device)]), target[idx.to(target.device)],
                 weights)
 
     def observe(self, inputs: Any, target: torch.Tensor, logits: Optional[torch.Tensor] = None) -> Any:
@@ -257,7 +190,7 @@ class BatchSelector:
             raise TypeError("observe needs a scorer that learns online (with an observe method), got "
                             + ("no scorer" if self.scorer is None else type(self.scorer).__name__))
         out = observe(inputs, target) if logits is None else observe(inputs, target, logits)
-        self.costs.scorer_trained += _batch_size(inputs)
+        self.costs.scorer_trained += batch_size_of(inputs)
         return out
 
     def _record(self, scores, idx: torch.Tensor, n: int) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 import fastsel
 from fastsel.experiments.proxies import OnlineProxy, pooled_mlp, small_cnn
-from fastsel.sampler import Costs, ScorerCosts
+from fastsel.costs import Costs, ScorerCosts
 from fastsel.strategies import MMS, HardLoss
 
 D, C = 12, 10

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fastsel
-from fastsel.selector import scoring_forward
+from fastsel.forward import scoring_forward
 from fastsel.strategies import MMS, HardLoss, InfoBatch, MaxEntropy, StyleError, TopScore, Uniform
 
 D, C = 12, 10

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fastsel
 from fastsel.strategies import (CSGD, MMS, PSGD, CDFSampling, DynaMS, HardBatches, HardLoss, InfoBatch, MaxEntropy,
                                 RhoLoss, ScoreTable, SelectiveBackprop, TopScore, Uniform, UpperBoundIS)
-from fastsel.sampler import Costs
+from fastsel.costs import Costs
 
 C = 4
 DELETE = object()

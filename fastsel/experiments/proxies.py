@@ -40,7 +40,7 @@ from torch import nn
 
 from fastsel import _state
 from fastsel._checks import check_int, check_real
-from fastsel.selector import scoring_forward
+from fastsel.forward import scoring_forward
 
 __all__ = ["OnlineProxy", "pooled_mlp", "small_cnn"]
 

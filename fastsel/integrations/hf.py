@@ -52,7 +52,7 @@ import torch
 from fastsel.data import Indexed
 from fastsel.ops import score
 from fastsel.sampler import ScoreSampler
-from fastsel.selector import output_logits
+from fastsel.forward import output_logits
 
 try:
     from transformers import Trainer, TrainerCallback

@@ -36,7 +36,7 @@ class DynaMS(Strategy):
     Scoring (``fastsel.strategies.Rescorer``, ``rescorer``): ``proxy(inputs)`` on batches of ``score_batch_size``
     drawn in dataset order from ``score_data`` (default: the sampler's data set), in
     inference mode with the model (and the proxy, when it is a module) in eval mode,
-    every submodule's train/eval mode restored afterwards (``fastsel.selector.scoring_forward``):
+    every submodule's train/eval mode restored afterwards (``fastsel.forward.scoring_forward``):
     no BatchNorm running-statistic update, no autograd graph, no gradient touched.
     The scoring loader has no shuffling and a seeded generator, so the scores do not
     depend on worker randomness; note that ``score_data`` is read through its own

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from fastsel.ops import score
-from fastsel.selector import scoring_forward
+from fastsel.forward import scoring_forward
 from fastsel._checks import check_choice, check_int, check_positive_int, sized_length
 from fastsel.strategies.base import TABLE_FIELDS, seeded_generator
 
@@ -46,7 +46,7 @@ class Rescorer:
     """Scores every sample of a data set with the model (or a cheaper proxy that shares its
     parameters) in inference mode, for the table fields a strategy reads.
 
-    The forward runs as ``fastsel.selector.scoring_forward`` runs it: the model (and the
+    The forward runs as ``fastsel.forward.scoring_forward`` runs it: the model (and the
     proxy, when it is a module) in eval mode, ``torch.inference_mode()``, every
     submodule's train/eval mode restored afterwards, so no BatchNorm running statistic,
     parameter or gradient is touched. Batches of ``batch_size`` are read in data-set order

@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from fastsel.forward import scoring_forward
 from fastsel.ops import score
 from fastsel.reference import Scores
 from fastsel.selection import Selection, select_topk
@@ -35,7 +36,7 @@ class RhoLoss(EpochRule, Strategy):
 
     * an ``nn.Module``: the irreducible-loss model (a small model trained on a holdout
       set). Its logits on the candidate inputs are computed exactly as the selector
-      computes the main model's (``fastsel.selector.scoring_forward``: eval mode,
+      computes the main model's (``fastsel.forward.scoring_forward``: eval mode,
       ``torch.inference_mode``, each submodule's train/eval mode restored, so no
       parameter, gradient or BatchNorm running statistic is touched), and the loss is
       ``fastsel.score(logits, targets).loss``. The module receives the same ``inputs`` as
@@ -149,8 +150,6 @@ class RhoLoss(EpochRule, Strategy):
             if targets is None:
                 raise ValueError("RhoLoss needs the candidate batch's targets to compute irreducible losses")
             if isinstance(irr, torch.nn.Module):
-                from fastsel.selector import scoring_forward  # the selector imports the strategies
-
                 logits = scoring_forward(irr, inputs)
                 with torch.inference_mode():
                     out = score(logits, targets.to(logits.device)).loss

@@ -393,7 +393,7 @@ def test_k_larger_than_n_selects_everything_like_the_reference():
 
 def test_rejects_negative_k_seed_counter_and_non_1d():
     w = torch.rand(5)
-    with pytest.raises(ValueError, match="k must be non-negative"):
+    with pytest.raises(ValueError, match="k must be >= 0"):
         ops.triton_sample_with_replacement(w, -1, 0, 0)
     with pytest.raises(ValueError, match="seed and counter"):
         ops.triton_sample_without_replacement(w, 2, -1, 0)
