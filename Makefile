@@ -8,7 +8,7 @@ STAMP_DEPS  := $(VENV)/.deps-installed
 STAMP_BUILD := $(VENV)/.ext-built
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: all setup build test test-fast test-triton bench train-bench clean
+.PHONY: all setup build test test-fast test-triton bench train-bench gpu-check clean
 
 all: test
 
@@ -58,6 +58,12 @@ train-bench: build
 		$(SUDO) apt-get install -y -qq dataset-fashion-mnist || \
 		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist); fi
 	$(PY) bench/train_bench.py $(TRAIN_BENCH_ARGS)
+
+# On a machine with a CUDA device: a venv with torch's CUDA build (.venv-gpu), the CUDA
+# extension, the GPU-only tests and a short GPU benchmark, with a summary. Without a
+# device it says so and exits 0 (bench/gpu_check.py).
+gpu-check:
+	$(PYTHON) bench/gpu_check.py
 
 clean:
 	rm -rf build fastsel/_C*.so *.egg-info $(STAMP_BUILD)

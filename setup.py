@@ -3,19 +3,20 @@
 Build with ``pip install --no-build-isolation -e .`` so the extension is compiled
 against the torch already installed (a build-isolated torch could differ).
 
-The vector ISA is decided at build time from the building CPU:
-``FASTSEL_CPU_ISA=auto|avx512|avx2|none`` (default auto: the widest the CPU has). The
-kernels use ``at::vec::Vectorized<float>`` on 512-bit registers with AVX-512 (F, BW, VL,
-DQ), on 256-bit registers with AVX2 + FMA, and otherwise the same source compiles against
-ATen's portable fallback. The extension runs only on CPUs with the ISA it was built for.
+The CPU kernels are compiled once per vector ISA into the one extension (csrc/cpu/isa/):
+AVX-512 (F, BW, VL, DQ; ``at::vec::Vectorized<float>`` on 512-bit registers), AVX2 + FMA
+(256-bit) and ATen's portable fallback, on x86-64; the portable code alone elsewhere.
+At import fastsel picks the widest the running CPU supports (``FASTSEL_CPU_ISA=avx2|none``
+forces a lower one), so one build runs on every x86-64 CPU. ``FASTSEL_BUILD_ISAS=none``
+compiles the portable code alone (a faster build).
 
 CUDA: ``FASTSEL_BUILD_CUDA=auto|0|1`` (default auto). The CUDA kernels (csrc/cuda) are
 compiled only when torch is a CUDA build and a CUDA toolkit of the same major version is
 found; no GPU is needed to build. ``1`` fails loudly when that is not the case.
 """
 
-import importlib.util
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -27,20 +28,42 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _load_isa_module():
-    # fastsel/_isa.py by path: the package itself cannot be imported before it is built.
-    spec = importlib.util.spec_from_file_location("fastsel_isa", os.path.join(HERE, "fastsel", "_isa.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _isas() -> list:
+    """The ISAs to compile, portable first (see _IsaBuild: the link order)."""
+    choice = os.environ.get("FASTSEL_BUILD_ISAS", "auto").lower()
+    if choice not in ("auto", "none"):
+        sys.exit(f"FASTSEL_BUILD_ISAS must be auto or none, got {choice!r}")
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return ["portable", "avx2", "avx512"] if x86 and choice == "auto" else ["portable"]
 
 
-def _vector_isa() -> str:
-    choice = os.environ.get("FASTSEL_CPU_ISA", "auto").lower()
-    isa = _load_isa_module()
-    if choice != "auto" and choice not in isa.ISA_FLAGS:
-        sys.exit(f"FASTSEL_CPU_ISA must be auto, {', '.join(isa.ISA_FLAGS)}, got {choice!r}")
-    return isa.widest() if choice == "auto" else choice
+ISA_FLAGS = {  # -m flags of each ISA's translation units (csrc/cpu/isa/*_<isa>.cpp)
+    "portable": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+}
+KERNELS = ["score_kernel", "select_kernel"]
+
+
+class _IsaBuild(BuildExtension):
+    """Compiles each ISA's kernel sources with that ISA's flags (the extension's own sources
+    get none), then links them into the one extension. Objects are linked after the
+    extension's own and the portable ones first, so that an inline function of a torch
+    header compiled into several ISAs' objects keeps the least demanding copy
+    (tests/test_isa_dispatch.py checks the binary for vector code outside the ISA paths)."""
+
+    def build_extension(self, ext):
+        if getattr(ext, "isa_sources", None):
+            objects = []
+            for isa, sources in ext.isa_sources:
+                args = ext.extra_compile_args
+                args = ({k: list(v) + (ISA_FLAGS[isa] if k == "cxx" else []) for k, v in args.items()}
+                        if isinstance(args, dict) else list(args) + ISA_FLAGS[isa])
+                objects += self.compiler.compile(sources, output_dir=self.build_temp, macros=ext.define_macros,
+                                                 include_dirs=ext.include_dirs, debug=self.debug,
+                                                 extra_postargs=args, depends=ext.depends)
+            ext.extra_objects = objects + list(ext.extra_objects or [])
+        super().build_extension(ext)
 
 
 def _build_cuda() -> bool:
@@ -67,28 +90,23 @@ def _build_cuda() -> bool:
     return True
 
 
-isa = _vector_isa()
+isas = _isas()
 with_cuda = _build_cuda()
 # -ffp-contract=off: the selection keys (selection_keys.h) must round exactly like the
 # other backends, so no multiply-add may be fused behind the code's back.
 cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-ffp-contract=off"]
-if isa == "avx2":
-    cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
-elif isa == "avx512":
-    cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                  "-DCPU_CAPABILITY_AVX512"]
-cxx_flags.append(f'-DFASTSEL_BUILD_ISA="{isa}"')
+cxx_flags += [f"-DFASTSEL_WITH_{isa.upper()}" for isa in isas if isa != "portable"]
 if sys.platform.startswith("linux"):
     cxx_flags += ["-fopenmp"]
 
-print(f"fastsel: building the CPU kernels for ISA '{isa}', CUDA: {with_cuda}", file=sys.stderr)
+print(f"fastsel: building the CPU kernels for {', '.join(isas)}, CUDA: {with_cuda}", file=sys.stderr)
 
 sources = [
     "csrc/ops.cpp",
     "csrc/score_autograd.cpp",
-    "csrc/cpu/score_kernel.cpp",
-    "csrc/cpu/select_kernel.cpp",
+    "csrc/cpu/dispatch.cpp",
 ]
+isa_sources = [(isa, [f"csrc/cpu/isa/{kernel}_{isa}.cpp" for kernel in KERNELS]) for isa in isas]
 extension = CppExtension
 compile_args = {"cxx": cxx_flags}
 if with_cuda:
@@ -102,15 +120,14 @@ if with_cuda:
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"  # no GPU to ask: Ampere and Hopper
 
-setup(
-    ext_modules=[
-        extension(
-            name="fastsel._C",
-            sources=sources,
-            include_dirs=[os.path.join(HERE, "csrc", "include")],
-            extra_compile_args=compile_args,
-            extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
-        )
-    ],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+ext = extension(
+    name="fastsel._C",
+    sources=sources,
+    include_dirs=[os.path.join(HERE, "csrc", "include"), os.path.join(HERE, "csrc")],
+    extra_compile_args=compile_args,
+    extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
+    depends=[os.path.join(root, f) for root, _, files in os.walk(os.path.join(HERE, "csrc"))
+             for f in files if f.endswith((".h", ".cuh", ".cpp"))],
 )
+ext.isa_sources = isa_sources
+setup(ext_modules=[ext], cmdclass={"build_ext": _IsaBuild.with_options(use_ninja=True)})

@@ -18,15 +18,13 @@
 //   draws with P ∝ importance (integer-quantized prefix sums), in draw order.
 // torch.ops.fastsel.percentile(values, history) -> [N] float32, the fraction of the
 //   (non-NaN) history strictly below each value; 1 for an empty history, NaN for NaN.
-// Fake implementations and autograd are registered from Python (fastsel/ops.py).
+// Fake implementations and autograd are registered from Python (fastsel/ops.py). The CPU
+// implementations are the dispatch functions of csrc/cpu/dispatch.cpp, which run the
+// kernels compiled for the instruction set picked at import (fastsel/_extension.py).
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
-
-#ifndef FASTSEL_BUILD_ISA
-#define FASTSEL_BUILD_ISA "unknown"
-#endif
 
 TORCH_LIBRARY(fastsel, m) {
   m.def(
@@ -44,22 +42,25 @@ TORCH_LIBRARY(fastsel, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastsel, CPU, m) {
-  m.impl("score_forward", &fastsel::cpu::score_forward);
-  m.impl("score_backward", &fastsel::cpu::score_backward);
-  m.impl("select_topk", &fastsel::cpu::select_topk);
-  m.impl("sample_without_replacement", &fastsel::cpu::sample_without_replacement);
-  m.impl("sample_with_replacement", &fastsel::cpu::sample_with_replacement);
-  m.impl("percentile", &fastsel::cpu::percentile);
+  m.impl("score_forward", &fastsel::cpu::dispatch::score_forward);
+  m.impl("score_backward", &fastsel::cpu::dispatch::score_backward);
+  m.impl("select_topk", &fastsel::cpu::dispatch::select_topk);
+  m.impl("sample_without_replacement", &fastsel::cpu::dispatch::sample_without_replacement);
+  m.impl("sample_with_replacement", &fastsel::cpu::dispatch::sample_with_replacement);
+  m.impl("percentile", &fastsel::cpu::dispatch::percentile);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastsel C++ kernels; the operators live in torch.ops.fastsel";
-  m.def("same_bits", &fastsel::cpu::same_bits,
+  m.def("same_bits", &fastsel::cpu::dispatch::same_bits,
         "Whether two CPU tensors of one shape and dtype hold the same bytes (a stale MmsHead check)");
-  m.def("mms_uses_max_distance", &fastsel::cpu::mms_uses_max_distance,
+  m.def("mms_uses_max_distance", &fastsel::cpu::dispatch::mms_uses_max_distance,
         "Whether the CPU exact MMS of N rows and C classes takes a precomputed max_distance into account");
-  m.def("build_isa", [] { return std::string(FASTSEL_BUILD_ISA); },
-        "Vector instruction set the CPU kernels were compiled for");
+  m.def("compiled_isas", &fastsel::cpu::compiled_isas,
+        "Vector instruction sets the CPU kernels were compiled for, widest first ('none': portable)");
+  m.def("active_isa", &fastsel::cpu::active_isa, "The instruction set the CPU kernels run on");
+  m.def("set_active_isa", &fastsel::cpu::set_active_isa,
+        "Runs the CPU kernels compiled for this instruction set (the caller checks that the CPU has it)");
   m.def("build_cuda", [] {
 #ifdef FASTSEL_WITH_CUDA
     return true;

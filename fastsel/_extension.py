@@ -16,6 +16,8 @@ import warnings
 
 import torch  # noqa: F401  (the extension links against libtorch, load it first)
 
+from fastsel import _isa
+
 
 class ExtensionWarning(RuntimeWarning):
     """fastsel runs without its compiled extension (``build_info()`` says why)."""
@@ -65,6 +67,22 @@ def _diagnose(error: str) -> tuple[str, str]:
             f"install fastsel with a C++ compiler present: {_REBUILD}")
 
 
+def choose_isa(requested: str, compiled: list, runnable: list) -> str:
+    """The instruction set the CPU kernels run on: the widest compiled one the CPU runs, or
+    ``requested`` (``FASTSEL_CPU_ISA``), which must be compiled and runnable."""
+    if requested in ("", "auto"):
+        return next(isa for isa in compiled if isa in runnable or isa == "none")
+    if requested not in ("avx512", "avx2", "none"):
+        raise RuntimeError(f"FASTSEL_CPU_ISA must be auto, avx512, avx2 or none, got {requested!r}")
+    if requested not in compiled:
+        raise RuntimeError(f"FASTSEL_CPU_ISA={requested}: fastsel's CPU kernels were compiled for "
+                           f"{', '.join(compiled)} only")
+    if requested != "none" and requested not in runnable:
+        raise RuntimeError(f"FASTSEL_CPU_ISA={requested}: this CPU cannot run {requested} code (it runs "
+                           f"{', '.join(runnable) or 'only the portable code'}); use a lower one or auto")
+    return requested
+
+
 try:
     from fastsel import _C  # noqa: F401
 
@@ -73,9 +91,14 @@ try:
     EXTENSION_ERROR: str | None = None
     EXTENSION_REASON: str | None = None
     EXTENSION_FIX: str | None = None
+    COMPILED_ISAS: list = list(_C.compiled_isas())
+    RUNNABLE_ISAS: list = [isa for isa in COMPILED_ISAS if isa != "none" and _isa.runnable(isa)] + ["none"]
+    _C.set_active_isa(choose_isa(os.environ.get("FASTSEL_CPU_ISA", "auto").lower(), COMPILED_ISAS,
+                                 RUNNABLE_ISAS))
 except ImportError as exc:  # not built, shadowed, corrupt, or built against another torch
     CPU_EXTENSION_AVAILABLE = False
     CUDA_EXTENSION_AVAILABLE = False
+    COMPILED_ISAS, RUNNABLE_ISAS = [], []
     EXTENSION_ERROR = str(exc)
     EXTENSION_REASON, EXTENSION_FIX = _diagnose(EXTENSION_ERROR)
     if os.environ.get("FASTSEL_ALLOW_FALLBACK") != "1":
@@ -89,10 +112,12 @@ except ImportError as exc:  # not built, shadowed, corrupt, or built against ano
 
 
 def build_info() -> dict:
-    """How the extension was compiled (vector ISA, OpenMP), or why it is absent: then
-    ``error`` (the import error), ``reason`` and ``fix``."""
+    """How the extension was compiled and runs: ``isa``, the instruction set the CPU
+    kernels run on (the widest of ``isas_compiled`` in ``isas_runnable``, or
+    ``FASTSEL_CPU_ISA``), OpenMP, CUDA; or why it is absent: ``error`` (the import
+    error), ``reason`` and ``fix``."""
     if not CPU_EXTENSION_AVAILABLE:
         return {"available": False, "error": EXTENSION_ERROR, "reason": EXTENSION_REASON, "fix": EXTENSION_FIX,
                 "package_dir": _PACKAGE_DIR}
-    return {"available": True, "isa": _C.build_isa(), "openmp": _C.build_openmp(),
-            "cuda": CUDA_EXTENSION_AVAILABLE}
+    return {"available": True, "isa": _C.active_isa(), "isas_compiled": list(COMPILED_ISAS),
+            "isas_runnable": list(RUNNABLE_ISAS), "openmp": _C.build_openmp(), "cuda": CUDA_EXTENSION_AVAILABLE}

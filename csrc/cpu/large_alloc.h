@@ -21,7 +21,10 @@
 #include <mutex>
 #include <string>
 
+#include "fastsel/isa_namespace.h"
+
 namespace fastsel::cpu {
+FASTSEL_ISA_BEGIN
 
 // Below this size the faults are cheap, and PyTorch's allocator serves the tensor.
 constexpr size_t kLargeBlockMinBytes = size_t(8) << 20;
@@ -87,4 +90,5 @@ inline at::Tensor empty_for_streaming_write(at::IntArrayRef sizes, const at::Ten
                        options);
 }
 
+FASTSEL_ISA_END
 }  // namespace fastsel::cpu

@@ -32,7 +32,10 @@
 
 #include "vec_utils.h"
 
+#include "fastsel/isa_namespace.h"
+
 namespace fastsel::cpu {
+FASTSEL_ISA_BEGIN
 
 // Classes up to which the MMS may use the [C, C] inverse-distance matrix.
 constexpr int64_t kMmsGramMaxClasses = 256;
@@ -397,4 +400,5 @@ acc_t mms_exact_pruned(acc_t za, int64_t a, int64_t r, acc_t margin, acc_t runne
   return best;
 }
 
+FASTSEL_ISA_END
 }  // namespace fastsel::cpu

@@ -14,7 +14,10 @@
 
 #include "fastsel/selection_keys.h"
 
+#include "fastsel/isa_namespace.h"
+
 namespace fastsel::cpu {
+FASTSEL_ISA_BEGIN
 
 #define FASTSEL_HAS_RACE_KEYS_AVX2 1
 
@@ -89,6 +92,7 @@ inline void race_key_bits_avx2(const float* w, RaceScale scale, uint64_t index0,
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(key), bits);
 }
 
+FASTSEL_ISA_END
 }  // namespace fastsel::cpu
 
 #endif  // __AVX2__ && __FMA__

@@ -32,7 +32,10 @@
 #include "mms.h"
 #include "vec_utils.h"
 
+#include "fastsel/isa_namespace.h"
+
 namespace fastsel::cpu {
+FASTSEL_ISA_BEGIN
 namespace {
 
 constexpr int64_t kBlock = 4096;
@@ -1346,4 +1349,5 @@ at::Tensor score_backward(const at::Tensor& grad_loss, const at::Tensor& logits_
   return grad;
 }
 
+FASTSEL_ISA_END
 }  // namespace fastsel::cpu

@@ -25,7 +25,10 @@
 #include "kernels.h"
 #include "race_keys_avx2.h"
 
+#include "fastsel/isa_namespace.h"
+
 namespace fastsel::cpu {
+FASTSEL_ISA_BEGIN
 namespace {
 
 constexpr int64_t kMaxIndices = int64_t(1) << 32;  // the index must fit the low 32 bits
@@ -373,4 +376,5 @@ at::Tensor percentile(const at::Tensor& values, const at::Tensor& history) {
   return out;
 }
 
+FASTSEL_ISA_END
 }  // namespace fastsel::cpu

@@ -27,7 +27,10 @@
 #include <cstdint>
 #include <limits>
 
+#include "fastsel/isa_namespace.h"
+
 namespace fastsel::cpu {
+FASTSEL_ISA_BEGIN
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
@@ -204,4 +207,5 @@ inline void from_float(const float* src, scalar_t* dst, int64_t n) {
   for (; k < n; ++k) dst[k] = static_cast<scalar_t>(src[k]);
 }
 
+FASTSEL_ISA_END
 }  // namespace fastsel::cpu

@@ -11,6 +11,8 @@
 #include <optional>
 #include <tuple>
 
+#include "fastsel/isa_namespace.h"
+
 namespace fastsel {
 
 // (loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse)
@@ -25,6 +27,10 @@ enum MmsMode : int64_t { kMmsNone = 0, kMmsExact = 1, kMmsTop2 = 2 };
 // for a bounded block of rows at a time, never C x C. (The CPU kernel prunes instead:
 // csrc/cpu/mms.h.)
 constexpr int64_t kMmsDenseMaxClasses = 2048;
+
+// The helpers below are compiled into every CPU kernel ISA: in the ISA's namespace
+// (fastsel/isa_namespace.h); the types above are shared with the dispatch.
+FASTSEL_ISA_BEGIN
 
 inline at::ScalarType accumulate_type(at::ScalarType logits) {
   return logits == at::kDouble ? at::kDouble : at::kFloat;
@@ -102,4 +108,5 @@ struct ScoreBuffers {
   }
 };
 
+FASTSEL_ISA_END
 }  // namespace fastsel

@@ -35,7 +35,10 @@
 #define FASTSEL_HD inline
 #endif
 
+#include "fastsel/isa_namespace.h"
+
 namespace fastsel {
+FASTSEL_ISA_BEGIN
 
 template <typename T>
 FASTSEL_HD T neg_inf() { return -std::numeric_limits<T>::infinity(); }
@@ -233,4 +236,5 @@ FASTSEL_HD T inv_distance(T sq_a, T sq_j, T dot_aj) {
   return T(1) / sqrt_(d2);  // 1/0 = inf for identical rows
 }
 
+FASTSEL_ISA_END
 }  // namespace fastsel

@@ -46,7 +46,10 @@
 #define FASTSEL_DMUL(a, b) ((a) * (b))
 #endif
 
+#include "fastsel/isa_namespace.h"
+
 namespace fastsel {
+FASTSEL_ISA_BEGIN
 
 // Which Philox output word each random decision uses.
 constexpr int kWordRaceTime = 2;    // sample without replacement: E_i
@@ -265,4 +268,5 @@ FASTSEL_SK_HD int64_t replacement_target(uint64_t seed, uint64_t counter, uint64
   return t < total ? t : total - 1;
 }
 
+FASTSEL_ISA_END
 }  // namespace fastsel
