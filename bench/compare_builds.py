@@ -57,13 +57,17 @@ def main(argv=None) -> None:
     parser.add_argument("--a", type=Path, required=True, help="the baseline checkout (built)")
     parser.add_argument("--b", type=Path, required=True, help="the checkout compared with it (built)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--benches", default="score,select", help="comma-separated subset of score,select")
     parser.add_argument("--out", type=Path, default=Path("bench/results/compare"))
     args = parser.parse_args(argv)
+    unknown = set(args.benches.split(",")) - set(BENCHES)
+    if unknown:
+        parser.error(f"unknown benches {sorted(unknown)}; choose from {sorted(BENCHES)}")
     times: dict = defaultdict(lambda: {"a": [], "b": []})
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for side, tree in (("a", args.a), ("b", args.b)) if r % 2 == 0 else (("b", args.b), ("a", args.a)):
-                for bench in BENCHES:
+                for bench in args.benches.split(","):
                     print(f"round {r + 1}/{args.rounds}: {bench} of {side} ({tree})", flush=True)
                     for row in run_once(tree.resolve(), bench, Path(tmp)):
                         got = key_and_ms(bench, row)
