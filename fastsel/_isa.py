@@ -1,9 +1,5 @@
-"""Which vector ISA the CPU kernels can be built for on this machine.
-
-Single source for setup.py (which loads this file by path, before fastsel is importable)
-and for the tests that rebuild the extension for each ISA. No imports beyond the
-standard library, so that setup.py can load it without torch's extension built.
-"""
+"""Which of the vector ISAs the CPU kernels are compiled for this CPU can run
+(fastsel._extension picks the widest at import). Standard library only."""
 
 from __future__ import annotations
 
@@ -34,8 +30,3 @@ def runnable(isa: str) -> bool:
     if isa != "none" and platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     return ISA_FLAGS[isa] <= cpu_flags()
-
-
-def widest() -> str:
-    """The widest ISA this CPU can run."""
-    return next(isa for isa in ISA_FLAGS if runnable(isa))

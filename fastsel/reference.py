@@ -379,7 +379,8 @@ def cross_entropy_options(
         loss_i = (1 - e) w_y ce_i + (e / C) sum_j w_j t_ij,   t_ij = lse_i - z_ij = -log p_ij,
 
     and 0 on rows whose target is ``ignore_index``. Class weights cost a gather. The
-    smoothing term takes one [N, C] temporary in the scores' dtype: t_ij is formed as
+    smoothing term reads the logits twice more (the row maximum, then t) into one [N, C]
+    temporary in the scores' dtype: t_ij is formed as
     (lse_i - m_i) + (m_i - z_ij), m_i the row's maximum, both parts >= 0, so neither
     cancels nor overflows where the logits are huge (lse - m = log d is taken from
     ``scores.confidence`` = 1 / d, to full precision). Its gradient flows through

@@ -266,28 +266,33 @@ class ScoreSampler(torch.utils.data.Sampler):
         score rules): for a per-step schedule, prefer ``progress``."""
         if self.epoch >= self.epochs:  # the planned run is over
             return self.costs.steps, True
-        steps = len(self) + self.costs.steps - self._consumed
-        exact = True
-        for epoch in range(self.epoch + 1, self.epochs):
-            size, known = self.strategy.epoch_size_bound(epoch, self.n, self.epochs)
-            steps += self._batches_of(size)
-            exact = exact and known
-        return steps, exact
+        later = self._epoch_bounds(self.epoch + 1)
+        return (len(self) + self.costs.steps - self._consumed + sum(b for b, _ in later),
+                all(known for _, known in later))
+
+    def _epoch_bounds(self, first: int = 0) -> list[tuple[int, bool]]:
+        """(most batches on this rank, whether that is the epoch's size whatever the
+        scores) of every epoch from ``first`` on (``Strategy.epoch_size_bound``)."""
+        bounds = (self.strategy.epoch_size_bound(e, self.n, self.epochs) for e in range(first, self.epochs))
+        return [(self._batches_of(size), known) for size, known in bounds]
+
+    def epoch_sizes_known(self) -> bool:
+        """Whether every epoch's size is known ahead, whatever the scores (Uniform, PSGD,
+        CSGD): then ``planned_steps()`` is exact."""
+        return all(known for _, known in self._epoch_bounds())
 
     def max_epoch_steps(self) -> int:
         """The most batches any epoch of the run can hold on this rank (the bound of
         ``Strategy.epoch_size_bound``): a constant epoch length for frameworks that size
         their epochs once."""
-        return max((self._batches_of(self.strategy.epoch_size_bound(e, self.n, self.epochs)[0])
-                    for e in range(self.epochs)), default=0)
+        return max((b for b, _ in self._epoch_bounds()), default=0)
 
     def planned_steps(self) -> int:
         """The run's steps as counted before it starts, a pure function of the strategy,
         the data set's size and the batch layout (the same in a resumed process): the
         sum over epochs of the most each epoch's plan can hold
-        (``Strategy.epoch_size_bound``). Exact when ``total_steps()`` is."""
-        return sum(self._batches_of(self.strategy.epoch_size_bound(e, self.n, self.epochs)[0])
-                   for e in range(self.epochs))
+        (``Strategy.epoch_size_bound``). Exact when ``epoch_sizes_known()``."""
+        return sum(b for b, _ in self._epoch_bounds())
 
     @property
     def progress(self) -> float:

@@ -131,8 +131,7 @@ class SelectionTrainer(Trainer):
         if self.args.world_size > 1:
             raise ValueError("SelectionTrainer runs in one process: under several, the Trainer's accelerator would "
                              "shard the sampler's batches again (use ScoreSampler in your own DDP loop)")
-        exact = all(sampler.strategy.epoch_size_bound(e, sampler.n, sampler.epochs)[1] for e in range(sampler.epochs))
-        if self.args.gradient_accumulation_steps > 1 and not exact:
+        if self.args.gradient_accumulation_steps > 1 and not sampler.epoch_sizes_known():
             raise ValueError(f"gradient_accumulation_steps={self.args.gradient_accumulation_steps} needs epochs of "
                              f"known length, but {type(sampler.strategy).__name__}'s depend on the scores: the Trainer "
                              "steps the optimizer at its own epoch boundaries only, so a shortened epoch's last "
