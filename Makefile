@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP_DEPS  := $(VENV)/.deps-installed
 STAMP_BUILD := $(VENV)/.ext-built
-CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null) fastsel/contract.py csrc/write_contract_header.py
 
 .PHONY: all setup build test test-fast test-triton bench train-bench gpu-check clean
 

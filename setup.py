@@ -18,6 +18,7 @@ found; no GPU is needed to build. ``1`` fails loudly when that is not the case.
 import os
 import platform
 import re
+import runpy
 import subprocess
 import sys
 
@@ -26,6 +27,11 @@ from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# The C++ side of the scoring op's contract, generated from fastsel/contract.py, its one
+# definition, so that a changed contract is built as it is.
+runpy.run_path(os.path.join(HERE, "csrc", "write_contract_header.py"))["write_header"]()
 
 
 def _isas() -> list:

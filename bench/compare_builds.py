@@ -26,11 +26,12 @@ from pathlib import Path
 BENCHES = {"score": ("bench_score.py", "score_bench.csv"), "select": ("bench_select.py", "select_bench.csv")}
 
 
-def run_once(tree: Path, bench: str, out: Path) -> list[dict]:
+def run_once(tree: Path, bench: str, out: Path, extra: tuple = ()) -> list[dict]:
     script, name = BENCHES[bench]
     env = dict(os.environ, PYTHONPATH=str(tree))
+    argv = [str(tree / "bench" / script), "--representative", "--out", str(out), *extra]
     code = ("import sys, runpy; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
-            f"sys.argv = [{str(tree / 'bench' / script)!r}, '--representative', '--out', {str(out)!r}]; "
+            f"sys.argv = {argv!r}; "
             f"runpy.run_path(sys.argv[0], run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tree, capture_output=True, text=True)
     if done.returncode != 0:
@@ -58,8 +59,11 @@ def main(argv=None) -> None:
     parser.add_argument("--b", type=Path, required=True, help="the checkout compared with it (built)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--benches", default="score,select", help="comma-separated subset of score,select")
+    parser.add_argument("--score-shapes", help="NxC list for bench_score.py (default: its representative "
+                                               "shape), e.g. 64x10,65536x1000 to include per-call overhead")
     parser.add_argument("--out", type=Path, default=Path("bench/results/compare"))
     args = parser.parse_args(argv)
+    extra = {"score": ("--shapes", args.score_shapes) if args.score_shapes else (), "select": ()}
     unknown = set(args.benches.split(",")) - set(BENCHES)
     if unknown:
         parser.error(f"unknown benches {sorted(unknown)}; choose from {sorted(BENCHES)}")
@@ -69,7 +73,7 @@ def main(argv=None) -> None:
             for side, tree in (("a", args.a), ("b", args.b)) if r % 2 == 0 else (("b", args.b), ("a", args.a)):
                 for bench in args.benches.split(","):
                     print(f"round {r + 1}/{args.rounds}: {bench} of {side} ({tree})", flush=True)
-                    for row in run_once(tree.resolve(), bench, Path(tmp)):
+                    for row in run_once(tree.resolve(), bench, Path(tmp), extra[bench]):
                         got = key_and_ms(bench, row)
                         if got:
                             times[got[0]][side].append(got[1])
@@ -87,8 +91,9 @@ def main(argv=None) -> None:
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"# {args.b} against {args.a}", "",
-             f"{args.rounds} rounds, alternated (A B, B A, ...), `--representative` runs; ratio = B / A per round, "
-             "median and range.", "",
+             f"{args.rounds} rounds, alternated (A B, B A, ...), `--representative` runs"
+             f"{f' (bench_score.py --shapes {args.score_shapes})' if args.score_shapes else ''}; "
+             "ratio = B / A per round, median and range.", "",
              "| bench | case | method | A ms | B ms | B / A (median) | range |", "|---|---|---|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['bench']} | {r['case']} | {r['method']} | {r['a_ms']:.3g} | {r['b_ms']:.3g} | "

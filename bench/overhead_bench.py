@@ -47,7 +47,8 @@ except ImportError:  # a checkout without installing
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fastsel.datasets import fashion_mnist  # noqa: E402
+from fastsel.contract import OUTPUT_NAMES  # noqa: E402
+from fastsel.experiments.datasets import fashion_mnist  # noqa: E402
 from fastsel.experiments.models import SmallCNN  # noqa: E402
 from fastsel.strategies import MMS, InfoBatch, Uniform  # noqa: E402
 
@@ -142,8 +143,9 @@ def components(data, reps: int = 3000) -> list[dict]:
         def scores(idx):
             n = idx.numel()
             loss = torch.rand(n, generator=loss_g) * 2
-            return fastsel.Scores(loss, loss, loss, loss, loss, loss, torch.zeros(n, dtype=torch.int64),
-                                  loss if with_mms else None, loss)
+            fields = {name: loss for name in OUTPUT_NAMES}  # every score the loss: only the costs matter here
+            fields.update(pred=torch.zeros(n, dtype=torch.int64), mms=loss if with_mms else None)
+            return fastsel.Scores(**fields)
 
         for idx in sampler:  # fills the table (the first epoch is full)
             sampler.update(torch.as_tensor(idx), scores(torch.as_tensor(idx)))

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import fastsel
-from fastsel.datasets import fashion_mnist
+from fastsel.experiments.datasets import fashion_mnist
 from fastsel.experiments.models import SmallCNN
 from fastsel.experiments.proxies import OnlineProxy, pooled_mlp
 from fastsel.forward import scoring_forward

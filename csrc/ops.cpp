@@ -1,7 +1,8 @@
 // Operator schemas of fastsel and the CPU implementations behind them.
 //
 // torch.ops.fastsel.score_forward(logits, target, ignore_index, weight, mms_mode, max_distance=None)
-//   -> (loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse)
+//   -> the outputs of the contract, fastsel/contract.py (loss, entropy, ..., pred, mms, lse),
+//   whose schema string this file takes from the generated fastsel/score_contract.h.
 //   mms_mode: 0 none (mms is an empty tensor), 1 exact, 2 top2. max_distance: optional [C]
 //   upper bounds of max_j ||w_a - w_j|| (fastsel.mms_head); they only prune the exact MMS
 //   search (its values are the same with or without them).
@@ -9,7 +10,8 @@
 //   -> grad_logits = grad_loss[:, None] * (softmax(logits) - onehot(target)), 0 on ignored rows.
 //
 // Selection ops (docs/methods.md section 2; per-element math in fastsel/selection_keys.h,
-// specification in fastsel/reference.py). All take 1-D inputs and return int64 indices:
+// specification in fastsel/reference.py; schemas, like the scoring ops', from
+// fastsel/contract.py). All take 1-D inputs and return int64 indices:
 // torch.ops.fastsel.select_topk(scores, k, largest) -> [k], best first; ties: lowest
 //   index first; NaN ranks last.
 // torch.ops.fastsel.sample_without_replacement(importance, k, seed, counter) -> [k],
@@ -18,27 +20,23 @@
 //   draws with P ∝ importance (integer-quantized prefix sums), in draw order.
 // torch.ops.fastsel.percentile(values, history) -> [N] float32, the fraction of the
 //   (non-NaN) history strictly below each value; 1 for an empty history, NaN for NaN.
-// Fake implementations and autograd are registered from Python (fastsel/ops.py). The CPU
+// Fake implementations are registered from Python (fastsel/registration/), the autograd of
+// the scoring ops in csrc/score_autograd.cpp. The CPU
 // implementations are the dispatch functions of csrc/cpu/dispatch.cpp, which run the
 // kernels compiled for the instruction set picked at import (fastsel/_extension.py).
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
+#include "fastsel/score_contract.h"
 
 TORCH_LIBRARY(fastsel, m) {
-  m.def(
-      "score_forward(Tensor logits, Tensor target, int ignore_index, Tensor? weight, int mms_mode, "
-      "Tensor? max_distance=None) "
-      "-> (Tensor loss, Tensor entropy, Tensor margin, Tensor true_margin, Tensor grad_norm, "
-      "Tensor confidence, Tensor pred, Tensor mms, Tensor lse)");
-  m.def(
-      "score_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, int ignore_index) "
-      "-> Tensor");
-  m.def("select_topk(Tensor scores, int k, bool largest) -> Tensor");
-  m.def("sample_without_replacement(Tensor importance, int k, int seed, int counter) -> Tensor");
-  m.def("sample_with_replacement(Tensor importance, int k, int seed, int counter) -> Tensor");
-  m.def("percentile(Tensor values, Tensor history) -> Tensor");
+  m.def(FASTSEL_SCORE_FORWARD_SCHEMA);  // fastsel/score_contract.h, from fastsel/contract.py
+  m.def(FASTSEL_SCORE_BACKWARD_SCHEMA);
+  m.def(FASTSEL_SELECT_TOPK_SCHEMA);
+  m.def(FASTSEL_SAMPLE_WITHOUT_REPLACEMENT_SCHEMA);
+  m.def(FASTSEL_SAMPLE_WITH_REPLACEMENT_SCHEMA);
+  m.def(FASTSEL_PERCENTILE_SCHEMA);
 }
 
 TORCH_LIBRARY_IMPL(fastsel, CPU, m) {
@@ -58,9 +56,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether the CPU exact MMS of N rows and C classes takes a precomputed max_distance into account");
   m.def("compiled_isas", &fastsel::cpu::compiled_isas,
         "Vector instruction sets the CPU kernels were compiled for, widest first ('none': portable)");
+  m.def("runnable_isas", &fastsel::cpu::runnable_isas,
+        "Of the compiled instruction sets, those this CPU runs (CPUID and XGETBV), widest first");
   m.def("active_isa", &fastsel::cpu::active_isa, "The instruction set the CPU kernels run on");
   m.def("set_active_isa", &fastsel::cpu::set_active_isa,
-        "Runs the CPU kernels compiled for this instruction set (the caller checks that the CPU has it)");
+        "Runs the CPU kernels compiled for this instruction set (one of runnable_isas())");
   m.def("build_cuda", [] {
 #ifdef FASTSEL_WITH_CUDA
     return true;

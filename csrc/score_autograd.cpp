@@ -1,9 +1,9 @@
 // Autograd of torch.ops.fastsel.score_forward and score_backward, in C++ (the Autograd
 // dispatch key, so for CPU and CUDA tensors alike).
 //
-// Only loss (output 0) is differentiable: d loss_i / d z_i = softmax(z_i) - onehot(y_i),
+// Only loss is differentiable: d loss_i / d z_i = softmax(z_i) - onehot(y_i),
 // recomputed by score_backward from the logits and the saved per-row log-sum-exp
-// (output 8), so nothing of size [N, C] is kept between forward and backward. The other
+// (the contract's saved output, fastsel/contract.py), so nothing of size [N, C] is kept between forward and backward. The other
 // outputs are non-differentiable: backward through them raises.
 //
 // score_backward is differentiable too, so gradient penalties and Hessian-vector products
@@ -15,14 +15,17 @@
 // Jacobian), so lse itself gets no gradient and must not require one. These formulas are
 // written with differentiable ATen ops, so every further order works as well.
 //
-// The same formula registered from Python (torch.library.register_autograd, still used
-// for the Triton ops in fastsel/_autograd.py) runs Python on every call, which for small
+// The same formula registered from Python (torch.library.register_autograd, used for the
+// Triton ops in fastsel/registration/score.py) runs Python on every call, which for small
 // batches costs more than the whole kernel; here the autograd step stays in C++.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ATen.h>
+
+#include <tuple>
+#include <utility>
 
 #include "fastsel/op_contract.h"
 
@@ -58,19 +61,24 @@ class ScoreFunction : public torch::autograd::Function<ScoreFunction> {
                                int64_t ignore_index, const std::optional<at::Tensor>& weight,
                                int64_t mms_mode, const std::optional<at::Tensor>& max_distance) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse] =
-        call_score_forward(logits, target, ignore_index, weight, mms_mode, max_distance);
-    ctx->save_for_backward({logits, target, lse});
+    variable_list out = std::apply([](const auto&... t) { return variable_list{t...}; },
+                                   call_score_forward(logits, target, ignore_index, weight, mms_mode, max_distance));
+    ctx->save_for_backward({logits, target, out[FASTSEL_SCORE_SAVED_OUTPUT]});
     ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->mark_non_differentiable({entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse});
-    return {loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse};
+    variable_list constant;
+    for (size_t i = 0; i < out.size(); ++i) {
+      if (i != FASTSEL_SCORE_DIFFERENTIABLE_OUTPUT) constant.push_back(out[i]);
+    }
+    ctx->mark_non_differentiable(constant);
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
+    const at::Tensor& grad_loss = grads[FASTSEL_SCORE_DIFFERENTIABLE_OUTPUT];
     at::Tensor grad_logits;
-    if (ctx->needs_input_grad(0) && grads[0].defined()) {
-      grad_logits = call_score_backward(grads[0].contiguous(), saved[0], saved[1], saved[2],
+    if (ctx->needs_input_grad(0) && grad_loss.defined()) {
+      grad_logits = call_score_backward(grad_loss.contiguous(), saved[0], saved[1], saved[2],
                                         ctx->saved_data["ignore_index"].toInt());
     }
     return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
@@ -130,11 +138,16 @@ at::Tensor score_backward_autograd(const at::Tensor& grad_loss, const at::Tensor
   return ScoreBackwardFunction::apply(grad_loss, logits, target, lse, ignore_index)[0];
 }
 
+template <std::size_t... I>
+ScoreOutputs as_outputs(const variable_list& out, std::index_sequence<I...>) {
+  return {out[I]...};
+}
+
 ScoreOutputs score_forward_autograd(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
                                     const std::optional<at::Tensor>& weight, int64_t mms_mode,
                                     const std::optional<at::Tensor>& max_distance) {
   const variable_list out = ScoreFunction::apply(logits, target, ignore_index, weight, mms_mode, max_distance);
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
+  return as_outputs(out, std::make_index_sequence<FASTSEL_SCORE_OUTPUT_COUNT>{});
 }
 
 }  // namespace

@@ -16,7 +16,6 @@ import warnings
 
 import torch  # noqa: F401  (the extension links against libtorch, load it first)
 
-from fastsel import _isa
 
 
 class ExtensionWarning(RuntimeWarning):
@@ -92,7 +91,7 @@ try:
     EXTENSION_REASON: str | None = None
     EXTENSION_FIX: str | None = None
     COMPILED_ISAS: list = list(_C.compiled_isas())
-    RUNNABLE_ISAS: list = [isa for isa in COMPILED_ISAS if isa != "none" and _isa.runnable(isa)] + ["none"]
+    RUNNABLE_ISAS: list = list(_C.runnable_isas())
     _C.set_active_isa(choose_isa(os.environ.get("FASTSEL_CPU_ISA", "auto").lower(), COMPILED_ISAS,
                                  RUNNABLE_ISAS))
 except ImportError as exc:  # not built, shadowed, corrupt, or built against another torch

@@ -18,7 +18,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # 
 
 
 def triton_importable() -> bool:
-    """Whether Triton can be imported, without importing it (see fastsel/_triton_ops.py)."""
+    """Whether Triton can be imported, without importing it (see fastsel/registration/)."""
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None

@@ -1,12 +1,12 @@
-"""Public scoring op: input validation, backend dispatch and fake impls (the autograd of
-the compiled op is in ``csrc/score_autograd.cpp``).
+"""Public scoring op: input validation, backend dispatch and the MMS head.
 
-``torch.ops.fastsel.score_forward`` (schema in ``csrc/ops.cpp``) returns, for every row,
-``(loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse)``;
-``mms`` is an empty tensor when no classifier weight is given. Only ``loss`` is
-differentiable: its backward, ``torch.ops.fastsel.score_backward``, recomputes
-``softmax(z) - onehot(y)`` from the saved per-row log-sum-exp, so nothing of size
-[N, C] is kept between forward and backward.
+Every backend's scoring op has the signature and the outputs of
+``torch.ops.fastsel.score_forward`` (``fastsel.contract``: ``loss``, ``entropy``, ...,
+``pred``, ``mms``, ``lse``; ``mms`` is an empty tensor when no classifier weight is
+given), and ``score`` picks one from a table (``_FORWARD``). Only ``loss`` is
+differentiable: its backward recomputes ``softmax(z) - onehot(y)`` from the saved per-row
+log-sum-exp, so nothing of size [N, C] is kept between forward and backward. The ops'
+registrations (fakes, autograd, the Triton ops) are in ``fastsel/registration/``.
 """
 
 from __future__ import annotations
@@ -15,18 +15,17 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from fastsel import _checks, reference
-from fastsel._autograd import score_backward_fake, score_forward_fake
+from fastsel import _checks, contract, reference
 from fastsel._extension import CPU_EXTENSION_AVAILABLE
 from fastsel.backends import BACKENDS, FLOAT_DTYPES, available_backends, check_backend_name, resolve_backend
+from fastsel.contract import MMS_MODES, Scores, scores_from_outputs
+from fastsel.registration import score as _registration  # noqa: F401  (the ops exist once this is imported)
 
 if CPU_EXTENSION_AVAILABLE:
     from fastsel import _C
-from fastsel.reference import Scores
 
 __all__ = ["score", "Scores", "MmsHead", "mms_head", "available_backends", "BACKENDS", "MMS_MODES"]
 
-MMS_MODES = {"exact": 1, "top2": 2}
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
@@ -259,65 +258,79 @@ def score(
     _check_loss_options(weight, label_smoothing, logits)
     scores = _score(logits, target, head, mms, ignore_index, backend)
     if weight is None and label_smoothing == 0:
-        return scores._replace(cross_entropy=scores.loss)
+        return scores
     return scores._replace(loss=reference.cross_entropy_options(
-        logits, target, scores, ignore_index, weight, label_smoothing), cross_entropy=scores.loss)
+        logits, target, scores, ignore_index, weight, label_smoothing))
 
 
 def _score(logits, target, head, mms, ignore_index, backend) -> Scores:
-    """The plain scores (loss = lse - z_y) from the backend's op."""
+    """The plain scores (loss = cross_entropy = lse - z_y) from the backend's op."""
     weight = _head_weight(head)
     head = head if isinstance(head, MmsHead) else None
     _validate(logits, target, weight, mms, ignore_index, backend)
     resolved = resolve_backend(backend, logits.device)
+    mode = contract.MMS_NONE if weight is None else MMS_MODES[mms]
     max_distance = None
     if head is not None:
         weight, max_distance = _unpack_head(head, resolved, mms, logits.shape[0])
+        if mode != contract.MMS_EXACT:  # it prunes the exact search only
+            max_distance = None
     if logits.device.type == "meta":  # no values: the outputs' metadata only, as any torch op
-        mode = 0 if weight is None else MMS_MODES[mms]
-        out = score_forward_fake(logits, target, ignore_index, weight, mode)
-        return Scores(*out[:7], out[7] if weight is not None else None, out[8])
-    if resolved == "torch":
-        if not torch.compiler.is_compiling():
-            _check_target_range(target, logits.shape[1], ignore_index)
-        return reference.score_reference(logits, target, ignore_index, weight, mms)
-    mode = 0 if weight is None else MMS_MODES[mms]
-    if resolved == "triton":
-        if not torch.compiler.is_compiling():
-            _check_target_range(target, logits.shape[1], ignore_index)
-        from fastsel import _triton_ops  # noqa: F401  (registers the ops on first use)
-
-        op = torch.ops.fastsel.triton_score_forward
-    else:  # "cpu" and "cuda": the compiled op, dispatched on the tensors' device
-        op = torch.ops.fastsel.score_forward
-    cuda_scale = finite_rows = None
-    if resolved == "cuda" and weight is not None:
-        # The CUDA kernel sums squares of weight differences in the score dtype: the rows,
-        # times a power of two 2^e that puts their largest entry near 1 (exact), cannot
-        # overflow or underflow there (the MMS is scaled back by 2^e below). It takes a
-        # distance to a row holding NaN or +-inf as it comes out (inf - x = inf: an MMS of
-        # 0): for the top-2 MMS such rows become rows of NaN (NaN distances, the rule of
-        # reference.py); the exact MMS gets the rule for the whole call afterwards.
-        finite_rows = torch.isfinite(weight).all(dim=1, keepdim=True)
-        weight, cuda_scale = reference.unit_rows(weight)
-        weight = weight.to(logits.dtype if logits.dtype == torch.float64 else torch.float32)
-        if mode == MMS_MODES["top2"]:
-            weight = torch.where(finite_rows, weight, float("nan"))
-    if resolved == "triton" or max_distance is None or mode != MMS_MODES["exact"]:
-        out = op(logits, target, ignore_index, weight, mode)
+        out = contract.empty_outputs(logits, mode)
     else:
-        out = op(logits, target, ignore_index, weight, mode, max_distance)
-    loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms_out, lse = out
-    if cuda_scale is not None:  # the MMS of w 2^e is 2^-e that of w
-        mms_out = reference.times_power_of_two(mms_out.double(), cuda_scale).to(mms_out.dtype)
-        if mode == MMS_MODES["exact"]:
-            mms_out = reference.mms_for_nonfinite_weight(mms_out, margin, all_finite=finite_rows.all())
-    return Scores(loss, entropy, margin, true_margin, grad_norm, confidence, pred,
-                  mms_out if weight is not None else None, lse)
+        out = _FORWARD[resolved](logits, target, ignore_index, weight, mode, max_distance)
+    return scores_from_outputs(out, weight is not None, cross_entropy=out[0])
 
 
-# Fake implementations of the compiled ops (the schemas live in csrc/ops.cpp; their
-# autograd is registered in C++, csrc/score_autograd.cpp).
-if CPU_EXTENSION_AVAILABLE:
-    torch.library.register_fake("fastsel::score_forward")(score_forward_fake)
-    torch.library.register_fake("fastsel::score_backward")(score_backward_fake)
+# ---- the backends' scoring ops, all with the signature and outputs of the contract --------
+
+
+def _compiled_forward(logits, target, ignore_index, weight, mode, max_distance):
+    return torch.ops.fastsel.score_forward(logits, target, ignore_index, weight, mode, max_distance)
+
+
+def _cuda_forward(logits, target, ignore_index, weight, mode, max_distance):
+    """The compiled op on CUDA tensors, with the weight as its MMS needs it.
+
+    The CUDA kernel sums squares of weight differences in the score dtype: the rows,
+    times a power of two 2^e that puts their largest entry near 1 (exact), cannot
+    overflow or underflow there (the MMS is scaled back by 2^e below). It takes a
+    distance to a row holding NaN or +-inf as it comes out (inf - x = inf: an MMS of 0):
+    for the top-2 MMS such rows become rows of NaN (NaN distances, the rule of
+    reference.py); the exact MMS gets the rule for the whole call afterwards."""
+    if weight is None:
+        return _compiled_forward(logits, target, ignore_index, weight, mode, max_distance)
+    finite_rows = torch.isfinite(weight).all(dim=1, keepdim=True)
+    weight, scale = reference.unit_rows(weight)
+    weight = weight.to(logits.dtype if logits.dtype == torch.float64 else torch.float32)
+    if mode == contract.MMS_TOP2:
+        weight = torch.where(finite_rows, weight, float("nan"))
+    out = dict(zip(contract.OUTPUT_NAMES, _compiled_forward(logits, target, ignore_index, weight, mode, None)))
+    mms = reference.times_power_of_two(out["mms"].double(), scale).to(out["mms"].dtype)  # MMS(w 2^e) = 2^-e MMS(w)
+    if mode == contract.MMS_EXACT:
+        mms = reference.mms_for_nonfinite_weight(mms, out["margin"], all_finite=finite_rows.all())
+    out["mms"] = mms
+    return tuple(out.values())
+
+
+def _target_range_checked(forward):
+    """``forward`` after the target check that the compiled kernels make in-kernel."""
+    def checked(logits, target, ignore_index, weight, mode, max_distance):
+        if not torch.compiler.is_compiling():
+            _check_target_range(target, logits.shape[1], ignore_index)
+        return forward(logits, target, ignore_index, weight, mode, max_distance)
+
+    return checked
+
+
+def _triton_forward(*args):
+    return torch.ops.fastsel.triton_score_forward(*args)
+
+
+_FORWARD = {
+    "cpu": _compiled_forward,
+    "cuda": _cuda_forward,
+    "triton": _target_range_checked(_triton_forward),
+    "torch": _target_range_checked(reference.score_forward_reference),
+}
+assert set(_FORWARD) == set(BACKENDS) - {"auto"}

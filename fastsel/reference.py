@@ -36,40 +36,11 @@ from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["Scores", "score_reference", "score_backward_reference", "accumulate_dtype",
+from fastsel.contract import MMS_MODES, MMS_NONE, OUTPUT_NAMES, Scores, accumulate_dtype
+
+__all__ = ["Scores", "score_reference", "score_forward_reference", "score_backward_reference", "accumulate_dtype",
            "CentredRows", "centred_rows", "class_distances", "pair_distances", "mms_from_distance",
            "mms_for_nonfinite_weight", "times_power_of_two", "unit_rows"]
-
-
-class Scores(NamedTuple):
-    """Per-sample scores of one batch of logits; every field is a tensor of shape [N].
-
-    Float fields are float32 (float64 for float64 logits); ``pred`` is int64.
-    ``loss`` is differentiable with respect to the logits; the others carry no gradient.
-    ``mms`` is None unless a classifier ``head`` was given. ``cross_entropy`` is
-    lse - z_y, the loss without class weights or label smoothing (``fastsel.score``
-    fills it; None in a ``Scores`` built without it means ``loss`` is that).
-    """
-
-    loss: torch.Tensor
-    entropy: torch.Tensor
-    margin: torch.Tensor
-    true_margin: torch.Tensor
-    grad_norm: torch.Tensor
-    confidence: torch.Tensor
-    pred: torch.Tensor
-    mms: Optional[torch.Tensor]
-    lse: torch.Tensor
-    cross_entropy: Optional[torch.Tensor] = None
-
-    def plain_loss(self) -> torch.Tensor:
-        """lse - z_y: ``cross_entropy`` if set, else ``loss``."""
-        return self.loss if self.cross_entropy is None else self.cross_entropy
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Scores are float64 for float64 logits and float32 for every narrower float."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _top2(z: torch.Tensor):
@@ -256,6 +227,23 @@ def _mms_exact(z: torch.Tensor, pred: torch.Tensor, weight: torch.Tensor) -> tor
 # ---- the scores ---------------------------------------------------------------------------
 
 
+_MMS_NAMES = {mode: name for name, mode in MMS_MODES.items()}
+_MMS_OUTPUT = OUTPUT_NAMES.index("mms")
+
+
+def score_forward_reference(logits, target, ignore_index, weight, mms_mode, max_distance=None) -> tuple:
+    """``score_reference`` with the scoring op's arguments and outputs (the tuple of
+    ``fastsel.contract.SCORE_OUTPUTS``; ``mms`` an empty [0] tensor when ``mms_mode`` is
+    0). ``max_distance`` only prunes the compiled exact search: it changes no value."""
+    if mms_mode == MMS_NONE:
+        s = score_reference(logits, target, ignore_index, None)
+        # the empty mms as a view of lse: no allocation on this per-call path
+        return (*s[:_MMS_OUTPUT], s.lse[:0], *s[_MMS_OUTPUT + 1:len(OUTPUT_NAMES)])
+    if mms_mode not in _MMS_NAMES:
+        raise ValueError(f"mms_mode must be {MMS_NONE} (none) or one of {_MMS_NAMES}, got {mms_mode}")
+    return score_reference(logits, target, ignore_index, weight, _MMS_NAMES[mms_mode])[:len(OUTPUT_NAMES)]
+
+
 def score_reference(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -358,7 +346,8 @@ def score_reference(
     loss = torch.where(ignored, torch.zeros_like(graph), graph + correction)
     # Invalid rows become NaN without cutting the graph.
     loss = torch.where(invalid & ~ignored, torch.full_like(loss, float("nan")), loss)
-    return Scores(loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms_out, lse)
+    return Scores(loss=loss, entropy=entropy, margin=margin, true_margin=true_margin, grad_norm=grad_norm,
+                  confidence=confidence, pred=pred, mms=mms_out, lse=lse)
 
 
 def cross_entropy_options(

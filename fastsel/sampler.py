@@ -382,7 +382,7 @@ class ScoreSampler(torch.utils.data.Sampler):
         if loss.dim() != 1 or not loss.dtype.is_floating_point:
             raise ValueError(f"update: a loss tensor must be the per-sample loss, 1-D floating point [B] "
                              f"(reduction='none'), got shape {tuple(loss.shape)} and dtype {loss.dtype}")
-        return Scores(loss, *(None,) * 8)
+        return Scores(loss, *(None,) * (len(Scores._fields) - 1))
 
     def _gather(self, idx: torch.Tensor, values: dict) -> tuple[torch.Tensor, dict]:
         if self.num_replicas == 1 or not (dist.is_available() and dist.is_initialized()):

@@ -18,10 +18,10 @@ import torch
 
 from fastsel import _checks, reference
 from fastsel._checks import MAX_INDEX, check_k, check_real
-from fastsel._extension import CPU_EXTENSION_AVAILABLE
 from fastsel.backends import FLOAT_DTYPES, check_backend_name, resolve_backend
+from fastsel.contract import SELECTION_SCHEMAS, Scores
 from fastsel.ops import score
-from fastsel.reference import Scores
+from fastsel.registration import selection as _registration  # noqa: F401  (the ops exist once this is imported)
 
 __all__ = [
     "Selection", "History", "select_topk", "sample", "percentile", "select", "importance_weights",
@@ -164,12 +164,26 @@ def _resolve_seed(seed: Optional[int], counter: int, generator: Optional[torch.G
     return seed, counter
 
 
-def _selection_backend(backend: str, device: torch.device) -> str:
+def _selection_op(name: str, backend: str, device: torch.device):
+    """The op ``name`` of the backend a call on ``device`` runs on: every backend's has the
+    schema of ``fastsel.contract.SELECTION_SCHEMAS[name]``."""
     check_backend_name(backend)
-    resolved = resolve_backend(backend, device)
-    if resolved == "triton":
-        from fastsel import _triton_select_ops  # noqa: F401  (registers the ops on first use)
-    return resolved
+    return _OPS[resolve_backend(backend, device)](name)
+
+
+_REFERENCE = {
+    "select_topk": reference.select_topk_reference,
+    "sample_without_replacement": reference.sample_without_replacement_reference,
+    "sample_with_replacement": reference.sample_with_replacement_reference,
+    "percentile": reference.percentile_reference,
+}
+assert _REFERENCE.keys() == SELECTION_SCHEMAS.keys()
+_OPS = {  # backend: the op of a name
+    "cpu": lambda name: getattr(torch.ops.fastsel, name),
+    "cuda": lambda name: getattr(torch.ops.fastsel, name),
+    "triton": lambda name: getattr(torch.ops.fastsel, f"triton_{name}"),
+    "torch": _REFERENCE.__getitem__,
+}
 
 
 def _check_importance_values(w: torch.Tensor, k: int, replacement: bool) -> None:
@@ -218,13 +232,7 @@ def select_topk(scores: torch.Tensor, k: int, largest: bool = True, *, backend: 
     check_k(k, scores.numel())
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be a bool, got {largest!r}")
-    resolved = _selection_backend(backend, scores.device)
-    if resolved == "torch":
-        idx = reference.select_topk_reference(scores, k, largest)
-    elif resolved == "triton":
-        idx = torch.ops.fastsel.triton_select_topk(scores, k, largest)
-    else:
-        idx = torch.ops.fastsel.select_topk(scores, k, largest)
+    idx = _selection_op("select_topk", backend, scores.device)(scores, k, largest)
     ones = torch.ones(k, dtype=torch.float32, device=scores.device)
     return Selection(idx, ones, scores)
 
@@ -301,20 +309,15 @@ def sample(
         raise TypeError(f"replacement must be a bool, got {replacement!r}")
     check_k(k, importance.numel(), allow_above_n=replacement)
     seed, counter = _resolve_seed(seed, counter, generator)
-    resolved = _selection_backend(backend, importance.device)
-    if resolved != "cpu" and not torch.compiler.is_compiling():
-        _check_importance_values(importance, k, replacement)  # the C++ kernel checks in its pass
-    if resolved == "torch":
-        if k == 0:
-            idx = torch.empty(0, dtype=torch.int64, device=importance.device)
-        elif replacement:
-            idx = reference.sample_with_replacement_reference(importance, k, seed, counter)
-        else:
-            idx = reference.sample_without_replacement_reference(importance, k, seed, counter)
+    check_backend_name(backend)
+    in_kernel = resolve_backend(backend, importance.device) == "cpu"  # the C++ kernel checks in its pass
+    if not in_kernel and not torch.compiler.is_compiling():
+        _check_importance_values(importance, k, replacement)
+    if k == 0 and not in_kernel:  # the C++ op checks the values for k = 0 too
+        idx = torch.empty(0, dtype=torch.int64, device=importance.device)
     else:
         name = "sample_with_replacement" if replacement else "sample_without_replacement"
-        op = getattr(torch.ops.fastsel, ("triton_" if resolved == "triton" else "") + name)
-        idx = op(importance, k, seed, counter)
+        idx = _selection_op(name, backend, importance.device)(importance, k, seed, counter)
     if idx.numel() == 0:
         return Selection(idx, torch.ones(0, dtype=torch.float32, device=importance.device), importance)
     return Selection(idx, _normalised_inverse(importance.detach()[idx].to(torch.float32), idx.numel()), importance)
@@ -330,12 +333,7 @@ def percentile(values: torch.Tensor, history: Union[torch.Tensor, History], *,
     if isinstance(h, torch.Tensor) and h.device != values.device:
         raise ValueError(f"history is on {h.device} but values are on {values.device}")
     _check_vector(h, "history")
-    resolved = _selection_backend(backend, values.device)
-    if resolved == "torch":
-        return reference.percentile_reference(values, h)
-    if resolved == "triton":
-        return torch.ops.fastsel.triton_percentile(values, h)
-    return torch.ops.fastsel.percentile(values, h)
+    return _selection_op("percentile", backend, values.device)(values, h)
 
 
 def select(
@@ -428,25 +426,3 @@ def percentile_keep(values: torch.Tensor, history: Union[torch.Tensor, History],
     if isinstance(history, History):
         history.push(values)
     return idx
-
-
-def _register_fakes() -> None:
-    @torch.library.register_fake("fastsel::select_topk")
-    def _(scores, k, largest):
-        return scores.new_empty((k,), dtype=torch.int64)
-
-    @torch.library.register_fake("fastsel::sample_without_replacement")
-    def _(importance, k, seed, counter):
-        return importance.new_empty((k,), dtype=torch.int64)
-
-    @torch.library.register_fake("fastsel::sample_with_replacement")
-    def _(importance, k, seed, counter):
-        return importance.new_empty((k,), dtype=torch.int64)
-
-    @torch.library.register_fake("fastsel::percentile")
-    def _(values, history):
-        return values.new_empty(values.shape, dtype=torch.float32)
-
-
-if CPU_EXTENSION_AVAILABLE:
-    _register_fakes()

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastsel import datasets
-from fastsel.datasets import DEBIAN_FASHION_MNIST, fashion_mnist, read_idx
+from fastsel.experiments import datasets
+from fastsel.experiments.datasets import DEBIAN_FASHION_MNIST, fashion_mnist, read_idx
 
 
 def write_idx(path, array: np.ndarray, code: int = 0x08, compress: bool = True) -> None:
@@ -277,7 +277,7 @@ def test_read_idx_enormous_header_allocates_nothing(tmp_path, compress, max_byte
 # allocations during the call.
 MEMORY_PROBE = r"""
 import json, resource, sys, time, tracemalloc
-from fastsel.datasets import read_idx
+from fastsel.experiments.datasets import read_idx
 
 def peak_kb():
     try:

@@ -7,6 +7,8 @@ per instruction set into the extension (csrc/cpu/isa/) and the running CPU picks
 * Every compiled ISA this CPU can run passes the CPU tests of the scoring and selection
   ops, forced with ``FASTSEL_CPU_ISA`` in a fresh interpreter.
 * Forcing an unknown, uncompiled or unrunnable ISA is a clear error.
+* The build run on CPUs emulated by qemu-user without AVX-512 and without AVX picks the
+  kernels they run (from CPUID) and gives the same values and selections.
 """
 
 from __future__ import annotations
@@ -107,3 +109,57 @@ def test_choose_isa():
         choose("avx512", compiled, ["avx2", "none"])
     with pytest.raises(RuntimeError, match="compiled for none only"):
         choose("avx2", ["none"], ["avx2", "none"])
+
+
+QEMU = shutil.which("qemu-x86_64")
+# CPU models qemu-user emulates, and the kernels the build must pick on them: Haswell has
+# AVX2, FMA and F16C but no AVX-512; Nehalem has no AVX at all.
+EMULATED_CPUS = {"Haswell": "avx2", "Nehalem": "none"}
+_PROBE = r'''
+import json, torch, fastsel
+from fastsel import reference
+g = torch.Generator().manual_seed(0)
+x = torch.randn(300, 257, generator=g) * 3
+t = torch.randint(0, 257, (300,), generator=g)
+w = torch.randn(257, 16, generator=g)
+s = fastsel.score(x, t, head=w)
+r = reference.score_reference(x.double(), t, -100, w.double())
+err = max(float((getattr(s, n).double() - getattr(r, n)).abs().nan_to_num().max())
+          for n in ("loss", "entropy", "margin", "true_margin", "grad_norm", "confidence", "lse", "mms"))
+z = x.clone().requires_grad_(True)
+grad, = torch.autograd.grad(fastsel.score(z, t).loss.sum(), z)
+ref_grad = torch.softmax(x.double(), 1) - torch.nn.functional.one_hot(t, 257).double()
+imp = torch.rand(5000, generator=g)
+print(json.dumps({
+    "isa": fastsel.build_info()["isa"], "err": err, "grad_err": float((grad.double() - ref_grad).abs().max()),
+    "pred": torch.equal(s.pred, r.pred), "topk": fastsel.select_topk(imp, 50).indices.tolist(),
+    "sample": fastsel.sample(imp, 50, seed=3).indices.tolist(),
+    "sample_replacement": fastsel.sample(imp, 50, replacement=True, seed=3).indices.tolist(),
+    "percentile": fastsel.percentile(imp[:100], imp[100:]).tolist()}))
+'''
+
+
+def _probe(prefix: list, env: dict) -> dict:
+    import json
+
+    env = {k: v for k, v in env.items() if k not in ("TRITON_INTERPRET", "FASTSEL_CPU_ISA")} | {"OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(prefix + [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@requires_extension
+@pytest.mark.skipif(not X86 or QEMU is None, reason="needs x86-64 and qemu-user (qemu-x86_64)")
+@pytest.mark.parametrize("model,isa", EMULATED_CPUS.items())
+def test_the_build_runs_on_an_emulated_older_cpu(model, isa):
+    """The one build on a CPU without AVX-512 (or without AVX), emulated by qemu-user,
+    whose CPUID says so while /proc/cpuinfo still shows this machine's flags: the
+    extension picks the kernels that CPU runs by itself, gives the float64 reference's
+    values and the same selections as this CPU for one seed."""
+    got = _probe([QEMU, "-cpu", model], dict(os.environ))
+    assert got["isa"] == isa
+    assert got["err"] < 1e-4 and got["grad_err"] < 1e-5 and got["pred"]
+    host = _probe([], dict(os.environ))
+    for key in ("topk", "sample", "sample_replacement", "percentile"):
+        assert got[key] == host[key], key

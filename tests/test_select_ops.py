@@ -444,3 +444,13 @@ def test_importance_weights_of_an_index_that_cannot_be_drawn():
 def test_history_size_beyond_the_limit():
     with pytest.raises(ValueError, match=r"size must be at most 2\^32 - 1, got 1099511627776"):
         fastsel.History(1 << 40)
+
+
+@pytest.mark.parametrize("backend", [b for b in fastsel.available_backends() if b != "triton"])
+@pytest.mark.parametrize("replacement", [False, True])
+def test_k_zero_still_checks_the_importance(backend, replacement):
+    """No draw is asked for, but bad importance values are reported all the same, on every
+    backend (the CPU kernel checks them in its pass, the others before the op)."""
+    with pytest.raises(ValueError, match="NaN"):
+        fastsel.sample(torch.tensor([float("nan"), 1.0]), 0, replacement=replacement, seed=1, backend=backend)
+    assert fastsel.sample(torch.tensor([0.5, 1.0]), 0, replacement=replacement, seed=1, backend=backend).indices.numel() == 0

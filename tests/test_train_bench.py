@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _data_missing() -> str | None:
-    from fastsel.datasets import fashion_mnist
+    from fastsel.experiments.datasets import fashion_mnist
 
     try:
         fashion_mnist(train=False)

@@ -39,7 +39,36 @@ bool compiled(int isa) {
   }
 }
 
+// Whether this CPU, under this OS, runs code built for the ISA: CPUID and XGETBV as this
+// process sees them (__builtin_cpu_supports, which also checks that the OS saves the AVX
+// and AVX-512 registers). Not /proc/cpuinfo: an emulator or a container may show another
+// CPU's flags there (under qemu-user, the host's AVX-512 while the emulated CPU has none).
+bool runs(int isa) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  switch (isa) {
+    case kAvx512:
+      return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case kAvx2: return avx2;
+    default: return true;
+  }
+#else
+  return isa == kPortable;
+#endif
+}
+
 }  // namespace
+
+std::vector<std::string> runnable_isas() {
+  std::vector<std::string> out;
+  for (int isa : {kAvx512, kAvx2, kPortable}) {
+    if (compiled(isa) && runs(isa)) out.emplace_back(isa_name(isa));
+  }
+  return out;
+}
 
 std::vector<std::string> compiled_isas() {
   std::vector<std::string> out;
@@ -54,6 +83,7 @@ std::string active_isa() { return isa_name(g_isa.load(std::memory_order_relaxed)
 void set_active_isa(const std::string& name) {
   for (int isa : {kAvx512, kAvx2, kPortable}) {
     if (name == isa_name(isa) && compiled(isa)) {
+      TORCH_CHECK(runs(isa), "fastsel: this CPU cannot run the kernels compiled for ISA '", name, "'");
       g_isa.store(isa, std::memory_order_relaxed);
       return;
     }

@@ -38,7 +38,8 @@ inline namespace avx512 { FASTSEL_CPU_KERNEL_DECLARATIONS }
 // The ISA the kernels run on, by name ("avx512", "avx2", "none" for the portable code).
 std::vector<std::string> compiled_isas();   // built into this extension, widest first
 std::string active_isa();
-void set_active_isa(const std::string& isa);  // one of compiled_isas(); the caller checks the CPU
+std::vector<std::string> runnable_isas();   // compiled and run by this CPU (CPUID), widest first
+void set_active_isa(const std::string& isa);  // one of runnable_isas()
 
 namespace dispatch {
 // Host helpers of fastsel.ops (pybind, not operators): whether two CPU tensors hold the

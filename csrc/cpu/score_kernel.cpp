@@ -136,11 +136,7 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
   if (N > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fastsel_score", [&] {
       using acc_t = acc_type_t<scalar_t>;
-      OutputPointers<acc_t> out{outs.loss.data_ptr<acc_t>(),      outs.entropy.data_ptr<acc_t>(),
-                                outs.margin.data_ptr<acc_t>(),    outs.true_margin.data_ptr<acc_t>(),
-                                outs.grad_norm.data_ptr<acc_t>(), outs.confidence.data_ptr<acc_t>(),
-                                outs.mms.numel() ? outs.mms.data_ptr<acc_t>() : nullptr,
-                                outs.lse.data_ptr<acc_t>(),       outs.pred.data_ptr<int64_t>()};
+      const auto out = OutputPointers<acc_t>::of(outs);
       if (target.scalar_type() == at::kLong) {
         score_rows<scalar_t, int64_t>(logits, target, ignore_index, mms_in, out, first_bad_target);
         refine_confident_grad_norms<scalar_t, int64_t>(logits, target, ignore_index, out);

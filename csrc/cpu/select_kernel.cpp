@@ -194,7 +194,7 @@ ImportanceSummary summarize_importance(const float* w, int64_t n) {
   return all;
 }
 
-// The errors of fastsel.sample for bad importance values (same wording as fastsel/ops.py).
+// The errors of fastsel.sample for bad importance values (same wording as fastsel/selection.py).
 void check_importance_values(const ImportanceSummary& s, const at::Tensor& importance, int64_t k,
                              bool replacement) {
   constexpr int64_t kNone = std::numeric_limits<int64_t>::max();

@@ -1,6 +1,6 @@
 // CUDA kernel entry points of fastsel (registered in csrc/cuda/ops_cuda.cu).
 //
-// Same contract as the CPU kernels of csrc/cpu/kernels.h (schemas in csrc/ops.cpp). This
+// Same contract as the CPU kernels of csrc/cpu/kernels.h (fastsel/contract.py). This
 // header stays light on purpose (no ATen/ATen.h): it is included by nvcc-compiled files,
 // where every header costs compile time twice (host and device passes).
 #pragma once
@@ -14,7 +14,7 @@
 
 namespace fastsel::cuda {
 
-// (loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse) of CUDA
+// The outputs of the contract (fastsel/contract.py, in schema order) of CUDA
 // logits [N, C]; mms is empty ([0]) when mms_mode is kMmsNone. Asynchronous: no host
 // synchronisation; a target outside [0, C) that is not ignore_index triggers a
 // device-side assertion.
@@ -27,7 +27,7 @@ at::Tensor score_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                           const at::Tensor& target, const at::Tensor& lse,
                           int64_t ignore_index);
 
-// Selection ops (csrc/cuda/select_kernel.cu; schemas and semantics in csrc/ops.cpp, per-
+// Selection ops (csrc/cuda/select_kernel.cu; semantics in csrc/ops.cpp, per-
 // element math in fastsel/selection_keys.h): the same indices as the CPU kernels and
 // fastsel/reference.py for the same inputs and seed. Asynchronous, no host
 // synchronisation; int64 indices, float32 fractions for percentile.

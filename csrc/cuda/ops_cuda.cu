@@ -1,9 +1,11 @@
-// CUDA implementations of the fastsel operators. The schemas are defined once, in
-// csrc/ops.cpp (TORCH_LIBRARY(fastsel, m)); this file only adds the CUDA dispatch key,
+// CUDA implementations of the fastsel operators. The ops are defined once, in
+// csrc/ops.cpp (TORCH_LIBRARY(fastsel, m), schemas from fastsel/contract.py); this file
+// only adds the CUDA dispatch key,
 // so torch.ops.fastsel.score_forward / score_backward route CUDA tensors to
 // csrc/cuda/score_kernel.cu and the selection ops (select_topk, sample_without_replacement,
 // sample_with_replacement, percentile) to csrc/cuda/select_kernel.cu. Fake implementations
-// and autograd are registered from Python (fastsel/ops.py) and serve every device.
+// are registered from Python (fastsel/registration/), the autograd in
+// csrc/score_autograd.cpp; both serve every device.
 //
 // Host-only code. It is a .cu file because it belongs to the CUDA part of the build (it
 // must be compiled only when the CUDA kernels are), and the __CUDA_ARCH__ guard keeps

@@ -158,21 +158,32 @@ __device__ __forceinline__ acc_t top2_mms_of_row(const Top2<acc_t>& top, acc_t m
 
 // ---- forward ----------------------------------------------------------------------------------
 
+// A pointer per "row" output of the contract (fastsel/contract.py), pred, mms and the
+// validity of each row.
 template <typename acc_t>
 struct ScoreOutputPointers {
-  acc_t *loss, *entropy, *margin, *true_margin, *grad_norm, *confidence, *lse;
+#define FASTSEL_ROW_POINTER(name) acc_t* name;
+  FASTSEL_ROW_OUTPUTS(FASTSEL_ROW_POINTER)
+#undef FASTSEL_ROW_POINTER
   acc_t* mms;      // [N]; written here in the fused modes (top2, dense exact)
   int64_t* pred;
   bool* valid;     // [N] or nullptr; needed by the chunked exact MMS
 
+  static ScoreOutputPointers of(const ScoreBuffers& b, bool* valid) {
+    ScoreOutputPointers p;
+#define FASTSEL_ROW_POINTER(name) p.name = b.name.mutable_data_ptr<acc_t>();
+    FASTSEL_ROW_OUTPUTS(FASTSEL_ROW_POINTER)
+#undef FASTSEL_ROW_POINTER
+    p.mms = b.mms.numel() ? b.mms.mutable_data_ptr<acc_t>() : nullptr;
+    p.pred = b.pred.mutable_data_ptr<int64_t>();
+    p.valid = valid;
+    return p;
+  }
+
   __device__ __forceinline__ void write(int64_t i, const RowScores<acc_t>& r) const {
-    loss[i] = r.loss;
-    entropy[i] = r.entropy;
-    margin[i] = r.margin;
-    true_margin[i] = r.true_margin;
-    grad_norm[i] = r.grad_norm;
-    confidence[i] = r.confidence;
-    lse[i] = r.lse;
+#define FASTSEL_ROW_WRITE(name) name[i] = r.name;
+    FASTSEL_ROW_OUTPUTS(FASTSEL_ROW_WRITE)
+#undef FASTSEL_ROW_WRITE
     pred[i] = r.pred;
     if (valid != nullptr) valid[i] = r.valid;
   }
@@ -410,9 +421,7 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
   const auto opts = logits.options().dtype(acc_dtype);
 
   const ScoreBuffers outs(N, opts, mms_mode);
-  const at::Tensor &loss = outs.loss, &entropy = outs.entropy, &margin = outs.margin,
-                   &true_margin = outs.true_margin, &grad_norm = outs.grad_norm,
-                   &confidence = outs.confidence, &pred = outs.pred, &mms = outs.mms, &lse = outs.lse;
+  const at::Tensor &pred = outs.pred, &mms = outs.mms;
 
   at::Tensor w;
   if (mms_mode != kMmsNone) {
@@ -446,12 +455,7 @@ ScoreOutputs score_forward(const at::Tensor& logits_in, const at::Tensor& target
     args.weight = mms_mode == kMmsTop2 ? w.const_data_ptr<acc_t>() : nullptr;
     args.D = mms_mode == kMmsTop2 ? w.size(1) : 0;
     args.inv_dist = dense_exact ? inv_dist.const_data_ptr<acc_t>() : nullptr;
-    args.out = ScoreOutputPointers<acc_t>{
-        loss.mutable_data_ptr<acc_t>(),        entropy.mutable_data_ptr<acc_t>(),
-        margin.mutable_data_ptr<acc_t>(),      true_margin.mutable_data_ptr<acc_t>(),
-        grad_norm.mutable_data_ptr<acc_t>(),   confidence.mutable_data_ptr<acc_t>(),
-        lse.mutable_data_ptr<acc_t>(),         mms.numel() ? mms.mutable_data_ptr<acc_t>() : nullptr,
-        pred.mutable_data_ptr<int64_t>(),      chunked_exact ? valid.mutable_data_ptr<bool>() : nullptr};
+    args.out = ScoreOutputPointers<acc_t>::of(outs, chunked_exact ? valid.mutable_data_ptr<bool>() : nullptr);
 
     with_row_layout(C, [&](auto group_threads) {
       constexpr int kG = decltype(group_threads)::value;

@@ -443,9 +443,9 @@ def _subset(n: int, k: Optional[int], seed: int) -> torch.Tensor:
 
 
 def load_data(cfg: BenchConfig) -> BenchData:
-    """Fashion-MNIST (``fastsel.datasets.fashion_mnist``), optionally a fixed random
+    """Fashion-MNIST (``fastsel.experiments.datasets.fashion_mnist``), optionally a fixed random
     subset of the training and test sets (the same for every run)."""
-    from fastsel.datasets import fashion_mnist
+    from fastsel.experiments.datasets import fashion_mnist
 
     train = fashion_mnist(cfg.data_root, train=True)
     test = fashion_mnist(cfg.data_root, train=False)
@@ -958,7 +958,7 @@ def _run_batch_style(run: _Run, spec: StrategySpec, x: torch.Tensor, y: torch.Te
 
 
 def _run_epoch_style(run: _Run, spec: StrategySpec, x: torch.Tensor, y: torch.Tensor, ctx: _Context) -> None:
-    from fastsel.datasets import FashionMNIST
+    from fastsel.experiments.datasets import FashionMNIST
 
     strategy = spec.resolve()(**spec.kwargs(ctx))
     data = fastsel.Indexed(FashionMNIST(x, y))

@@ -7,7 +7,7 @@ largest=False, sorted=True)`` -- are the k best scores, best first, ties by lowe
 NaN last; the index is the low 32 bits. Mirrors ``fastsel.reference.rank_key_bits``.
 
 float32 keys only: a float64 score needs a 64-bit key, which leaves no room for the index
-in one int64 (``fastsel._triton_select_ops`` falls back to the reference for float64).
+in one int64 (``fastsel/triton/selection_ops.py`` falls back to the reference for float64).
 """
 
 from __future__ import annotations

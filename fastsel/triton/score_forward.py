@@ -58,13 +58,12 @@ import torch
 import triton
 import triton.language as tl
 
+from fastsel.contract import MMS_EXACT, MMS_NONE, MMS_TOP2, OUTPUT_NAMES, SCORE_OUTPUTS, empty_outputs
 from fastsel.triton._launch import check_device, device_guard, num_warps_for, tile_shape
 from fastsel.reference import mms_for_nonfinite_weight, mms_from_distance, pair_distances
 from fastsel.triton.mms_exact import mms_exact_triton
 
 __all__ = ["score_forward_triton", "MMS_NONE", "MMS_EXACT", "MMS_TOP2"]
-
-MMS_NONE, MMS_EXACT, MMS_TOP2 = 0, 1, 2
 
 
 @triton.jit
@@ -90,6 +89,7 @@ def _log1p_nonnegative(x):
 @triton.jit
 def _score_forward_kernel(
     logits_ptr, target_ptr,
+    # the outputs of fastsel.contract.SCORE_OUTPUTS but mms, in the contract's order
     loss_ptr, entropy_ptr, margin_ptr, true_margin_ptr, grad_norm_ptr, confidence_ptr,
     pred_ptr, lse_ptr, runner_up_ptr,
     n_rows, n_classes, stride_row, stride_col, stride_target, ignore_index,
@@ -265,8 +265,8 @@ def score_forward_triton(
 ) -> tuple[torch.Tensor, ...]:
     """All scores of ``logits`` [N, C] against ``target`` [N] on the Triton backend.
 
-    Same contract as ``torch.ops.fastsel.score_forward``: returns ``(loss, entropy, margin,
-    true_margin, grad_norm, confidence, pred, mms, lse)``, float32 (float64 for float64
+    Same contract as ``torch.ops.fastsel.score_forward``: returns the outputs of
+    ``fastsel.contract.SCORE_OUTPUTS`` in order, float32 (float64 for float64
     logits), ``pred`` int64, ``mms`` an empty [0] tensor when ``mms_mode == 0``
     (1: exact, 2: top2; both need ``weight`` [C, D]). Inputs are assumed validated by
     the caller (``fastsel.score``); out-of-range targets are clamped, never reported,
@@ -282,23 +282,21 @@ def score_forward_triton(
         raise ValueError(f"score_forward_triton: mms_mode {mms_mode} needs a weight")
     check_device(logits, "score_forward_triton")
     n_rows, n_classes = logits.shape
-    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    opts = dict(dtype=acc_dtype, device=logits.device)
-    loss, entropy, margin, true_margin, grad_norm, confidence, lse = (
-        torch.empty(n_rows, **opts) for _ in range(7))
-    pred = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
+    out = dict(zip(OUTPUT_NAMES, empty_outputs(logits, MMS_NONE)))  # the MMS, if any, is computed below
+    acc_dtype = out["loss"].dtype
+    # what the kernel writes: every output but the MMS, in the contract's order (that of
+    # the kernel's output pointers)
+    written = [out[o.name] for o in SCORE_OUTPUTS if o.kind != "mms"]
     track_runner_up = mms_mode == MMS_TOP2
     runner_up = torch.empty(n_rows if track_runner_up else 0, dtype=torch.int64, device=logits.device)
     if n_rows == 0:
-        mms = torch.empty(0, **opts)
-        return loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse
+        return tuple(out.values())
 
     tile_n, tile_c = tile_shape(n_rows, n_classes, block_c, block_n)
     with device_guard(logits):
         _score_forward_kernel[(triton.cdiv(n_rows, tile_n),)](
-            logits, target,
-            loss, entropy, margin, true_margin, grad_norm, confidence,
-            pred, lse, runner_up if track_runner_up else pred,  # unused pointer when not tracked
+            logits, target, *written,
+            runner_up if track_runner_up else out["pred"],  # unused pointer when not tracked
             n_rows, n_classes, logits.stride(0), logits.stride(1), target.stride(0), ignore_index,
             TRACK_RUNNER_UP_INDEX=track_runner_up,
             LOG2_S2_ROOT=480.0 if acc_dtype == torch.float64 else 50.0,
@@ -306,9 +304,8 @@ def score_forward_triton(
             num_warps=num_warps_for(tile_n, tile_c),
         )
 
-    if mms_mode == MMS_NONE:
-        mms = torch.empty(0, **opts)
-    else:
+    margin, pred, lse = out["margin"], out["pred"], out["lse"]
+    if mms_mode != MMS_NONE:
         with torch.no_grad():  # a score, never differentiated: do not record the weight ops
             # distances in float64 from the weight as given (a float64 weight may lie beyond
             # float32's range); the MMS in the score dtype
@@ -318,4 +315,5 @@ def score_forward_triton(
             else:
                 mms = mms_exact_triton(logits, pred, lse, w, block_c=block_c, block_n=block_n)
                 mms = mms_for_nonfinite_weight(mms, margin, w)
-    return loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse
+        out["mms"] = mms
+    return tuple(out.values())

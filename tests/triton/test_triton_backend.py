@@ -30,7 +30,6 @@ def test_score_triton_backend_matches_reference_and_grad():
 
 def test_score_triton_backend_opcheck():
     torch.manual_seed(1)
-    from fastsel import _triton_ops  # noqa: F401
 
     logits = torch.randn(5, 12, requires_grad=True)
     target = torch.randint(0, 12, (5,))
@@ -68,9 +67,18 @@ def test_score_triton_backend_double_backward():
 
 
 def test_triton_backward_op_refuses_lse_that_requires_grad():
-    from fastsel import _triton_ops  # noqa: F401
 
     x = torch.randn(3, 4)
     lse = torch.logsumexp(x, dim=1).requires_grad_()
     with pytest.raises(RuntimeError, match="lse must not require grad"):
         torch.ops.fastsel.triton_score_backward(torch.ones(3), x, torch.tensor([0, 1, 2]), lse, -100)
+
+
+@pytest.mark.parametrize("mms", [None, "exact", "top2"])
+@pytest.mark.parametrize("n,c", [(0, 5), (6, 5), (37, 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_triton_returns_the_contracts_outputs(mms, n, c, dtype):
+    """The output-by-output check of tests/test_contract.py on the Triton backend."""
+    from test_contract import check_outputs_follow_contract
+
+    check_outputs_follow_contract("triton", mms, n, c, dtype)

@@ -25,7 +25,7 @@ pytest.importorskip("triton", reason="the Triton backend needs the triton packag
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from fastsel import _triton_select_ops  # noqa: E402,F401  (registers torch.ops.fastsel.triton_*)
+import fastsel  # noqa: E402,F401  (registers torch.ops.fastsel.triton_*)
 from fastsel import reference as ref  # noqa: E402
 from fastsel.triton import race_keys_triton, rank_keys_triton  # noqa: E402
 from fastsel.triton.selection_math import (  # noqa: E402

@@ -87,8 +87,10 @@ struct LaneSums {
 
   // Accumulates one vector of logits x and returns the lanes not below m as bits.
   // The clamp keeps NaN (max(floor, NaN) is NaN in all three variants) and maps -inf to
-  // the floor, whose exp is exactly 0.
-  static inline uint32_t accumulate(const Vec& x, const Vec& m, Vec& d_sub, Vec& s1, Vec& s2) {
+  // the floor, whose exp is exactly 0. Always inlined: called out of line (GCC's choice
+  // for the AVX2 copy in some builds), its vector arguments go through memory and the
+  // AVX2 forward runs ~1.4x the instructions (bench/results/compare_contract/).
+  C10_ALWAYS_INLINE static uint32_t accumulate(const Vec& x, const Vec& m, Vec& d_sub, Vec& s1, Vec& s2) {
 #if defined(FASTSEL_VEC512)  // masked adds instead of and-ing with the mask
     // _mm512_max_ps returns its second operand when either is NaN
     const __m512 t = _mm512_max_ps(_mm512_set1_ps(kExpFloor), _mm512_sub_ps(x, m));

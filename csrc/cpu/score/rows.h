@@ -11,19 +11,30 @@ namespace {
 
 // ---- the driver -----------------------------------------------------------------------
 
+// Where the outputs go: a pointer per "row" output of the contract, pred, and mms (null
+// without an MMS mode).
 template <typename acc_t>
 struct OutputPointers {
-  acc_t *loss, *entropy, *margin, *true_margin, *grad_norm, *confidence, *mms, *lse;
+#define FASTSEL_ROW_POINTER(name) acc_t* name;
+  FASTSEL_ROW_OUTPUTS(FASTSEL_ROW_POINTER)
+#undef FASTSEL_ROW_POINTER
   int64_t* pred;
+  acc_t* mms;
+
+  static OutputPointers of(const ScoreBuffers& b) {
+    OutputPointers p;
+#define FASTSEL_ROW_POINTER(name) p.name = b.name.data_ptr<acc_t>();
+    FASTSEL_ROW_OUTPUTS(FASTSEL_ROW_POINTER)
+#undef FASTSEL_ROW_POINTER
+    p.pred = b.pred.data_ptr<int64_t>();
+    p.mms = b.mms.numel() ? b.mms.data_ptr<acc_t>() : nullptr;
+    return p;
+  }
 
   void write(int64_t i, const RowScores<acc_t>& r) const {
-    loss[i] = r.loss;
-    entropy[i] = r.entropy;
-    margin[i] = r.margin;
-    true_margin[i] = r.true_margin;
-    grad_norm[i] = r.grad_norm;
-    confidence[i] = r.confidence;
-    lse[i] = r.lse;
+#define FASTSEL_ROW_WRITE(name) name[i] = r.name;
+    FASTSEL_ROW_OUTPUTS(FASTSEL_ROW_WRITE)
+#undef FASTSEL_ROW_WRITE
     pred[i] = r.pred;
   }
 };
@@ -172,10 +183,7 @@ struct RowJob {
       Top2<double> td;
       first_nan = score_row_scalar(row, C, sd, td);
       const RowScores<double> rd = finalize_row(sd, td, y >= 0 ? static_cast<double>(row[y]) : 0.0, y);
-      r = RowScores<acc_t>{static_cast<acc_t>(rd.loss), static_cast<acc_t>(rd.entropy),
-                           static_cast<acc_t>(rd.margin), static_cast<acc_t>(rd.true_margin),
-                           static_cast<acc_t>(rd.grad_norm), static_cast<acc_t>(rd.confidence),
-                           static_cast<acc_t>(rd.lse), rd.pred, rd.valid};
+      r = rd.cast<acc_t>();
       top.v1 = static_cast<acc_t>(td.v1);
       top.v2 = static_cast<acc_t>(td.v2);
       top.i1 = td.i1;

@@ -1,5 +1,6 @@
-// The contract of the torch.ops.fastsel scoring ops shared by every device's kernels
-// (schemas in csrc/ops.cpp): argument checks, output allocation, mode constants.
+// The contract of the torch.ops.fastsel scoring ops shared by every device's kernels:
+// argument checks, output allocation, mode constants. The outputs and schemas themselves
+// come from fastsel/score_contract.h, generated from fastsel/contract.py.
 // Host-only and light (no ATen/ATen.h): nvcc-compiled files include it too.
 #pragma once
 
@@ -12,15 +13,23 @@
 #include <tuple>
 
 #include "fastsel/isa_namespace.h"
+#include "fastsel/score_contract.h"
 
 namespace fastsel {
 
-// (loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse)
-using ScoreOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// The returns of score_forward: FASTSEL_SCORE_OUTPUT_COUNT tensors, in schema order.
+template <std::size_t N, typename... T>
+struct TensorTuple : TensorTuple<N - 1, at::Tensor, T...> {};
+template <typename... T>
+struct TensorTuple<0, T...> {
+  using type = std::tuple<T...>;
+};
+using ScoreOutputs = TensorTuple<FASTSEL_SCORE_OUTPUT_COUNT>::type;
 
-// Modes of the Minimal Margin Score (schema argument mms_mode; fastsel/ops.py MMS_MODES).
-enum MmsMode : int64_t { kMmsNone = 0, kMmsExact = 1, kMmsTop2 = 2 };
+// Kinds of output (fastsel/contract.py): a float of the row in the accumulate type, an
+// int64 class index of the row, the MMS (a float of the row, or [0] without an MMS mode).
+enum OutputKind { kRowOutput, kIndexOutput, kMmsOutput };
+
 
 // GPU kernels: largest C for which the exact MMS precomputes the [C, C] inverse-distance
 // matrix and fuses the MMS into the scoring pass; above it the inverse distances are built
@@ -93,18 +102,32 @@ inline void check_score_backward_args(const at::Tensor& grad_loss, const at::Ten
   check_same_device(lse, logits, "fastsel.score_backward", "lse");
 }
 
-// The nine outputs of score_forward for N rows; mms is empty ([0]) without an MMS mode.
+// The outputs of score_forward for N rows, one tensor per output of the contract named
+// as there; mms is empty ([0]) without an MMS mode.
 struct ScoreBuffers {
-  at::Tensor loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse;
+#define FASTSEL_OUTPUT_FIELD(name, kind) at::Tensor name;
+  FASTSEL_SCORE_OUTPUTS(FASTSEL_OUTPUT_FIELD)
+#undef FASTSEL_OUTPUT_FIELD
 
-  ScoreBuffers(int64_t N, const at::TensorOptions& acc, int64_t mms_mode)
-      : loss(at::empty({N}, acc)), entropy(at::empty({N}, acc)), margin(at::empty({N}, acc)),
-        true_margin(at::empty({N}, acc)), grad_norm(at::empty({N}, acc)),
-        confidence(at::empty({N}, acc)), pred(at::empty({N}, acc.dtype(at::kLong))),
-        mms(at::empty({mms_mode == kMmsNone ? 0 : N}, acc)), lse(at::empty({N}, acc)) {}
+  ScoreBuffers(int64_t N, const at::TensorOptions& acc, int64_t mms_mode) {
+#define FASTSEL_OUTPUT_ALLOC(name, kind) name = allocate(kind, N, acc, mms_mode);
+    FASTSEL_SCORE_OUTPUTS(FASTSEL_OUTPUT_ALLOC)
+#undef FASTSEL_OUTPUT_ALLOC
+  }
 
   ScoreOutputs outputs() const {
-    return {loss, entropy, margin, true_margin, grad_norm, confidence, pred, mms, lse};
+#define FASTSEL_OUTPUT_NAME(name, kind) name,
+    return {FASTSEL_SCORE_OUTPUTS(FASTSEL_OUTPUT_NAME)};
+#undef FASTSEL_OUTPUT_NAME
+  }
+
+ private:
+  static at::Tensor allocate(OutputKind kind, int64_t N, const at::TensorOptions& acc, int64_t mms_mode) {
+    switch (kind) {
+      case kIndexOutput: return at::empty({N}, acc.dtype(at::kLong));
+      case kMmsOutput: return at::empty({mms_mode == kMmsNone ? 0 : N}, acc);
+      default: return at::empty({N}, acc);
+    }
   }
 };
 

@@ -36,6 +36,7 @@
 #endif
 
 #include "fastsel/isa_namespace.h"
+#include "fastsel/score_contract.h"
 
 namespace fastsel {
 FASTSEL_ISA_BEGIN
@@ -156,11 +157,26 @@ struct Top2 {
   }
 };
 
+// The scores of one row: a field per "row" output of the contract (fastsel/contract.py),
+// the prediction, and whether the row was valid.
 template <typename T>
 struct RowScores {
-  T loss, entropy, margin, true_margin, grad_norm, confidence, lse;
+#define FASTSEL_ROW_FIELD(name) T name;
+  FASTSEL_ROW_OUTPUTS(FASTSEL_ROW_FIELD)
+#undef FASTSEL_ROW_FIELD
   int64_t pred;
   bool valid;
+
+  template <typename U>
+  FASTSEL_HD RowScores<U> cast() const {
+    RowScores<U> r;
+#define FASTSEL_ROW_CAST(name) r.name = static_cast<U>(name);
+    FASTSEL_ROW_OUTPUTS(FASTSEL_ROW_CAST)
+#undef FASTSEL_ROW_CAST
+    r.pred = pred;
+    r.valid = valid;
+    return r;
+  }
 };
 
 // Turns the one-pass state of a row into its scores.
@@ -176,8 +192,10 @@ FASTSEL_HD RowScores<T> finalize_row(const SoftmaxState<T>& s, const Top2<T>& to
   // Invalid: no finite maximum (all -inf, or +inf present) or a NaN reached the sums.
   r.valid = (s.m > neg_inf<T>()) && (s.m < inf) && (s.d_sub == s.d_sub) && (s.s1 == s.s1);
   if (!r.valid) {
+#define FASTSEL_ROW_NAN(name) r.name = nan;
+    FASTSEL_ROW_OUTPUTS(FASTSEL_ROW_NAN)
+#undef FASTSEL_ROW_NAN
     r.loss = y < 0 ? T(0) : nan;
-    r.entropy = r.margin = r.true_margin = r.grad_norm = r.confidence = r.lse = nan;
     return r;
   }
   const T dm1 = (s.n_eq - T(1)) + s.d_sub;  // d - 1, exact for the maxima

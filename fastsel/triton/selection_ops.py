@@ -1,7 +1,9 @@
-"""``torch.ops.fastsel.triton_select_topk`` / ``triton_sample_without_replacement`` /
-``triton_sample_with_replacement`` / ``triton_percentile``: the selection ops on the Triton
-kernels of ``fastsel.triton``, as custom ops with fake implementations (traceable by
-``torch.compile``; no autograd: the outputs are indices, or a non-differentiable rank).
+"""The selection ops on the Triton kernels of ``fastsel.triton``: the implementations of
+``torch.ops.fastsel.triton_select_topk`` / ``triton_sample_without_replacement`` /
+``triton_sample_with_replacement`` / ``triton_percentile``, which have the compiled ops'
+schemas (``fastsel.contract.SELECTION_SCHEMAS``) and are registered, with their fakes, in
+``fastsel/registration/selection.py`` (no autograd: the outputs are indices, or a
+non-differentiable rank).
 
 Semantics are those of ``fastsel.reference`` (``select_topk_reference``,
 ``sample_without_replacement_reference``, ``sample_with_replacement_reference``,
@@ -15,8 +17,7 @@ all zero, k <= N, k <= number of positive importances without replacement); thes
 only keep every input safe: N == 0 or k == 0 return empty results without a launch, and a
 k larger than N selects all N (as the reference's ``[:k]``).
 
-Imported lazily, like ``fastsel._triton_ops``, so that importing fastsel never imports
-triton.
+Imported at the ops' first call, so that importing fastsel never imports triton.
 """
 
 from __future__ import annotations
@@ -53,8 +54,7 @@ def _smallest_packed_indices(packed: torch.Tensor, k: int) -> torch.Tensor:
     return smallest & _LOW_WORD
 
 
-@torch.library.custom_op("fastsel::triton_select_topk", mutates_args=())
-def triton_select_topk(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+def select_topk(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     op = "triton_select_topk"
     _check_1d(op, "scores", scores)
     check_k(k, op=op)
@@ -71,9 +71,7 @@ def triton_select_topk(scores: torch.Tensor, k: int, largest: bool) -> torch.Ten
     return _smallest_packed_indices(rank_keys_triton(scores, largest), k)
 
 
-@torch.library.custom_op("fastsel::triton_sample_without_replacement", mutates_args=())
-def triton_sample_without_replacement(importance: torch.Tensor, k: int, seed: int,
-                                      counter: int) -> torch.Tensor:
+def sample_without_replacement(importance: torch.Tensor, k: int, seed: int, counter: int) -> torch.Tensor:
     op = "triton_sample_without_replacement"
     _check_1d(op, "importance", importance)
     check_k(k, op=op)
@@ -86,9 +84,7 @@ def triton_sample_without_replacement(importance: torch.Tensor, k: int, seed: in
     return _smallest_packed_indices(race_keys_triton(importance, seed, counter), k)
 
 
-@torch.library.custom_op("fastsel::triton_sample_with_replacement", mutates_args=())
-def triton_sample_with_replacement(importance: torch.Tensor, k: int, seed: int,
-                                   counter: int) -> torch.Tensor:
+def sample_with_replacement(importance: torch.Tensor, k: int, seed: int, counter: int) -> torch.Tensor:
     op = "triton_sample_with_replacement"
     _check_1d(op, "importance", importance)
     check_k(k, op=op)
@@ -101,8 +97,7 @@ def triton_sample_with_replacement(importance: torch.Tensor, k: int, seed: int,
     return replacement_draws_triton(cum, k, seed, counter)
 
 
-@torch.library.custom_op("fastsel::triton_percentile", mutates_args=())
-def triton_percentile(values: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+def percentile(values: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
     op = "triton_percentile"
     _check_1d(op, "values", values)
     _check_1d(op, "history", history)
@@ -113,22 +108,3 @@ def triton_percentile(values: torch.Tensor, history: torch.Tensor) -> torch.Tens
         history = history.to(torch.float64)
     return percentile_triton(values, history)
 
-
-@triton_select_topk.register_fake
-def _(scores, k, largest):
-    return scores.new_empty(torch.sym_min(k, scores.shape[0]), dtype=torch.int64)
-
-
-@triton_sample_without_replacement.register_fake
-def _(importance, k, seed, counter):
-    return importance.new_empty(torch.sym_min(k, importance.shape[0]), dtype=torch.int64)
-
-
-@triton_sample_with_replacement.register_fake
-def _(importance, k, seed, counter):
-    return importance.new_empty(0 if importance.shape[0] == 0 else k, dtype=torch.int64)
-
-
-@triton_percentile.register_fake
-def _(values, history):
-    return values.new_empty(values.shape[0], dtype=torch.float32)
