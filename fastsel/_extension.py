@@ -49,7 +49,11 @@ def _compiled_builds_elsewhere() -> list[str]:
 
 
 def _diagnose(error: str) -> tuple[str, str]:
-    """(reason, fix) for an ``ImportError`` of ``fastsel._C``."""
+    """(reason, fix) for an ``ImportError`` of ``fastsel._C`` (or an ``AttributeError`` of a
+    build older than this source)."""
+    if "has no attribute" in error:
+        return (f"fastsel._C was built from an older fastsel source than this one ({error})",
+                f"rebuild it: {_REBUILD}")
     if "undefined symbol" in error:
         return (f"fastsel._C was built against another torch than the installed {torch.__version__} ({error})",
                 f"rebuild it: {_REBUILD}")
@@ -94,7 +98,8 @@ try:
     RUNNABLE_ISAS: list = list(_C.runnable_isas())
     _C.set_active_isa(choose_isa(os.environ.get("FASTSEL_CPU_ISA", "auto").lower(), COMPILED_ISAS,
                                  RUNNABLE_ISAS))
-except ImportError as exc:  # not built, shadowed, corrupt, or built against another torch
+except (ImportError, AttributeError) as exc:  # not built, shadowed, corrupt, built against another torch or
+    # from an older fastsel source (a function this source calls is missing)
     CPU_EXTENSION_AVAILABLE = False
     CUDA_EXTENSION_AVAILABLE = False
     COMPILED_ISAS, RUNNABLE_ISAS = [], []

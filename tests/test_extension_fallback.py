@@ -76,6 +76,8 @@ def test_never_built_says_how_to_install(tmp_path, monkeypatch):
     assert "pip install --no-build-isolation" in fix and "g++" in fix
     reason, fix = _extension._diagnose("/x/_C.so: undefined symbol: _ZN3c10")
     assert "another torch" in reason and "rebuild" in fix
+    reason, fix = _extension._diagnose("module 'fastsel._C' has no attribute 'runnable_isas'")
+    assert "older fastsel source" in reason and "runnable_isas" in reason and "rebuild" in fix
 
 
 def test_the_fallback_can_be_accepted_silently(tmp_path):

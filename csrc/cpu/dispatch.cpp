@@ -7,6 +7,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
+
 #include <c10/util/Exception.h>
 
 #include "kernels.h"
@@ -39,6 +43,15 @@ bool compiled(int isa) {
   }
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// F16C from CPUID leaf 1 (ECX bit 29): __builtin_cpu_supports knows it only from GCC 11
+// and clang 18. Its registers are the AVX ones, whose OS support the "avx2" check covers.
+bool has_f16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 29)) != 0;
+}
+#endif
+
 // Whether this CPU, under this OS, runs code built for the ISA: CPUID and XGETBV as this
 // process sees them (__builtin_cpu_supports, which also checks that the OS saves the AVX
 // and AVX-512 registers). Not /proc/cpuinfo: an emulator or a container may show another
@@ -46,8 +59,7 @@ bool compiled(int isa) {
 bool runs(int isa) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c();
   switch (isa) {
     case kAvx512:
       return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
