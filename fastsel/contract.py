@@ -56,6 +56,7 @@ SCORE_OUTPUTS: tuple[Output, ...] = (
     Output("lse", "row", "logsumexp(z), saved for the backward", saved=True),
 )
 OUTPUT_NAMES: tuple[str, ...] = tuple(o.name for o in SCORE_OUTPUTS)
+MMS_OUTPUT: int = OUTPUT_NAMES.index("mms")
 KINDS = ("row", "index", "mms")
 SAVED_OUTPUT: int = next(i for i, o in enumerate(SCORE_OUTPUTS) if o.saved)
 DIFFERENTIABLE_OUTPUTS: tuple[int, ...] = tuple(i for i, o in enumerate(SCORE_OUTPUTS) if o.differentiable)
@@ -83,8 +84,6 @@ def score_backward_schema(name: str = "score_backward", outputs: tuple[Output, .
     saved = next(o.name for o in outputs if o.saved)
     return f"{name}(Tensor grad_loss, Tensor logits, Tensor target, Tensor {saved}, int ignore_index) -> Tensor"
 
-
-SCORE_BACKWARD_SCHEMA = score_backward_schema()
 
 # The selection ops' schemas, name: arguments and return (docs/methods.md section 2; the
 # Triton ops have them under the name triton_<name>).
@@ -132,7 +131,6 @@ def _plain_loss(self) -> torch.Tensor:
 Scores.plain_loss = _plain_loss
 
 
-_MMS_OUTPUT = OUTPUT_NAMES.index("mms")
 
 
 def scores_from_outputs(outputs, with_mms: bool, cross_entropy=None) -> Scores:
@@ -143,7 +141,7 @@ def scores_from_outputs(outputs, with_mms: bool, cross_entropy=None) -> Scores:
         raise ValueError(f"a scoring op returns {len(SCORE_OUTPUTS)} outputs {OUTPUT_NAMES}, got {len(outputs)}")
     if with_mms:
         return Scores(*outputs, cross_entropy)
-    return Scores(*outputs[:_MMS_OUTPUT], None, *outputs[_MMS_OUTPUT + 1:], cross_entropy)
+    return Scores(*outputs[:MMS_OUTPUT], None, *outputs[MMS_OUTPUT + 1:], cross_entropy)
 
 
 # ---- the C++ header ----------------------------------------------------------------------

@@ -36,7 +36,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from fastsel.contract import MMS_MODES, MMS_NONE, OUTPUT_NAMES, Scores, accumulate_dtype
+from fastsel.contract import MMS_MODES, MMS_NONE, MMS_OUTPUT, OUTPUT_NAMES, Scores, accumulate_dtype
 
 __all__ = ["Scores", "score_reference", "score_forward_reference", "score_backward_reference", "accumulate_dtype",
            "CentredRows", "centred_rows", "class_distances", "pair_distances", "mms_from_distance",
@@ -228,7 +228,6 @@ def _mms_exact(z: torch.Tensor, pred: torch.Tensor, weight: torch.Tensor) -> tor
 
 
 _MMS_NAMES = {mode: name for name, mode in MMS_MODES.items()}
-_MMS_OUTPUT = OUTPUT_NAMES.index("mms")
 
 
 def score_forward_reference(logits, target, ignore_index, weight, mms_mode, max_distance=None) -> tuple:
@@ -238,7 +237,7 @@ def score_forward_reference(logits, target, ignore_index, weight, mms_mode, max_
     if mms_mode == MMS_NONE:
         s = score_reference(logits, target, ignore_index, None)
         # the empty mms as a view of lse: no allocation on this per-call path
-        return (*s[:_MMS_OUTPUT], s.lse[:0], *s[_MMS_OUTPUT + 1:len(OUTPUT_NAMES)])
+        return (*s[:MMS_OUTPUT], s.lse[:0], *s[MMS_OUTPUT + 1:len(OUTPUT_NAMES)])
     if mms_mode not in _MMS_NAMES:
         raise ValueError(f"mms_mode must be {MMS_NONE} (none) or one of {_MMS_NAMES}, got {mms_mode}")
     return score_reference(logits, target, ignore_index, weight, _MMS_NAMES[mms_mode])[:len(OUTPUT_NAMES)]

@@ -251,19 +251,25 @@ inline int64_t find_first(const float* x, int64_t n, float value, int64_t skip) 
   return -1;
 }
 
+// Columns [j0, j0 + n) of a row as floats: the row itself for float logits, else
+// converted into buf (n <= kBlock).
+template <typename scalar_t>
+inline const float* float_block(const scalar_t* row, int64_t j0, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return row + j0;
+  } else {
+    to_float(row + j0, buf, n);
+    return buf;
+  }
+}
+
 // First index j != skip of a row (any scalar type) with row[j] == value, or -1. Narrow
 // types are converted block by block into buf.
 template <typename scalar_t>
 int64_t find_in_row(const scalar_t* row, int64_t C, float value, int64_t skip, float* buf) {
   for (int64_t j0 = 0; j0 < C; j0 += kBlock) {
     const int64_t n = std::min(kBlock, C - j0);
-    const float* x;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      x = row + j0;
-    } else {
-      to_float(row + j0, buf, n);
-      x = buf;
-    }
+    const float* x = float_block(row, j0, n, buf);
     const int64_t j = find_first(x, n, value, skip - j0);
     if (j >= 0) return j0 + j;
   }
@@ -291,13 +297,7 @@ bool score_row_vectorized(const scalar_t* row, int64_t C, float* buf, SoftmaxSta
   int64_t first_max = -1;  // first column not below m
   for (int64_t j0 = 0; j0 < C; j0 += kBlock) {
     const int64_t n = std::min(kBlock, C - j0);
-    const float* x;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      x = row + j0;
-    } else {
-      to_float(row + j0, buf, n);
-      x = buf;
-    }
+    const float* x = float_block(row, j0, n, buf);
     lanes.sweep(x, n);
     const float block_max = hmax(lanes.v1);  // running maximum of the row so far
     if (m == kNegInf && !(block_max > kNegInf)) {  // only -inf so far (or a NaN lane maximum)
